@@ -1,0 +1,30 @@
+# selfheal: two commands on a fresh machine.
+#   make demo   set up, then serve the digits CNN with TorchServe, drift it, watch it heal
+#   make test   set up, then run unit and integration tests (what .ci/run calls)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-unit clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v java >/dev/null || { echo "TorchServe needs Java 17: install a JRE (e.g. apt-get install openjdk-17-jre-headless)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/train_demo.py --out build/model
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit selfheal_core
+
+clean:
+	rm -rf $(VENV) build demo_out model_store/*.mar model_store/snapshots/*/

@@ -1,0 +1,176 @@
+"""TorchServe handler: a thin bridge between TorchServe requests and a SelfHealer.
+
+Per request of a batch it parses JSON into an inference or a feedback request,
+answers bad input with its own 4xx (the other requests of the batch are still
+served), runs all inference inputs of the batch through one `predict`, and
+answers `GET /models/{m}?customized=true` with `SelfHealer.status()`.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from selfheal_request import (HandlerSettings, RequestError, body_json, header, label_list, load_model,
+                              server_workdir)
+from ts.torch_handler.base_handler import BaseHandler
+
+from selfheal_core import SelfHealer, SnapshotStore
+from selfheal_core.recent import RecentPredictions
+
+log = logging.getLogger(__name__)
+
+_ERROR_TYPES = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 413: "PayloadTooLarge",
+                422: "UnprocessableEntity"}
+
+
+class SelfHealHandler(BaseHandler):
+    """TorchServe handler serving a SelfHealer-wrapped classifier."""
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        model_dir = Path(props["model_dir"])
+        self.settings = HandlerSettings.from_yaml((context.model_yaml_config or {}).get("handler"))
+        gpu = props.get("gpu_id")
+        self.device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu")
+        model = load_model(model_dir, context.manifest, self.settings.model_class).to(self.device)
+        ref = torch.load(model_dir / self.settings.reference_file, map_location="cpu", weights_only=True)
+        snap_dir = Path(self.settings.snapshot_dir)
+        if not snap_dir.is_absolute():
+            snap_dir = server_workdir() / snap_dir
+        store = SnapshotStore(snap_dir / context.model_name, keep=self.settings.snapshot_keep)
+        self.healer = SelfHealer(model, ref["inputs"], self.settings.heal, ref.get("labels"), store)
+        self.healer.resume()
+        self.recent = RecentPredictions(self.settings.recent_predictions)
+        self._secret = os.environ.get(self.settings.feedback_secret_env) or None
+        self.model, self.context, self.initialized = model, context, True
+        log.info("selfheal handler ready: model %s, version %d, snapshots in %s, feedback %s",
+                 context.model_name, self.healer.version, store.directory,
+                 "enabled" if self._secret else "disabled (no secret set)")
+
+    # ------------------------------------------------------------------ entry point
+    def handle(self, data: list[dict], context) -> list[Any]:
+        self.context = context
+        if self._is_describe():
+            return [json.dumps(self.describe())]
+        outputs: list[Any] = [None] * len(data)
+        pending: list[tuple[int, torch.Tensor]] = []  # inference inputs of this batch
+        for idx, row in enumerate(data):
+            try:
+                body = body_json(row, self.settings.max_body_bytes)
+                if "feedback" in body or "labels" in body:
+                    outputs[idx] = self._feedback(body, idx)
+                else:
+                    pending.append((idx, self._inputs(body)))
+            except RequestError as err:
+                outputs[idx] = self._error(context, idx, err)
+        if pending:
+            self._predict(pending, outputs)
+        return outputs
+
+    def _error(self, context, idx: int, err: RequestError) -> dict:
+        context.set_response_status(err.code, err.message.replace("\n", " ")[:200], idx)
+        return {"code": err.code, "type": _ERROR_TYPES.get(err.code, "Error"), "message": err.message}
+
+    # ------------------------------------------------------------------ inference
+    def _inputs(self, body: dict, key: str = "instances") -> torch.Tensor:
+        """Validated input tensor (B, ...) from {"instances": [...]} or {"data": x}."""
+        if key in body:
+            instances = body[key]
+            if not isinstance(instances, list) or not instances:
+                raise RequestError(400, f'"{key}" must be a non-empty list of inputs')
+        elif "data" in body:
+            instances = [body["data"]]
+        else:
+            raise RequestError(400, 'body needs "instances": [x, ...] or "data": x')
+        if len(instances) > self.settings.max_instances:
+            raise RequestError(413, f"{len(instances)} inputs exceed the limit of {self.settings.max_instances}")
+        try:
+            x = torch.tensor(instances, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise RequestError(400, "inputs must be numeric arrays of equal shape "
+                                    f"{list(self.healer.input_shape)}") from None
+        shape = self.healer.input_shape
+        squeezed = tuple(d for d in shape if d != 1)
+        if tuple(x.shape[1:]) == squeezed != shape:
+            x = x.reshape(len(x), *shape)  # e.g. an 8x8 image for a (1, 8, 8) model: add the unit dims
+        try:
+            return self.healer.check_input(x).cpu()
+        except ValueError as exc:
+            raise RequestError(400, f"bad inputs: {exc}") from None
+
+    def _predict(self, pending: list[tuple[int, torch.Tensor]], outputs: list[Any]) -> None:
+        x = torch.cat([xi for _, xi in pending])  # one forward for the whole TorchServe batch
+        logits = self.inference(x)
+        probs = F.softmax(logits, 1).cpu()
+        labels = probs.argmax(1)
+        ids = self.recent.add(x, labels)
+        status = self.healer.monitor.state
+        drift = {"detected": status.detected, "firing": status.firing, "scores": status.scores}
+        start = 0
+        for idx, xi in pending:
+            rows = range(start, start + len(xi))
+            start += len(xi)
+            outputs[idx] = {
+                "predictions": [{"id": ids[r], "label": int(labels[r]),
+                                 "probabilities": [round(float(p), 6) for p in probs[r]]} for r in rows],
+                "model_version": self.healer.version,
+                "drift": drift,
+            }
+
+    def inference(self, data: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Not under torch.inference_mode (BaseHandler's choice): the healer may adapt."""
+        return self.healer.predict(data)
+
+    # ------------------------------------------------------------------ feedback
+    def _feedback(self, body: dict, idx: int) -> dict:
+        if self._secret is None:
+            raise RequestError(403, f"feedback is disabled: set {self.settings.feedback_secret_env} on the server")
+        given = header(self.context, idx, self.settings.feedback_header) or ""
+        if not hmac.compare_digest(given.encode(), self._secret.encode()):
+            raise RequestError(403, f"feedback needs a valid {self.settings.feedback_header} header")
+        if "feedback" in body:
+            x, y, served = self._feedback_by_id(body["feedback"])
+        else:
+            x = self._inputs(body)
+            y = label_list(body["labels"], self.healer.num_classes, "labels")
+            if len(y) != len(x):
+                raise RequestError(400, f"got {len(y)} labels for {len(x)} instances")
+            served = None
+        result = self.healer.feedback(x, y, served)
+        return {"accepted": result["accepted"], "updated": result["updated"],
+                "rolled_back": result["rolled_back"], "model_version": result["version"]}
+
+    def _feedback_by_id(self, items: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not isinstance(items, list) or not items:
+            raise RequestError(400, '"feedback" must be a non-empty list of {"id": ..., "label": k}')
+        if len(items) > self.settings.max_instances:
+            raise RequestError(413, f"{len(items)} feedback items exceed the limit of {self.settings.max_instances}")
+        if not all(isinstance(it, dict) and isinstance(it.get("id"), str) and "label" in it for it in items):
+            raise RequestError(400, 'each feedback item must be {"id": "<prediction id>", "label": k}')
+        pids = [it["id"] for it in items]
+        if len(set(pids)) != len(pids):
+            raise RequestError(400, "the same prediction id appears twice in one request")
+        y = label_list([it["label"] for it in items], self.healer.num_classes, "feedback")
+        unknown = [pid for pid in pids if pid not in self.recent]
+        if unknown:
+            raise RequestError(404, f"unknown or already answered prediction id(s): {unknown[:5]} "
+                                    "(expired, served by another worker, or feedback already given)")
+        x, served = self.recent.pop_many(pids)  # checked first: all-or-nothing
+        return x, y, served
+
+    # ------------------------------------------------------------------ status
+    def describe(self) -> dict:
+        status = self.healer.status()
+        status["handler"] = {"feedback_enabled": self._secret is not None,
+                             "snapshot_dir": str(self.healer.store.directory),
+                             "recent_predictions": len(self.recent), "device": str(self.device)}
+        return status
+
+    def describe_handle(self) -> str:
+        return json.dumps(self.describe())

@@ -1,0 +1,122 @@
+"""Typed, frozen configuration for every part of selfheal_core.
+
+Defaults are chosen for small classifiers served one request at a time; each
+field says why it has its value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Mapping
+
+ParamSet = Literal["last_layer", "norm_and_last"]
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {getattr(obj, name)!r}")
+
+
+def _unit(obj: Any, *names: str) -> None:
+    for name in names:
+        if not 0.0 <= getattr(obj, name) <= 1.0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be in [0, 1], got {getattr(obj, name)!r}")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    expected_run_time: int = 10_000  # clean samples between false alarms, per detector (ERT)
+    cusum_slack: float = 0.5  # CUSUM allowance k, in reference standard deviations
+    settle_samples: int = 1_000  # quiet samples after the last alarm before drift is cleared
+    error_rate_floor: float = 0.02  # reference error is optimistic (training data): floor it
+    error_rate_shift: float = 0.10  # error-rate increase the error detector is tuned for
+    calibration_paths: int = 200  # bootstrap CUSUM paths used to set thresholds
+    seed: int = 0  # calibration is seeded so a restart gets the same thresholds
+
+    def __post_init__(self) -> None:
+        _positive(self, "expected_run_time", "cusum_slack", "settle_samples", "error_rate_shift", "calibration_paths")
+        _unit(self, "error_rate_floor")
+
+
+@dataclass(frozen=True)
+class CorrectConfig:
+    norm_stats: bool = True  # adapt BatchNorm running statistics to live inputs
+    when: Literal["drift", "always"] = "drift"  # start adapting at the first drift alarm, or at once
+    momentum: float = 0.01  # per-sample EMA weight: memory of ~100 samples, works at batch size 1
+
+    def __post_init__(self) -> None:
+        if self.when not in ("drift", "always"):
+            raise ValueError(f"CorrectConfig.when must be 'drift' or 'always', got {self.when!r}")
+        _unit(self, "momentum")
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    params: ParamSet = "norm_and_last"  # small set: norm affine + last Linear (cheap, hard to wreck)
+    lr: float = 3e-3  # Adam step size (1e-2 learns faster but costs ~1 point on clean traffic)
+    steps: int = 10  # gradient steps per update
+    batch_size: int = 32  # replay minibatch
+    update_every: int = 4  # new training labels between updates
+    recent_size: int = 256  # newest labels kept verbatim
+    reservoir_size: int = 256  # uniform sample of older labels (anti-forgetting)
+    reference_fraction: float = 0.25  # share of each minibatch from labelled reference data
+    anchor: float = 1e-2  # L2 pull towards the source weights
+
+    def __post_init__(self) -> None:
+        if self.params not in ("last_layer", "norm_and_last"):
+            raise ValueError(f"LearnConfig.params must be 'last_layer' or 'norm_and_last', got {self.params!r}")
+        _positive(self, "lr", "steps", "batch_size", "update_every", "recent_size", "reservoir_size")
+        _unit(self, "reference_fraction")
+        if self.anchor < 0:
+            raise ValueError(f"LearnConfig.anchor must be >= 0, got {self.anchor}")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    holdout_every: int = 5  # every k-th label is held back to validate updates, never trained on
+    holdout_size: int = 20  # newest held-back labels: small, so validation follows the current domain
+    min_holdout: int = 5  # no update until this many labels are held back (0: learn unvalidated)
+    tolerance: float = 0.0  # accepted rise in held-back cross-entropy (0: must not get worse)
+
+    def __post_init__(self) -> None:
+        _positive(self, "holdout_every", "holdout_size")
+        if self.min_holdout < 0 or self.tolerance < 0:
+            raise ValueError("GuardConfig.min_holdout and tolerance must be >= 0")
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    correct: CorrectConfig = field(default_factory=CorrectConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    max_batch: int = 1_024  # larger inputs are refused: bounded work per call
+    snapshot_interval_s: float = 10.0  # at most one snapshot per interval (rate limit)
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_batch")
+        if self.snapshot_interval_s < 0:
+            raise ValueError(f"HealConfig.snapshot_interval_s must be >= 0, got {self.snapshot_interval_s}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "HealConfig":
+        """Build from a nested mapping (e.g. a YAML section); unknown keys are an error."""
+        data = dict(data or {})
+        parts = {"monitor": MonitorConfig, "correct": CorrectConfig, "learn": LearnConfig, "guard": GuardConfig}
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            if name in parts:
+                kwargs[name] = _build(parts[name], value)
+            elif name in {f.name for f in fields(cls)}:
+                kwargs[name] = value
+            else:
+                raise ValueError(f"unknown HealConfig key {name!r}; valid: {sorted(f.name for f in fields(cls))}")
+        return cls(**kwargs)
+
+
+def _build(kind: type, value: Mapping[str, Any] | None) -> Any:
+    valid = {f.name for f in fields(kind)}
+    unknown = set(value or {}) - valid
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} keys {sorted(unknown)}; valid: {sorted(valid)}")
+    return kind(**dict(value or {}))

@@ -1,0 +1,105 @@
+"""Normalisation-statistics adaptation that works at request batch size 1.
+
+BatchNorm layers normalise with running statistics estimated on training data;
+under covariate shift those are wrong (Schneider et al. 2020). Instead of batch
+statistics (useless for one input), each BN layer's input moments are folded
+into a per-sample exponential moving average across requests, starting from
+the source statistics, and written into `running_mean` / `running_var`.
+The statistics are gathered by forward pre-hooks during the prediction pass
+itself, so adaptation costs no extra forward. Predict first, then adapt:
+a request never sees statistics its own input helped estimate.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from selfheal_core.state import StateMixin
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """BatchNorm layers that track running statistics, in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+class NormStatsAdapter(StateMixin):
+    """EMA of BatchNorm input moments from live traffic (a no-op for models without BN)."""
+
+    _state_keys = ("_mean", "_sq", "_active", "_samples")
+
+    def __init__(self, model: nn.Module, momentum: float = 0.01) -> None:
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+        self._layers = batchnorm_layers(model)
+        self._source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._layers]
+        self._captured: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * len(self._layers)
+        self._recording = False
+        for i, layer in enumerate(self._layers):
+            layer.register_forward_pre_hook(self._make_hook(i))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._mean = [mu.clone() for mu, _ in self._source]  # per layer (C,)
+        self._sq = [var + mu**2 for mu, var in self._source]  # second moment per layer (C,)
+        self._active = False
+        self._samples = 0  # samples folded in since activation
+
+    def _make_hook(self, i: int):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if self._recording:
+                x = inputs[0].detach()  # (B, C, ...)
+                dims = [d for d in range(x.dim()) if d != 1]
+                self._captured[i] = (x.mean(dims), (x * x).mean(dims), x.shape[0])
+        return hook
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model has anything to adapt."""
+        return bool(self._layers)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def activate(self) -> None:
+        self._active = True
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Capture BN input moments during the forward pass run inside this block."""
+        self._recording = self._active and self.enabled
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def observe(self) -> None:
+        """Fold the moments captured by the last recorded forward into the running statistics."""
+        if not self._active:
+            return
+        for i, (layer, cap) in enumerate(zip(self._layers, self._captured)):
+            if cap is None:
+                continue
+            mean, sq, batch = cap
+            w = 1.0 - (1.0 - self.momentum) ** batch  # per-sample momentum, compounded over the batch
+            self._mean[i].lerp_(mean, w)
+            self._sq[i].lerp_(sq, w)
+            layer.running_mean.copy_(self._mean[i])
+            layer.running_var.copy_((self._sq[i] - self._mean[i] ** 2).clamp_min(layer.eps))
+            self._captured[i] = None
+            if i == 0:
+                self._samples += batch
+
+    def reset(self) -> None:
+        """Restore the source statistics exactly and stop adapting."""
+        self._reset()
+        for layer, (mu, var) in zip(self._layers, self._source):
+            layer.running_mean.copy_(mu)
+            layer.running_var.copy_(var)
+
+    def status(self) -> dict:
+        return {"layers": len(self._layers), "active": self._active, "samples": self._samples}

@@ -1,0 +1,245 @@
+"""SelfHealer: wires monitor, corrector, learner, guard and store around one model.
+
+It owns the model's weights and the lock that guards them: every public
+method takes the lock, so a server may call it from several threads.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfheal_core.config import HealConfig
+from selfheal_core.correct import NormStatsAdapter
+from selfheal_core.guard import Guard
+from selfheal_core.learn import GradientLearner
+from selfheal_core.monitor import Monitor
+from selfheal_core.state import clone_state
+from selfheal_core.store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class SelfHealer:
+    """Serve a classifier that watches for drift and corrects itself.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    >>> healer = SelfHealer(model, reference=torch.randn(200, 4))
+    >>> healer.predict(torch.randn(5, 4)).shape
+    torch.Size([5, 3])
+    >>> healer.feedback(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))["accepted"]
+    5
+    >>> healer.status()["drift"]["detected"], healer.status()["version"]
+    (False, 0)
+    """
+
+    def __init__(self, model: nn.Module, reference: torch.Tensor, config: HealConfig = HealConfig(),
+                 reference_labels: torch.Tensor | None = None, store: SnapshotStore | None = None) -> None:
+        if not isinstance(reference, torch.Tensor) or reference.dim() < 2 or len(reference) < 20:
+            raise ValueError("reference must be a tensor (R, ...) of at least 20 in-distribution inputs")
+        if not torch.isfinite(reference).all():
+            raise ValueError("reference contains NaN or inf")
+        self.config = config
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.input_shape = tuple(reference.shape[1:])
+        self.store = store
+        self._lock = threading.RLock()
+        reference = reference.to(self.device, torch.float32)
+        with torch.no_grad():
+            ref_logits = model(reference)  # (R, C)
+        self.num_classes = ref_logits.shape[1]
+        if reference_labels is not None:
+            reference_labels = self.check_labels(reference_labels, len(reference))
+            baseline_error = float((ref_logits.argmax(1).cpu() != reference_labels).float().mean())
+            labelled = (reference, reference_labels.to(self.device))
+        else:
+            baseline_error, labelled = 0.0, None
+        self._source_state = clone_state(model.state_dict())
+        self.monitor = Monitor(config.monitor).calibrate(F.softmax(ref_logits, 1), baseline_error)
+        self.corrector = NormStatsAdapter(model, config.correct.momentum)
+        self.learner = GradientLearner(model, config.learn, reference=labelled, seed=config.monitor.seed)
+        self.guard = Guard(config.guard)
+        self.version = 0  # snapshot version these weights were last saved or loaded as (0: source)
+        self.counters = {"predictions": 0, "feedback": 0, "updates": 0, "snapshots": 0, "resets": 0}
+        self._dirty = False  # state changed since the last snapshot
+        self._last_snapshot = 0.0
+        if config.correct.norm_stats and config.correct.when == "always":
+            self.corrector.activate()
+
+    # ----------------------------------------------------------------- validation
+    def check_input(self, x: Any) -> torch.Tensor:
+        """Validated float tensor on the model's device; ValueError naming the problem."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"inputs must be a tensor, got {type(x).__name__}")
+        if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64, torch.uint8)):
+            raise ValueError(f"inputs must be numeric, got dtype {x.dtype}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"inputs must have shape (B, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+        if len(x) == 0:
+            raise ValueError("empty batch")
+        if len(x) > self.config.max_batch:
+            raise ValueError(f"batch of {len(x)} exceeds the limit of {self.config.max_batch}")
+        x = x.to(self.device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError("inputs contain NaN or inf")
+        return x
+
+    def check_labels(self, y: Any, n: int) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex():
+            raise ValueError("labels must be a 1-D integer tensor")
+        if len(y) != n:
+            raise ValueError(f"got {len(y)} labels for {n} inputs")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"labels out of range: must be in [0, {self.num_classes - 1}]")
+        return y.cpu().long()
+
+    # ----------------------------------------------------------------- serving
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Corrected logits (B, C); observes the batch and adapts afterwards (predict, then adapt)."""
+        x = self.check_input(x)
+        with self._lock, torch.no_grad():
+            with self.corrector.recording():
+                logits = self.model(x)  # (B, C)
+            alarm = self.monitor.observe_predictions(F.softmax(logits, 1))
+            if alarm and self.config.correct.norm_stats and self.corrector.enabled and not self.corrector.active:
+                log.info("drift detected after %d predictions: adapting normalisation statistics",
+                         self.counters["predictions"])
+                self.corrector.activate()
+            if self.corrector.active:
+                self.corrector.observe()
+                self._dirty = True
+            self.counters["predictions"] += len(x)
+            self._maybe_snapshot()
+        return logits
+
+    def feedback(self, x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor | None = None) -> dict:
+        """Fold labelled ground truth into the model; `predicted` is what was served, if known."""
+        x = self.check_input(x)
+        y = self.check_labels(y, len(x))
+        if predicted is not None:
+            predicted = self.check_labels(predicted, len(x))
+        with self._lock:
+            if predicted is None:
+                with torch.no_grad():
+                    predicted = self.model(x).argmax(1).cpu()
+            self.monitor.observe_errors(predicted != y)
+            train_x, train_y = self.guard.admit(x, y)
+            result = {"accepted": len(y), "updated": False, "rolled_back": False}
+            if len(train_y) and self.learner.add(train_x, train_y) and self.guard.ready:
+                before = self.guard.evaluate(self.model)
+                saved = self.learner.copy_params()
+                self.learner.step()
+                if self.guard.judge(before, self.guard.evaluate(self.model)):
+                    result["updated"] = True
+                    self.counters["updates"] += 1
+                else:
+                    self.learner.restore_params(saved)
+                    result["rolled_back"] = True
+            self.counters["feedback"] += len(y)
+            self._dirty = True
+            self._maybe_snapshot()
+            result["version"] = self.version
+        return result
+
+    def status(self) -> dict:
+        """JSON-able summary: drift, version, counters and each part's state."""
+        with self._lock:
+            return {
+                "version": self.version,
+                "drift": self.monitor.state.as_dict(),
+                "counters": dict(self.counters),
+                "corrector": self.corrector.status(),
+                "guard": self.guard.status(),
+                "learner": {"buffer": len(self.learner.buffer), "params": sorted(self.learner.params)},
+            }
+
+    def reset(self) -> None:
+        """Back to the source weights; forget adaptation, buffers and drift state."""
+        with self._lock:
+            self.model.load_state_dict(self._source_state)
+            self.corrector.reset()
+            self.learner.reset()
+            self.guard.reset()
+            self.monitor.reset()
+            self.version = 0
+            self.counters["resets"] += 1
+            self._dirty = True
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything needed to resume: weights, running statistics, buffers, counters."""
+        with self._lock:
+            return {
+                "format": STATE_FORMAT,
+                "model": clone_state(self.model.state_dict()),
+                "monitor": self.monitor.state_dict(),
+                "corrector": self.corrector.state_dict(),
+                "learner": self.learner.state_dict(),
+                "guard": self.guard.state_dict(),
+                "counters": dict(self.counters),
+            }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state; on any error the healer is left exactly as it was."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported healer state (format {state.get('format') if isinstance(state, dict) else None})")
+        with self._lock:
+            backup = self.state_dict()
+            try:
+                self._apply(state)
+            except Exception:
+                self._apply(backup)
+                raise
+
+    def _apply(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.monitor.load_state_dict(state["monitor"])
+        self.corrector.load_state_dict(state["corrector"])
+        self.learner.load_state_dict(state["learner"])
+        self.guard.load_state_dict(state["guard"])
+        self.counters = {**self.counters, **state["counters"]}
+
+    # ----------------------------------------------------------------- snapshots
+    def save_snapshot(self) -> int:
+        """Publish the current state as a new version in the store."""
+        if self.store is None:
+            raise RuntimeError("no snapshot store configured")
+        with self._lock:
+            meta = {"feedback": self.counters["feedback"], "validation_error": self.guard.last_error,
+                    "based_on": self.version}
+            self.version = self.store.save(self.state_dict(), meta)
+            self.counters["snapshots"] += 1
+            self._dirty = False
+            self._last_snapshot = time.monotonic()
+            return self.version
+
+    def resume(self) -> int:
+        """Load the newest valid snapshot from the store, if any; returns the version in use."""
+        if self.store is None:
+            return self.version
+        with self._lock:
+            loaded = self.store.load_latest()
+            if loaded is not None:
+                state, meta = loaded
+                self.load_state_dict(state)
+                self.version = int(meta["version"])
+                self._dirty = False
+                log.info("resumed from snapshot %d", self.version)
+            return self.version
+
+    def _maybe_snapshot(self) -> None:
+        if (self.store is not None and self._dirty
+                and time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s):
+            self.save_snapshot()

@@ -1,0 +1,114 @@
+"""Replay-regularised gradient steps on a small parameter set from labelled feedback.
+
+Only a small set is trained (the last Linear layer, optionally with the affine
+parameters of the normalisation layers): few parameters learn fast from few
+labels and cannot wreck the features. An L2 anchor pulls them towards the
+source weights so that sparse, noisy labels cannot drag the model far.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfheal_core.config import LearnConfig, ParamSet
+from selfheal_core.learn.replay import ReplayBuffer
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The last nn.Linear in module order: the output layer of a classifier."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError("model has no nn.Linear layer to adapt")
+    return found[-1]
+
+
+def select_parameters(model: nn.Module, which: ParamSet) -> dict[str, nn.Parameter]:
+    """Named parameters of the chosen set, in a stable order."""
+    name, layer = last_linear(model)
+    chosen = {f"{name}.{p}": q for p, q in layer.named_parameters()}
+    if which == "norm_and_last":
+        for mname, m in model.named_modules():
+            if isinstance(m, _NORMS):
+                chosen.update({f"{mname}.{p}": q for p, q in m.named_parameters(recurse=False)})
+    return dict(sorted(chosen.items()))
+
+
+class GradientLearner:
+    """Buffers labelled pairs and, every `update_every` labels, takes `steps` Adam steps."""
+
+    def __init__(self, model: nn.Module, config: LearnConfig = LearnConfig(),
+                 reference: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> None:
+        self.config = config
+        self.model = model
+        self.params = select_parameters(model, config.params)
+        for p in model.parameters():  # gradients only for the chosen set: cheaper backward
+            p.requires_grad_(False)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self._source = {k: p.detach().clone() for k, p in self.params.items()}
+        self._reference = reference
+        self.buffer = ReplayBuffer(config.recent_size, config.reservoir_size, seed)
+        self._opt = torch.optim.Adam(self.params.values(), lr=config.lr)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._pending = 0  # labels added since the last update
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Buffer labelled pairs; True when an update is due."""
+        self.buffer.add(x, y)
+        self._pending += len(y)
+        return self._pending >= self.config.update_every
+
+    def copy_params(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def restore_params(self, saved: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(saved[k])
+
+    def _minibatch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        n_ref = int(round(c.batch_size * c.reference_fraction)) if self._reference is not None else 0
+        x, y = self.buffer.sample(c.batch_size - n_ref)
+        if n_ref:
+            rx, ry = self._reference
+            idx = torch.randint(0, len(ry), (n_ref,), generator=self._gen)
+            x, y = torch.cat([x, rx[idx].cpu()]), torch.cat([y, ry[idx].cpu()])
+        return x.to(device), y.to(device)
+
+    @torch.enable_grad()
+    def step(self) -> float:
+        """Run one update (several Adam steps); the model stays in eval mode. Returns the last loss."""
+        self._pending = 0
+        device = next(iter(self.params.values())).device
+        loss = torch.zeros(())
+        for _ in range(self.config.steps):
+            x, y = self._minibatch(device)
+            loss = F.cross_entropy(self.model(x), y)
+            if self.config.anchor:
+                loss = loss + self.config.anchor * sum(
+                    ((p - self._source[k]) ** 2).sum() for k, p in self.params.items()
+                )
+            self._opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self._opt.step()
+        return float(loss.detach())
+
+    def reset(self) -> None:
+        """Source values for the chosen parameters; empty buffer; fresh optimizer."""
+        self.restore_params(self._source)
+        self.buffer.clear()
+        self._opt = torch.optim.Adam(self.params.values(), lr=self.config.lr)
+        self._pending = 0
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.state_dict(), "pending": self._pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"buffer", "pending"}:
+            raise ValueError(f"GradientLearner state keys {sorted(state)} != ['buffer', 'pending']")
+        self.buffer.load_state_dict(state["buffer"])
+        self._pending = int(state["pending"])

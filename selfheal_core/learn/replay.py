@@ -1,0 +1,79 @@
+"""Bounded replay memory: the newest labels verbatim plus a reservoir of older ones."""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+class ReplayBuffer:
+    """`recent_size` newest (x, y) pairs; pairs pushed out of `recent` enter a uniform
+    reservoir of `reservoir_size` (Vitter's algorithm R), so memory is fixed while
+    old domains stay represented.
+    """
+
+    def __init__(self, recent_size: int, reservoir_size: int, seed: int = 0) -> None:
+        if recent_size < 1 or reservoir_size < 0:
+            raise ValueError(f"need recent_size >= 1 and reservoir_size >= 0, got {recent_size}, {reservoir_size}")
+        self.recent_size = recent_size
+        self.reservoir_size = reservoir_size
+        self.seed = seed
+        self._reset()
+
+    def _reset(self) -> None:
+        self._recent: deque[tuple[torch.Tensor, int]] = deque()
+        self._reservoir: list[tuple[torch.Tensor, int]] = []
+        self._seen = 0  # pairs that have left `recent`
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def __len__(self) -> int:
+        return len(self._recent) + len(self._reservoir)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Append a batch x (B, ...) with labels y (B,)."""
+        for xi, yi in zip(x.detach().cpu(), y.tolist()):
+            self._recent.append((xi.clone(), int(yi)))
+            if len(self._recent) > self.recent_size:
+                self._to_reservoir(self._recent.popleft())
+
+    def _to_reservoir(self, item: tuple[torch.Tensor, int]) -> None:
+        self._seen += 1
+        if len(self._reservoir) < self.reservoir_size:
+            self._reservoir.append(item)
+        elif self.reservoir_size:
+            j = int(torch.randint(0, self._seen, (1,), generator=self._gen))
+            if j < self.reservoir_size:
+                self._reservoir[j] = item
+
+    def sample(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k pairs drawn uniformly with replacement from recent and reservoir."""
+        items = list(self._recent) + self._reservoir
+        if not items:
+            raise ValueError("replay buffer is empty")
+        idx = torch.randint(0, len(items), (k,), generator=self._gen).tolist()
+        return torch.stack([items[i][0] for i in idx]), torch.tensor([items[i][1] for i in idx])
+
+    def clear(self) -> None:
+        self._reset()
+
+    def state_dict(self) -> dict:
+        """Stacked tensors, so snapshots load with torch.load(weights_only=True)."""
+
+        def stack(items):
+            if not items:
+                return torch.empty(0), torch.empty(0, dtype=torch.long)
+            return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+        (rx, ry), (sx, sy) = stack(self._recent), stack(self._reservoir)
+        return {"recent_x": rx, "recent_y": ry, "reservoir_x": sx, "reservoir_y": sy,
+                "seen": self._seen, "rng_state": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        keys = {"recent_x", "recent_y", "reservoir_x", "reservoir_y", "seen", "rng_state"}
+        if set(state) != keys:
+            raise ValueError(f"ReplayBuffer state keys {sorted(state)} != {sorted(keys)}")
+        recent = list(zip(list(state["recent_x"]), state["recent_y"].tolist()))
+        reservoir = list(zip(list(state["reservoir_x"]), state["reservoir_y"].tolist()))
+        self._recent = deque(recent[-self.recent_size:])
+        self._reservoir = reservoir[: self.reservoir_size]
+        self._seen = int(state["seen"])
+        self._gen.set_state(state["rng_state"])

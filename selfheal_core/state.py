@@ -1,0 +1,44 @@
+"""Declared, copyable state: the one save/load mechanism every part shares.
+
+A part lists the attributes it saves in `_state_keys`; `state_dict()` copies
+them (tensors cloned) and `load_state_dict()` checks the keys before it writes
+anything, so a bad state leaves the part unchanged. Values are restricted to
+what `torch.load(weights_only=True)` accepts: tensors, numbers, strings,
+bools, None, and lists/dicts of those.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+
+def clone_state(value: Any) -> Any:
+    """Deep copy with tensors detached and cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: clone_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clone_state(v) for v in value]
+    return copy.copy(value)
+
+
+class StateMixin:
+    """Save and load the attributes named in `_state_keys`."""
+
+    _state_keys: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: clone_state(getattr(self, key)) for key in self._state_keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self._state_keys) - set(state)
+        unknown = set(state) - set(self._state_keys)
+        if missing or unknown:
+            raise ValueError(
+                f"{type(self).__name__} state mismatch: missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
+        for key in self._state_keys:
+            setattr(self, key, clone_state(state[key]))

@@ -1,0 +1,48 @@
+"""Shared fixtures: the demo model trained once per session, and its .mar."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# The handler modules ship flat inside the .mar; tests import them the same way.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """Trained demo CNN weights and reference sample (train_demo.py's output)."""
+    from train_demo import split_reference, train
+
+    out = tmp_path_factory.mktemp("model")
+    model, _ = train(seed=0)
+    _, _, x_ref, y_ref = split_reference(0, 300)
+    torch.save(model.state_dict(), out / "digits_cnn.pt")
+    torch.save({"inputs": x_ref, "labels": y_ref}, out / "reference.pt")
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """(x_train, y_train, x_test, y_test) of the digits split the demo uses."""
+    from selfheal_bench.data import load_digits_split
+
+    return load_digits_split(seed=0)
+
+
+@pytest.fixture()
+def demo_model(demo_model_dir):
+    from selfheal_bench.models import DigitsCNN
+
+    model = DigitsCNN()
+    model.load_state_dict(torch.load(demo_model_dir / "digits_cnn.pt", weights_only=True))
+    return model.eval()
+
+
+@pytest.fixture()
+def reference(demo_model_dir):
+    ref = torch.load(demo_model_dir / "reference.pt", weights_only=True)
+    return ref["inputs"], ref["labels"]
