@@ -106,6 +106,7 @@ class SelfHealHandler(BaseHandler):
 
     def _predict(self, pending: list[tuple[int, torch.Tensor]], outputs: list[Any]) -> None:
         x = torch.cat([xi for _, xi in pending])  # one forward for the whole TorchServe batch
+        version = self.healer.version  # the weights that answer (predict may snapshot afterwards)
         logits = self.inference(x)
         probs = F.softmax(logits, 1).cpu()
         labels = probs.argmax(1)
@@ -119,7 +120,7 @@ class SelfHealHandler(BaseHandler):
             outputs[idx] = {
                 "predictions": [{"id": ids[r], "label": int(labels[r]),
                                  "probabilities": [round(float(p), 6) for p in probs[r]]} for r in rows],
-                "model_version": self.healer.version,
+                "model_version": version,
                 "drift": drift,
             }
 

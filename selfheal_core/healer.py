@@ -225,12 +225,12 @@ class SelfHealer:
             self._last_snapshot = time.monotonic()
             return self.version
 
-    def resume(self) -> int:
-        """Load the newest valid snapshot from the store, if any; returns the version in use."""
+    def resume(self, version: int | None = None) -> int:
+        """Load snapshot `version` (default: the newest valid one), if any; returns the version in use."""
         if self.store is None:
             return self.version
         with self._lock:
-            loaded = self.store.load_latest()
+            loaded = self.store.load_latest() if version is None else self.store.load(version)
             if loaded is not None:
                 state, meta = loaded
                 self.load_state_dict(state)

@@ -1,0 +1,81 @@
+"""A real TorchServe on loopback: own working dir, TMPDIR, ports and process group per server."""
+from __future__ import annotations
+
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from selfheal_bench.torchserve import REPO, TorchServe, build_archive
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def model_store(demo_model_dir, tmp_path_factory) -> Path:
+    """digits.mar built by torch-model-archiver, with snapshots after every state change."""
+    work = tmp_path_factory.mktemp("archive")
+    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
+    config["handler"]["heal"] = {"snapshot_interval_s": 0.0}
+    config["handler"]["max_instances"] = 64
+    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
+    store = work / "store"
+    build_archive(demo_model_dir, store, config_file=work / "model-config.yaml")
+    return store
+
+
+class Server:
+    """A started TorchServe plus the helpers tests need."""
+
+    def __init__(self, ts: TorchServe, secret: str, snapshots: Path) -> None:
+        self.ts, self.secret, self.snapshots = ts, secret, snapshots
+        self.http = requests.Session()
+
+    def predict(self, body, headers=None, raw: bytes | None = None) -> requests.Response:
+        hdrs = {**self.ts.headers("inference"), **(headers or {})}
+        url = f"{self.ts.inference_url}/predictions/digits"
+        if raw is not None:
+            return self.http.post(url, data=raw, headers=hdrs, timeout=30)
+        return self.http.post(url, json=body, headers=hdrs, timeout=30)
+
+    def feedback(self, body, secret: str | None = None) -> requests.Response:
+        return self.predict(body, headers={"X-Selfheal-Secret": self.secret if secret is None else secret})
+
+    def status(self) -> dict:
+        r = self.http.get(f"{self.ts.management_url}/models/digits?customized=true",
+                          headers=self.ts.headers("management"), timeout=30)
+        r.raise_for_status()
+        return r.json()[0]["customizedMetadata"]
+
+
+@pytest.fixture(scope="session")
+def start_server(model_store, tmp_path_factory):
+    """Factory: `with start_server(snapshots=...) as server:` starts and stops one TorchServe."""
+
+    @contextmanager
+    def start(snapshots: Path | None = None):
+        work = tmp_path_factory.mktemp("server")
+        snapshots = snapshots or work / "snapshots"
+        secret = secrets.token_hex(8)
+        ts = TorchServe(work, model_store, env={"SELFHEAL_FEEDBACK_SECRET": secret,
+                                                "SELFHEAL_SNAPSHOT_DIR": str(snapshots)})
+        ts.start()
+        try:
+            yield Server(ts, secret, snapshots)
+        finally:
+            ts.stop()
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    with start_server() as s:
+        yield s

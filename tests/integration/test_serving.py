@@ -1,0 +1,131 @@
+"""End to end over HTTP against a real TorchServe: contract, batching, auth, bad input."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+IMG = [[[0.5] * 8] * 8]
+
+
+def probe_labels(server, x) -> list[list[float]]:
+    r = server.predict({"instances": x.tolist()})
+    r.raise_for_status()
+    return [p["probabilities"] for p in r.json()["predictions"]]
+
+
+def test_inference_contract(server, reference, demo_model):
+    x = reference[0][:4]
+    r = server.predict({"instances": x.tolist()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"predictions", "model_version", "drift"}
+    assert len(body["predictions"]) == 4 and body["model_version"] == 0
+    assert body["drift"]["detected"] is False
+    with torch.no_grad():
+        assert [p["label"] for p in body["predictions"]] == demo_model(x).argmax(1).tolist()
+    single = server.predict({"data": x[0, 0].tolist()})  # an 8x8 image for the (1, 8, 8) model
+    assert single.status_code == 200 and len(single.json()["predictions"]) == 1
+
+
+def test_concurrent_requests_are_batched_and_answered_separately(server, reference, demo_model):
+    x = reference[0][:24]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda i: server.predict({"data": x[i].tolist()}), range(len(x))))
+    assert all(r.status_code == 200 for r in responses)
+    labels = [r.json()["predictions"][0]["label"] for r in responses]
+    with torch.no_grad():
+        assert labels == demo_model(x).argmax(1).tolist()
+    assert len({r.json()["predictions"][0]["id"] for r in responses}) == len(x)
+
+
+def test_status_on_management_api(server):
+    status = server.status()
+    assert {"version", "drift", "counters", "guard", "corrector"} <= set(status)
+    assert isinstance(status["drift"]["detected"], bool)
+
+
+@pytest.mark.parametrize("token", [None, "not-the-key"])
+def test_token_auth_is_on(server, token):
+    """TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    for method, url in [("post", f"{server.ts.inference_url}/predictions/digits"),
+                        ("get", f"{server.ts.management_url}/models/digits?customized=true"),
+                        ("get", f"{server.ts.inference_url}/ping")]:
+        r = requests.request(method, url, json={"data": IMG}, headers=headers, timeout=10)
+        assert r.status_code == 400 and "Token Authorization failed" in r.json()["message"], (url, r.text)
+    management_key_on_inference = {"Authorization": f"Bearer {server.ts.keys()['management']}"}
+    r = requests.post(f"{server.ts.inference_url}/predictions/digits", json={"data": IMG},
+                      headers=management_key_on_inference, timeout=10)
+    assert r.status_code == 400
+
+
+def test_feedback_requires_secret(server, reference):
+    before = server.status()["counters"]["feedback"]
+    body = {"instances": reference[0][:3].tolist(), "labels": reference[1][:3].tolist()}
+    for secret in ("", "wrong"):
+        r = server.feedback(body, secret=secret)
+        assert r.status_code == 403 and "X-Selfheal-Secret" in r.json()["message"]
+    assert server.status()["counters"]["feedback"] == before
+    r = server.feedback(body)
+    assert r.status_code == 200 and r.json()["accepted"] == 3
+    assert server.status()["counters"]["feedback"] == before + 3
+
+
+def test_feedback_by_prediction_id(server, reference):
+    r = server.predict({"instances": reference[0][:2].tolist()})
+    ids = [p["id"] for p in r.json()["predictions"]]
+    body = {"feedback": [{"id": i, "label": int(y)} for i, y in zip(ids, reference[1][:2])]}
+    assert server.feedback(body).json()["accepted"] == 2
+    again = server.feedback(body)
+    assert again.status_code == 404 and "already" in again.json()["message"]
+
+
+BAD = [
+    ("not json", None, b"{definitely not json", 400, "not valid JSON"),
+    ("array body", [1, 2, 3], None, 400, "JSON object"),
+    ("wrong shape", {"instances": [[1.0, 2.0]]}, None, 400, "shape"),
+    ("ragged", {"instances": [[[0.1] * 8] * 8, [[0.1] * 7] * 8]}, None, 400, "numeric arrays"),
+    ("strings", {"instances": [[["a"] * 8] * 8]}, None, 400, "numeric"),
+    ("nan", None, json.dumps({"instances": [[[float("nan")] * 8] * 8]}).encode(), 400, "NaN"),
+    ("inf", None, json.dumps({"instances": [[[float("inf")] * 8] * 8]}).encode(), 400, "NaN or inf"),
+    ("empty batch", {"instances": []}, None, 400, "non-empty"),
+    ("oversized batch", {"instances": [IMG] * 65}, None, 413, "limit"),
+    ("no inputs", {"something": 1}, None, 400, "instances"),
+]
+BAD_FEEDBACK = [
+    ("unknown id", {"feedback": [{"id": "0" * 32, "label": 1}]}, 404, "unknown"),
+    ("label out of range", {"instances": [IMG], "labels": [10]}, 422, "out of range"),
+    ("negative label", {"instances": [IMG], "labels": [-1]}, 422, "out of range"),
+    ("float label", {"instances": [IMG], "labels": [1.5]}, 400, "not an integer"),
+    ("label count", {"instances": [IMG], "labels": [1, 2]}, 400, "2 labels for 1"),
+    ("nan input", json.dumps({"instances": [[[float("nan")] * 8] * 8], "labels": [1]}).encode(), 400, "NaN"),
+]
+
+
+def test_bad_input_gets_4xx_and_changes_nothing(server, reference):
+    probe = reference[0][:8]
+    before_status, before_probs = server.status(), probe_labels(server, probe)
+    before_files = sorted(p.name for p in server.snapshots.rglob("*.pt"))
+    for name, body, raw, code, words in BAD:
+        r = server.predict(body, raw=raw)
+        assert r.status_code == code and words in r.json()["message"], (name, r.status_code, r.text)
+    for name, body, code, words in BAD_FEEDBACK:
+        raw = body if isinstance(body, bytes) else None
+        r = server.predict(body, headers={"X-Selfheal-Secret": server.secret}, raw=raw)
+        assert r.status_code == code and words in r.json()["message"], (name, r.status_code, r.text)
+    after = server.status()
+    assert after["counters"]["feedback"] == before_status["counters"]["feedback"]
+    assert after["version"] == before_status["version"]
+    assert sorted(p.name for p in server.snapshots.rglob("*.pt")) == before_files
+    assert probe_labels(server, probe) == before_probs
+    assert server.predict({"data": IMG}).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("size", [5 * 1024 * 1024])
+def test_body_over_server_limit_refused(server, size):
+    r = server.predict(None, raw=b"[" + b"0," * (size // 2) + b"0]")
+    assert 400 <= r.status_code < 500
