@@ -28,3 +28,8 @@ test-unit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build demo_out model_store/*.mar model_store/snapshots/*/
+
+.PHONY: archive
+archive: $(STAMP)
+	$(BIN)/python scripts/train_demo.py --out build/model
+	$(BIN)/python -c "from pathlib import Path; from selfheal_bench.torchserve import build_archive; print(build_archive(Path('build/model'), Path('model_store')))"

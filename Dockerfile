@@ -1,0 +1,46 @@
+# selfheal: TorchServe serving a self-healing model.
+#   make archive && docker build -t selfheal . && \
+#   docker run -p 8080-8082:8080-8082 -v selfheal-data:/home/model-server/data \
+#              -e SELFHEAL_FEEDBACK_SECRET=... selfheal
+# bookworm: the last Debian release that packages the Java 17 JRE TorchServe 0.12 needs.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# Restricted networks (both default to nothing): PIP_CERT names a CA bundle
+# mounted into the build for TLS through a proxy; PIP_FIND_LINKS a directory of
+# local wheels (e.g. the CPU build of torch, instead of a multi-GB CUDA build).
+ARG PIP_CERT=""
+ARG PIP_FIND_LINKS=""
+ARG TORCH_VERSION=2.13.0
+
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /opt/selfheal
+COPY pyproject.toml README.md ./
+COPY selfheal_core ./selfheal_core
+COPY selfheal_bench ./selfheal_bench
+RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+        "torch==${TORCH_VERSION}" . \
+ && python -c "import selfheal_core, ts, yaml"
+
+RUN useradd --create-home --uid 1000 model-server \
+ && mkdir -p /home/model-server/model-store /home/model-server/data \
+ && chown -R model-server /home/model-server
+COPY docker/config.properties docker/healthcheck.py /home/model-server/
+COPY model_store/digits.mar /home/model-server/model-store/
+
+USER model-server
+WORKDIR /home/model-server
+# Snapshots (and, later, the feedback log) live on the volume and outlive the container.
+ENV SELFHEAL_SNAPSHOT_DIR=/home/model-server/data/snapshots TEMP=/home/model-server/tmp
+VOLUME ["/home/model-server/data"]
+EXPOSE 8080 8081 8082
+HEALTHCHECK --interval=10s --timeout=6s --start-period=60s --retries=3 CMD ["python", "/home/model-server/healthcheck.py"]
+# Foreground, so the container lives and stops with the server (docker stop sends SIGTERM).
+CMD ["sh", "-c", "mkdir -p \"$TEMP\" && exec torchserve --start --foreground --ncs --ts-config config.properties --model-store model-store"]
