@@ -6,11 +6,14 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
-# Restricted networks (both default to nothing): PIP_CERT names a CA bundle
-# mounted into the build for TLS through a proxy; PIP_FIND_LINKS a directory of
-# local wheels (e.g. the CPU build of torch, instead of a multi-GB CUDA build).
-ARG PIP_CERT=""
-ARG PIP_FIND_LINKS=""
+# Restricted networks (all default to nothing, so a plain `docker build .` is
+# unaffected): PIP_CA_BUNDLE names a CA bundle mounted into the build, for TLS
+# through a proxy; WHEEL_DIR a mounted directory of local wheels (e.g. the CPU
+# build of torch); TORCH_INDEX_URL an extra index, e.g.
+# https://download.pytorch.org/whl/cpu for a CPU-only image elsewhere.
+ARG PIP_CA_BUNDLE=""
+ARG WHEEL_DIR=""
+ARG TORCH_INDEX_URL=""
 ARG TORCH_VERSION=2.13.0
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
@@ -25,14 +28,17 @@ WORKDIR /opt/selfheal
 COPY pyproject.toml README.md ./
 COPY selfheal_core ./selfheal_core
 COPY selfheal_bench ./selfheal_bench
-RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
-        "torch==${TORCH_VERSION}" . \
+# Exported as pip's own variables only when set: pip would read an empty one as a setting.
+RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi \
+ && if [ -n "$WHEEL_DIR" ]; then export PIP_FIND_LINKS="$WHEEL_DIR"; fi \
+ && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
+ && pip install "torch==${TORCH_VERSION}" . \
  && python -c "import selfheal_core, ts, yaml"
 
 RUN useradd --create-home --uid 1000 model-server \
  && mkdir -p /home/model-server/model-store /home/model-server/data \
  && chown -R model-server /home/model-server
-COPY docker/config.properties docker/healthcheck.py /home/model-server/
+COPY docker/config.properties docker/healthcheck.py docker/entrypoint.py /home/model-server/
 COPY model_store/digits.mar /home/model-server/model-store/
 
 USER model-server
@@ -42,5 +48,5 @@ ENV SELFHEAL_SNAPSHOT_DIR=/home/model-server/data/snapshots TEMP=/home/model-ser
 VOLUME ["/home/model-server/data"]
 EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=10s --timeout=6s --start-period=60s --retries=3 CMD ["python", "/home/model-server/healthcheck.py"]
-# Foreground, so the container lives and stops with the server (docker stop sends SIGTERM).
-CMD ["sh", "-c", "mkdir -p \"$TEMP\" && exec torchserve --start --foreground --ncs --ts-config config.properties --model-store model-store"]
+# TorchServe in the foreground; `docker stop` (SIGTERM) stops Java and the workers gracefully.
+CMD ["python", "/home/model-server/entrypoint.py"]

@@ -33,3 +33,7 @@ clean:
 archive: $(STAMP)
 	$(BIN)/python scripts/train_demo.py --out build/model
 	$(BIN)/python -c "from pathlib import Path; from selfheal_bench.torchserve import build_archive; print(build_archive(Path('build/model'), Path('model_store')))"
+
+.PHONY: docker-test
+docker-test: $(STAMP)
+	bash scripts/docker_test.sh
