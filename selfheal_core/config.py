@@ -25,8 +25,12 @@ def _unit(obj: Any, *names: str) -> None:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    expected_run_time: int = 10_000  # clean samples between false alarms, per detector (ERT)
-    cusum_slack: float = 0.5  # CUSUM allowance k, in reference standard deviations
+    expected_run_time: int = 10_000  # clean samples between false alarms, per detector (ERT); the
+    # monitor's drift flag has three label-free detectors, so it false-alarms ~3x as often
+    cusum_slack: float = 0.5  # CUSUM allowance k, in standard-normal units of the entropy-rank score
+    ewma_lambda: float = 0.05  # MEWMA weight of the newest sample: memory of ~20-40 samples
+    feature_dims: int = 8  # principal directions of the penultimate features watched
+    calibration_margin: float = 0.6  # MEWMA charts: calibrate as if the reference were this fraction of its size
     settle_samples: int = 1_000  # quiet samples after the last alarm before drift is cleared
     error_rate_floor: float = 0.02  # reference error is optimistic (training data): floor it
     error_rate_shift: float = 0.10  # error-rate increase the error detector is tuned for
@@ -34,8 +38,9 @@ class MonitorConfig:
     seed: int = 0  # calibration is seeded so a restart gets the same thresholds
 
     def __post_init__(self) -> None:
-        _positive(self, "expected_run_time", "cusum_slack", "settle_samples", "error_rate_shift", "calibration_paths")
-        _unit(self, "error_rate_floor")
+        _positive(self, "expected_run_time", "cusum_slack", "settle_samples", "error_rate_shift",
+                  "calibration_paths", "ewma_lambda", "feature_dims")
+        _unit(self, "error_rate_floor", "ewma_lambda", "calibration_margin")
 
 
 @dataclass(frozen=True)

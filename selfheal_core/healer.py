@@ -18,7 +18,8 @@ from selfheal_core.config import HealConfig
 from selfheal_core.correct import NormStatsAdapter
 from selfheal_core.guard import Guard
 from selfheal_core.learn import GradientLearner
-from selfheal_core.monitor import Monitor
+from selfheal_core.learn.gradient import last_linear
+from selfheal_core.monitor import COVARIATE, Monitor
 from selfheal_core.state import clone_state
 from selfheal_core.store import SnapshotStore
 
@@ -56,8 +57,11 @@ class SelfHealer:
         self.store = store
         self._lock = threading.RLock()
         reference = reference.to(self.device, torch.float32)
+        self._features: torch.Tensor | None = None  # input of the last Linear, captured by a hook
+        last_linear(model)[1].register_forward_hook(self._capture_features)
         with torch.no_grad():
             ref_logits = model(reference)  # (R, C)
+        ref_features = self._take_features()
         self.num_classes = ref_logits.shape[1]
         if reference_labels is not None:
             reference_labels = self.check_labels(reference_labels, len(reference))
@@ -66,7 +70,7 @@ class SelfHealer:
         else:
             baseline_error, labelled = 0.0, None
         self._source_state = clone_state(model.state_dict())
-        self.monitor = Monitor(config.monitor).calibrate(F.softmax(ref_logits, 1), baseline_error)
+        self.monitor = Monitor(config.monitor).calibrate(F.softmax(ref_logits, 1), ref_features, baseline_error)
         self.corrector = NormStatsAdapter(model, config.correct.momentum)
         self.learner = GradientLearner(model, config.learn, reference=labelled, seed=config.monitor.seed)
         self.guard = Guard(config.guard)
@@ -76,6 +80,14 @@ class SelfHealer:
         self._last_snapshot = 0.0
         if config.correct.norm_stats and config.correct.when == "always":
             self.corrector.activate()
+
+    def _capture_features(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...], _output) -> None:
+        self._features = inputs[0].detach()
+
+    def _take_features(self) -> torch.Tensor | None:
+        """Features (B, F) of the last forward, as float64 on the CPU; clears them."""
+        feats, self._features = self._features, None
+        return None if feats is None else feats.flatten(1).to("cpu", torch.float64)
 
     # ----------------------------------------------------------------- validation
     def check_input(self, x: Any) -> torch.Tensor:
@@ -112,10 +124,11 @@ class SelfHealer:
         with self._lock, torch.no_grad():
             with self.corrector.recording():
                 logits = self.model(x)  # (B, C)
-            alarm = self.monitor.observe_predictions(F.softmax(logits, 1))
-            if alarm and self.config.correct.norm_stats and self.corrector.enabled and not self.corrector.active:
-                log.info("drift detected after %d predictions: adapting normalisation statistics",
-                         self.counters["predictions"])
+            fired = self.monitor.observe_predictions(F.softmax(logits, 1), self._take_features())
+            covariate = any(name in COVARIATE for name in fired)
+            if covariate and self.config.correct.norm_stats and self.corrector.enabled and not self.corrector.active:
+                log.info("%s drift after %d predictions: adapting normalisation statistics",
+                         "+".join(fired), self.counters["predictions"])
                 self.corrector.activate()
             if self.corrector.active:
                 self.corrector.observe()

@@ -6,13 +6,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from selfheal_core.config import MonitorConfig
-from selfheal_core.monitor.base import CusumDetector, calibrate_threshold
+from selfheal_core.monitor.base import CusumDetector, Detector, MewmaDetector, calibrate_threshold
+from selfheal_core.monitor.class_shift import ClassShiftDetector
 from selfheal_core.monitor.confidence import ConfidenceDetector, normalized_entropy
 from selfheal_core.monitor.error_rate import ErrorRateDetector
+from selfheal_core.monitor.feature_shift import FeatureShiftDetector
 from selfheal_core.state import StateMixin
 
-__all__ = ["Monitor", "DriftState", "ConfidenceDetector", "ErrorRateDetector", "CusumDetector",
-           "calibrate_threshold", "normalized_entropy"]
+__all__ = ["Monitor", "DriftState", "Detector", "CusumDetector", "MewmaDetector", "ConfidenceDetector",
+           "FeatureShiftDetector", "ClassShiftDetector", "ErrorRateDetector", "calibrate_threshold",
+           "normalized_entropy", "COVARIATE"]
+
+COVARIATE = ("confidence", "feature_shift")  # detectors that signal input (covariate) shift
 
 
 @dataclass
@@ -30,10 +35,17 @@ class DriftState:
 
 
 class Monitor(StateMixin):
-    """Confidence detector on predictions, error-rate detector on feedback.
+    """Label-free detectors on every prediction, an error-rate detector on feedback.
 
-    A drift episode starts at the first alarm of any detector and ends after
-    `settle_samples` predictions with no new alarm (the correction has settled).
+    - confidence: CUSUM on entropy ranks (the model is less sure);
+    - feature_shift: MEWMA on whitened penultimate features (inputs moved);
+    - class_shift: MEWMA on predicted classes (label shift, black-box);
+    - error_rate: Bernoulli CUSUM on feedback errors (concept drift).
+
+    Each is calibrated on the reference to `expected_run_time` samples between
+    false alarms. A drift episode starts at the first alarm of any detector and
+    ends after `settle_samples` predictions with no new alarm (the correction
+    it triggered has settled).
     """
 
     _state_keys = ("_predictions", "_labels", "_since", "_last_alarm", "_episodes", "_firing")
@@ -41,9 +53,15 @@ class Monitor(StateMixin):
     def __init__(self, config: MonitorConfig = MonitorConfig()) -> None:
         self.config = config
         c = config
-        self.confidence = ConfidenceDetector(c.expected_run_time, c.cusum_slack, c.calibration_paths, c.seed)
-        self.error_rate = ErrorRateDetector(c.expected_run_time, c.error_rate_shift, c.error_rate_floor,
-                                            c.calibration_paths, c.seed)
+        self.detectors: dict[str, Detector] = {
+            "confidence": ConfidenceDetector(c.expected_run_time, c.cusum_slack, c.calibration_paths, c.seed),
+            "feature_shift": FeatureShiftDetector(c.expected_run_time, c.feature_dims, c.ewma_lambda,
+                                                  c.calibration_margin, paths=c.calibration_paths, seed=c.seed),
+            "class_shift": ClassShiftDetector(c.expected_run_time, c.ewma_lambda, c.calibration_margin,
+                                              c.calibration_paths, c.seed),
+            "error_rate": ErrorRateDetector(c.expected_run_time, c.error_rate_shift, c.error_rate_floor,
+                                            c.calibration_paths, c.seed),
+        }
         self._reset()
 
     def _reset(self) -> None:
@@ -54,34 +72,45 @@ class Monitor(StateMixin):
         self._episodes = 0
         self._firing: list[str] = []
 
-    def calibrate(self, reference_probs: torch.Tensor, baseline_error: float) -> "Monitor":
-        """Calibrate every detector on the model's reference predictions (R, C) and error rate."""
-        self.confidence.calibrate(normalized_entropy(reference_probs))
-        self.error_rate.calibrate(baseline_error)
+    def calibrate(self, reference_probs: torch.Tensor, reference_features: torch.Tensor | None,
+                  baseline_error: float) -> "Monitor":
+        """Calibrate every detector on the model's reference outputs: probabilities (R, C), features (R, F)."""
+        d = self.detectors
+        d["confidence"].calibrate(normalized_entropy(reference_probs))
+        d["class_shift"].calibrate(reference_probs.argmax(1), reference_probs.shape[1])
+        if reference_features is not None:
+            d["feature_shift"].calibrate(reference_features)
+        d["error_rate"].calibrate(baseline_error)
         return self
 
-    def observe_predictions(self, probs: torch.Tensor) -> bool:
-        """Feed predictive probabilities (B, C); True when this batch raised a new alarm."""
-        self.confidence.update(normalized_entropy(probs))
+    def observe_predictions(self, probs: torch.Tensor, features: torch.Tensor | None = None) -> list[str]:
+        """Feed probabilities (B, C) and features (B, F); returns the detectors that alarmed."""
+        d = self.detectors
+        d["confidence"].update(normalized_entropy(probs))
+        d["class_shift"].update(probs.argmax(1))
+        names = ["confidence", "class_shift"]
+        if features is not None and d["feature_shift"].calibrated:
+            d["feature_shift"].update(features)
+            names.append("feature_shift")
         self._predictions += probs.shape[0]
-        return self._after_update("confidence", self.confidence)
+        return self._after_update(names)
 
-    def observe_errors(self, errors: torch.Tensor) -> bool:
-        """Feed error indicators (B,) for labelled feedback; True when an alarm was raised."""
-        self.error_rate.update(errors.to(torch.float64))
+    def observe_errors(self, errors: torch.Tensor) -> list[str]:
+        """Feed error indicators (B,) for labelled feedback; returns ["error_rate"] on an alarm."""
+        self.detectors["error_rate"].update(errors.to(torch.float64))
         self._labels += errors.shape[0]
-        return self._after_update("error_rate", self.error_rate)
+        return self._after_update(["error_rate"])
 
-    def _after_update(self, name: str, det: CusumDetector) -> bool:
-        if det.drift_detected:
+    def _after_update(self, names: list[str]) -> list[str]:
+        fired = [n for n in names if self.detectors[n].drift_detected]
+        if fired:
             if self._since is None:
                 self._since, self._episodes = self._predictions, self._episodes + 1
-            if name not in self._firing:
-                self._firing.append(name)
+            self._firing += [n for n in fired if n not in self._firing]
             self._last_alarm = self._predictions
         elif self._since is not None and self._predictions - self._last_alarm >= self.config.settle_samples:
             self._since, self._firing = None, []  # settled: end of the episode
-        return det.drift_detected
+        return fired
 
     @property
     def drift_detected(self) -> bool:
@@ -92,28 +121,27 @@ class Monitor(StateMixin):
         return DriftState(
             detected=self.drift_detected,
             firing=list(self._firing),
-            scores={"confidence": round(self.confidence.score, 4), "error_rate": round(self.error_rate.score, 4)},
+            scores={name: round(det.score, 4) for name, det in self.detectors.items()},
             since=self._since,
             episodes=self._episodes,
         )
 
     def reset(self) -> None:
         """Forget running statistics and episodes; keep calibration."""
-        self.confidence.reset()
-        self.error_rate.reset()
+        for det in self.detectors.values():
+            det.reset()
         self._reset()
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["confidence"] = self.confidence.state_dict()
-        state["error_rate"] = self.error_rate.state_dict()
+        state["detectors"] = {name: det.state_dict() for name, det in self.detectors.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
-        conf, err = state.pop("confidence", None), state.pop("error_rate", None)
-        if conf is None or err is None:
-            raise ValueError("Monitor state lacks detector states")
+        dets = state.pop("detectors", None)
+        if not isinstance(dets, dict) or set(dets) != set(self.detectors):
+            raise ValueError(f"Monitor state needs detector states for {sorted(self.detectors)}")
         super().load_state_dict(state)
-        self.confidence.load_state_dict(conf)
-        self.error_rate.load_state_dict(err)
+        for name, det in self.detectors.items():
+            det.load_state_dict(dets[name])

@@ -33,7 +33,7 @@ def replay(server, x, y, batch=16, feedback_every=0):
 
 def test_drift_detected_on_corrupted_not_on_clean(start_server):
     with start_server() as server:
-        replay(server, *stream(None, 0, 1000, seed=1))
+        replay(server, *stream(None, 0, 600, seed=1))
         assert server.status()["drift"]["detected"] is False
         replay(server, *stream("contrast", 5, 300, seed=2))
         status = server.status()

@@ -5,25 +5,45 @@ import numpy as np
 import pytest
 import torch
 
-from selfheal_core.monitor import ConfidenceDetector, ErrorRateDetector
+from selfheal_core.monitor import ClassShiftDetector, ConfidenceDetector, ErrorRateDetector, FeatureShiftDetector
 
 
-def confidence(ert=2_000):
-    rng = np.random.default_rng(0)
+def confidence(ert=2_000, seed=0):
+    rng = np.random.default_rng(seed)
     det = ConfidenceDetector(expected_run_time=ert, paths=100).calibrate(rng.beta(0.5, 6, 300))
     clean = lambda r, n: r.beta(0.5, 6, n)  # noqa: E731
     shifted = lambda r, n: r.beta(2, 3, n)  # noqa: E731
     return det, clean, shifted
 
 
-def error_rate(ert=2_000):
+def error_rate(ert=2_000, seed=0):
     det = ErrorRateDetector(expected_run_time=ert, paths=100).calibrate(0.05)
     clean = lambda r, n: (r.random(n) < 0.05).astype(float)  # noqa: E731
     shifted = lambda r, n: (r.random(n) < 0.30).astype(float)  # noqa: E731
     return det, clean, shifted
 
 
-DETECTORS = [confidence, error_rate]
+def feature_shift(ert=2_000, seed=0):
+    """margin=1: the stream is exactly the reference distribution, so no allowance for benign shift."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((12, 12)) / 3  # correlated features
+    det = FeatureShiftDetector(expected_run_time=ert, dims=6, margin=1.0, paths=100).calibrate(
+        rng.standard_normal((300, 12)) @ mix)
+    clean = lambda r, n: r.standard_normal((n, 12)) @ mix  # noqa: E731
+    shifted = lambda r, n: (r.standard_normal((n, 12)) + 1.0) @ mix  # noqa: E731
+    return det, clean, shifted
+
+
+def class_shift(ert=2_000, seed=0):
+    p = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
+    rng = np.random.default_rng(seed)
+    det = ClassShiftDetector(expected_run_time=ert, margin=1.0, paths=100).calibrate(rng.choice(5, 400, p=p), 5)
+    clean = lambda r, n: r.choice(5, n, p=p)  # noqa: E731
+    shifted = lambda r, n: r.choice(5, n, p=p[::-1])  # noqa: E731
+    return det, clean, shifted
+
+
+DETECTORS = [confidence, error_rate, feature_shift, class_shift]
 
 
 def feed(det, values, batch=16):
@@ -52,11 +72,17 @@ def test_shifted_stream_fires_fast(make):
 
 @pytest.mark.parametrize("make", DETECTORS)
 def test_false_alarm_rate_matches_target(make):
-    """Calibration: alarms on 40,000 clean samples at ERT 1,000 within 0.5x..2x of the expected 40."""
-    det, clean, _ = make(ert=1_000)
-    alarms = feed(det, clean(np.random.default_rng(4), 40_000), batch=32)
-    assert det.alarms >= alarms  # several alarms can fall in one batch
-    assert 20 <= det.alarms <= 80, det.alarms
+    """Calibration: alarms on 4 references x 20,000 clean samples at ERT 1,000 within 0.5x..2x of 80.
+
+    Several references, because a chart fitted on a sample has its own rate;
+    the calibration targets a typical reference.
+    """
+    alarms = 0
+    for seed in range(4):
+        det, clean, _ = make(ert=1_000, seed=seed)
+        feed(det, clean(np.random.default_rng(100 + seed), 20_000), batch=32)
+        alarms += det.alarms
+    assert 40 <= alarms <= 160, alarms
 
 
 @pytest.mark.parametrize("make", DETECTORS)
@@ -74,14 +100,30 @@ def test_state_round_trip_and_reset(make):
 
 
 @pytest.mark.parametrize("make", DETECTORS)
-@pytest.mark.parametrize("bad", [np.array([0.1, np.nan]), np.array([np.inf]), np.zeros((2, 2))])
-def test_bad_input_rejected_state_kept(make, bad):
+@pytest.mark.parametrize("damage", ["nan", "inf", "extra_dim", "too_few_dims", "text"])
+def test_bad_input_rejected_state_kept(make, damage):
     det, clean, _ = make()
     feed(det, clean(np.random.default_rng(8), 50))
+    good = clean(np.random.default_rng(9), 4).astype(float)
+    bad = {"nan": np.where(np.arange(good.size).reshape(good.shape) == 0, np.nan, good),
+           "inf": np.full_like(good, np.inf),
+           "extra_dim": good[None],
+           "too_few_dims": good.reshape(-1)[0],
+           "text": np.array(["a"] * len(good))}[damage]
     before = det.state_dict()
     with pytest.raises(ValueError):
         det.update(bad)
     assert same(det.state_dict(), before)
+
+
+def test_wrong_width_and_out_of_range_classes_rejected():
+    det, clean, _ = feature_shift()
+    with pytest.raises(ValueError, match="size 12"):
+        det.update(np.zeros((3, 5)))
+    det, clean, _ = class_shift()
+    for bad in (np.array([5]), np.array([-1]), np.array([1.5])):
+        with pytest.raises(ValueError, match="integers in"):
+            det.update(bad)
 
 
 def test_error_rate_rejects_non_binary():

@@ -69,8 +69,8 @@ def test_bad_labels_rejected(demo_model, reference, labels, match):
 
 
 def test_drift_detected_on_corruption_not_on_clean(demo_model, reference, digits):
-    healer = make(demo_model, reference)
-    run(healer, *stream(digits, None, 1500))
+    healer = make(demo_model, reference, config=HealConfig(monitor=MonitorConfig(expected_run_time=30_000)))
+    run(healer, *stream(digits, None, 600))
     assert not healer.status()["drift"]["detected"]
     run(healer, *stream(digits, "contrast", 200, seed=1))
     st = healer.status()
