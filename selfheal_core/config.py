@@ -46,13 +46,27 @@ class MonitorConfig:
 @dataclass(frozen=True)
 class CorrectConfig:
     norm_stats: bool = True  # adapt BatchNorm running statistics to live inputs
-    when: Literal["drift", "always"] = "drift"  # start adapting at the first drift alarm, or at once
-    momentum: float = 0.01  # per-sample EMA weight: memory of ~100 samples, works at batch size 1
+    entropy: bool = True  # entropy minimisation of a feature adapter before the last Linear
+    prior: bool = True  # Bayesian class-prior correction of the logits (label shift)
+    when: Literal["drift", "always"] = "drift"  # start at the first matching drift alarm, or at once
+    momentum: float = 0.01  # norm stats: per-sample EMA weight, memory ~100 samples, works at batch 1
+    entropy_lr: float = 0.01  # adapter SGD step size
+    entropy_step_every: int = 64  # samples (across requests) per adapter step
+    entropy_margin: float = 0.4  # reliable samples: entropy below this fraction of log(C) (EATA)
+    entropy_anchor: float = 1.0  # L2 pull of the adapter towards the identity
+    entropy_decay: float = 0.01  # share of the adapter removed at each step: returns to source when idle
+    prior_momentum: float = 0.01  # class-prior EM: per-sample weight, memory ~100 samples
+    prior_quiet: int = 1_000  # prior correction only this many predictions after a confidence alarm
+    collapse_share: float = 0.9  # reset adaptation when one class takes this share of recent predictions
+    collapse_window: int = 500  # predictions in that share's memory
 
     def __post_init__(self) -> None:
         if self.when not in ("drift", "always"):
             raise ValueError(f"CorrectConfig.when must be 'drift' or 'always', got {self.when!r}")
-        _unit(self, "momentum")
+        _unit(self, "momentum", "entropy_margin", "entropy_decay", "prior_momentum", "collapse_share")
+        _positive(self, "entropy_lr", "entropy_step_every", "collapse_window", "prior_quiet")
+        if self.entropy_anchor < 0:
+            raise ValueError(f"CorrectConfig.entropy_anchor must be >= 0, got {self.entropy_anchor}")
 
 
 @dataclass(frozen=True)

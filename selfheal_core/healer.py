@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfheal_core.config import HealConfig
-from selfheal_core.correct import NormStatsAdapter
+from selfheal_core.correct import LabelFreeCorrector
 from selfheal_core.guard import Guard
 from selfheal_core.learn import GradientLearner
 from selfheal_core.learn.gradient import last_linear
-from selfheal_core.monitor import COVARIATE, Monitor
+from selfheal_core.monitor import Monitor
 from selfheal_core.state import clone_state
 from selfheal_core.store import SnapshotStore
 
@@ -58,7 +58,8 @@ class SelfHealer:
         self._lock = threading.RLock()
         reference = reference.to(self.device, torch.float32)
         self._features: torch.Tensor | None = None  # input of the last Linear, captured by a hook
-        last_linear(model)[1].register_forward_hook(self._capture_features)
+        head = last_linear(model)[1]
+        head.register_forward_pre_hook(self._capture_features)  # first: raw features, before any adapter
         with torch.no_grad():
             ref_logits = model(reference)  # (R, C)
         ref_features = self._take_features()
@@ -71,17 +72,15 @@ class SelfHealer:
             baseline_error, labelled = 0.0, None
         self._source_state = clone_state(model.state_dict())
         self.monitor = Monitor(config.monitor).calibrate(F.softmax(ref_logits, 1), ref_features, baseline_error)
-        self.corrector = NormStatsAdapter(model, config.correct.momentum)
+        self.corrector = LabelFreeCorrector(model, head, F.softmax(ref_logits, 1), config.correct)
         self.learner = GradientLearner(model, config.learn, reference=labelled, seed=config.monitor.seed)
         self.guard = Guard(config.guard)
         self.version = 0  # snapshot version these weights were last saved or loaded as (0: source)
         self.counters = {"predictions": 0, "feedback": 0, "updates": 0, "snapshots": 0, "resets": 0}
         self._dirty = False  # state changed since the last snapshot
         self._last_snapshot = 0.0
-        if config.correct.norm_stats and config.correct.when == "always":
-            self.corrector.activate()
 
-    def _capture_features(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...], _output) -> None:
+    def _capture_features(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self._features = inputs[0].detach()
 
     def _take_features(self) -> torch.Tensor | None:
@@ -123,15 +122,16 @@ class SelfHealer:
         x = self.check_input(x)
         with self._lock, torch.no_grad():
             with self.corrector.recording():
-                logits = self.model(x)  # (B, C)
-            fired = self.monitor.observe_predictions(F.softmax(logits, 1), self._take_features())
-            covariate = any(name in COVARIATE for name in fired)
-            if covariate and self.config.correct.norm_stats and self.corrector.enabled and not self.corrector.active:
-                log.info("%s drift after %d predictions: adapting normalisation statistics",
-                         "+".join(fired), self.counters["predictions"])
-                self.corrector.activate()
+                raw = self.model(x)  # (B, C)
+            logits = self.corrector.adjust(raw)
+            features = self._take_features()
+            probs = F.softmax(raw, 1)
+            fired = self.monitor.observe_predictions(probs, features)
+            started = self.corrector.observe(probs, features, fired)
+            if started:
+                log.info("%s drift after %d predictions: started %s", "+".join(fired),
+                         self.counters["predictions"], ", ".join(started))
             if self.corrector.active:
-                self.corrector.observe()
                 self._dirty = True
             self.counters["predictions"] += len(x)
             self._maybe_snapshot()

@@ -15,9 +15,7 @@ from selfheal_core.state import StateMixin
 
 __all__ = ["Monitor", "DriftState", "Detector", "CusumDetector", "MewmaDetector", "ConfidenceDetector",
            "FeatureShiftDetector", "ClassShiftDetector", "ErrorRateDetector", "calibrate_threshold",
-           "normalized_entropy", "COVARIATE"]
-
-COVARIATE = ("confidence", "feature_shift")  # detectors that signal input (covariate) shift
+           "normalized_entropy"]
 
 
 @dataclass

@@ -82,11 +82,18 @@ def calibrate_threshold(sampler: Sampler, expected_run_time: int, paths: int, se
 
 
 class Detector(StateMixin):
-    """Alarm bookkeeping shared by every detector."""
+    """Settings and alarm bookkeeping shared by every detector."""
 
     _state_keys = ("threshold", "_n", "_alarms", "_drift", "_last_alarm")
 
-    def __init__(self) -> None:
+    def __init__(self, expected_run_time: int, paths: int, seed: int) -> None:
+        if expected_run_time < 10:
+            raise ValueError(f"expected_run_time must be >= 10, got {expected_run_time}")
+        if paths < REPLICAS:
+            raise ValueError(f"paths must be >= {REPLICAS}, got {paths}")
+        self.expected_run_time = expected_run_time  # clean samples between false alarms
+        self.paths = paths  # simulated streams for calibration
+        self.seed = seed  # calibration is seeded: a restart gets the same threshold
         self.threshold = math.inf
         self._reset()
 
@@ -170,12 +177,15 @@ class MewmaDetector(Detector):
 
     _state_keys = Detector._state_keys + ("_z", "_stat")
 
-    def __init__(self, lam: float = 0.05) -> None:
+    def __init__(self, expected_run_time: int, lam: float, margin: float, paths: int, seed: int) -> None:
         if not 0 < lam <= 1:
             raise ValueError(f"lam must be in (0, 1], got {lam}")
-        self.lam = lam
+        if not 0 < margin <= 1:
+            raise ValueError(f"margin must be in (0, 1], got {margin}")
+        self.lam = lam  # weight of the newest sample
+        self.margin = margin  # calibrate as if the reference were this fraction of its size
         self._dim = 0
-        super().__init__()
+        super().__init__(expected_run_time, paths, seed)
 
     def _t2(self, z: np.ndarray) -> np.ndarray:
         """Statistic for EWMA states z (..., k)."""

@@ -32,17 +32,9 @@ class ClassShiftDetector(MewmaDetector):
 
     def __init__(self, expected_run_time: int = 10_000, lam: float = 0.05, margin: float = 0.6,
                  paths: int = 200, seed: int = 0) -> None:
-        if expected_run_time < 10:
-            raise ValueError(f"expected_run_time must be >= 10, got {expected_run_time}")
-        if not 0 < margin <= 1:
-            raise ValueError(f"margin must be in (0, 1], got {margin}")
-        self.expected_run_time = expected_run_time
-        self.margin = margin
-        self.paths = paths
-        self.seed = seed
         self._freq = torch.zeros(0, dtype=torch.float64)  # (C,) reference predicted-class frequencies
         self._proj = torch.zeros(0, 0, dtype=torch.float64)  # (C, C-1) whitening
-        super().__init__(lam)
+        super().__init__(expected_run_time, lam, margin, paths, seed)
 
     @staticmethod
     def _fit(cls: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

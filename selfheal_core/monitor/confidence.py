@@ -40,16 +40,11 @@ class ConfidenceDetector(CusumDetector):
     _state_keys = CusumDetector._state_keys + ("_ref",)
 
     def __init__(self, expected_run_time: int = 10_000, slack: float = 0.5, paths: int = 200, seed: int = 0) -> None:
-        if expected_run_time < 10:
-            raise ValueError(f"expected_run_time must be >= 10, got {expected_run_time}")
         if slack <= 0:
             raise ValueError(f"slack must be > 0, got {slack}")
-        self.expected_run_time = expected_run_time
         self.slack = slack
-        self.paths = paths
-        self.seed = seed
         self._ref = torch.zeros(0, dtype=torch.float64)  # sorted reference entropies
-        super().__init__()
+        super().__init__(expected_run_time, paths, seed)
 
     def calibrate(self, reference_entropy) -> "ConfidenceDetector":
         """Keep the sorted reference entropies and set the threshold for the null rank distribution."""

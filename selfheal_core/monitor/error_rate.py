@@ -32,17 +32,12 @@ class ErrorRateDetector(CusumDetector):
 
     def __init__(self, expected_run_time: int = 10_000, shift: float = 0.10, floor: float = 0.02,
                  paths: int = 200, seed: int = 0) -> None:
-        if expected_run_time < 10:
-            raise ValueError(f"expected_run_time must be >= 10, got {expected_run_time}")
         if not 0 < shift < 1 or not 0 <= floor < 1:
             raise ValueError(f"need 0 < shift < 1 and 0 <= floor < 1, got shift={shift}, floor={floor}")
-        self.expected_run_time = expected_run_time
         self.shift = shift
         self.floor = floor
-        self.paths = paths
-        self.seed = seed
         self._p0, self._p1 = floor, min(floor + shift, 0.99)
-        super().__init__()
+        super().__init__(expected_run_time, paths, seed)
 
     def calibrate(self, baseline_error: float) -> "ErrorRateDetector":
         """Set the in-control error rate (floored) and the threshold for it."""

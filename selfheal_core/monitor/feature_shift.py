@@ -33,20 +33,12 @@ class FeatureShiftDetector(MewmaDetector):
 
     def __init__(self, expected_run_time: int = 10_000, dims: int = 8, lam: float = 0.05,
                  margin: float = 0.6, paths: int = 200, seed: int = 0) -> None:
-        if expected_run_time < 10:
-            raise ValueError(f"expected_run_time must be >= 10, got {expected_run_time}")
         if dims < 1:
             raise ValueError(f"dims must be >= 1, got {dims}")
-        if not 0 < margin <= 1:
-            raise ValueError(f"margin must be in (0, 1], got {margin}")
-        self.expected_run_time = expected_run_time
         self.dims = dims
-        self.margin = margin
-        self.paths = paths
-        self.seed = seed
         self._center = torch.zeros(0, dtype=torch.float64)  # (D,) reference mean
         self._proj = torch.zeros(0, 0, dtype=torch.float64)  # (D, k) whitening projection
-        super().__init__(lam)
+        super().__init__(expected_run_time, lam, margin, paths, seed)
 
     def calibrate(self, reference) -> "FeatureShiftDetector":
         """Fit centre and whitening on reference vectors (R, D) and set the threshold.

@@ -75,7 +75,7 @@ def test_drift_detected_on_corruption_not_on_clean(demo_model, reference, digits
     run(healer, *stream(digits, "contrast", 200, seed=1))
     st = healer.status()
     assert st["drift"]["detected"] and "confidence" in st["drift"]["firing"]
-    assert st["corrector"]["active"], "drift switches on normalisation-statistics adaptation"
+    assert st["corrector"]["norm_stats"]["active"], "drift switches on normalisation-statistics adaptation"
 
 
 def test_label_free_healing_improves_contrast(demo_model, reference, digits):

@@ -1,0 +1,22 @@
+"""Benchmarks run end to end on a tiny case (their numbers are not checked: benchmarks are not tests)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from selfheal_bench.torchserve import REPO
+
+
+def test_bench_monitor_tiny(tmp_path):
+    out = tmp_path / "monitor.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench_monitor.py"), "--tiny", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    detectors = {(r["stream"], r["detector"]) for r in result["rows"]}
+    for name in ("confidence", "feature_shift", "class_shift", "monitor", "river ADWIN", "river PageHinkley"):
+        assert ("digits", name) in detectors
+    assert ("error_rate", "error_rate") in detectors and ("gauss64", "feature_shift") in detectors
+    kinds = {r["kind"] for r in result["rows"] if r["detector"] == "monitor"}
+    assert kinds == {"abrupt", "gradual", "label_shift"}
+    assert any(k.startswith("calibration") for k in result["bars"])
