@@ -1,7 +1,7 @@
 """Label-free correction: normalisation statistics, an entropy-trained feature adapter, class priors.
 
-`LabelFreeCorrector` owns the three and decides when each runs: covariate
-alarms (confidence, feature shift) switch on the statistics and the adapter;
+`LabelFreeCorrector` owns the three and decides when each runs: confidence
+alarms (the model became unsure) switch on the statistics and the adapter;
 a class-shift alarm switches on the prior correction, but only while the
 confidence detector has been quiet for `prior_quiet` predictions: under input
 shift the model's errors move its predicted classes too, and re-weighting
@@ -25,7 +25,9 @@ from selfheal_core.correct.prior import PriorCorrector
 
 __all__ = ["LabelFreeCorrector", "NormStatsAdapter", "EntropyAdapter", "FeatureAdapter", "PriorCorrector"]
 
-COVARIATE = ("confidence", "feature_shift")  # detectors that signal input (covariate) shift
+# Adaptation starts when the model becomes unsure. A feature shift alone is not enough: under
+# pure label shift the features move with the class mix while the model stays sure.
+COVARIATE = ("confidence",)
 
 
 class LabelFreeCorrector:
@@ -43,6 +45,7 @@ class LabelFreeCorrector:
         self._share = torch.zeros(reference_probs.shape[1], dtype=torch.float64)  # EMA of predicted classes
         self.collapses = 0
         self._since_unsure = c.prior_quiet  # predictions since the last confidence alarm
+        self._since_class = c.prior_quiet  # predictions since a class-shift alarm without a confidence alarm
         if c.when == "always":
             self._activate(list(COVARIATE) + ["class_shift"])
 
@@ -57,7 +60,11 @@ class LabelFreeCorrector:
 
     def _activate(self, fired: list[str]) -> list[str]:
         started = []
-        covariate = any(n in COVARIATE for n in fired)
+        if "class_shift" in fired and "confidence" not in fired:
+            self._since_class = 0
+        # A class-shift alarm while the model stayed sure marks a label-shift episode: statistics
+        # adapted to a new class mix tripled the error there (measured), so adaptation waits.
+        covariate = any(n in COVARIATE for n in fired) and self._since_class >= self.config.prior_quiet
         if covariate and self.config.norm_stats and self.norm.enabled and not self.norm.active:
             self.norm.activate()
             started.append("norm_stats")
@@ -77,6 +84,7 @@ class LabelFreeCorrector:
         """After a prediction: activate on alarms, adapt, check for collapse. Returns what started."""
         started = self._activate(fired)
         self._since_unsure += len(probs)
+        self._since_class += len(probs)
         self.norm.observe()
         if features is not None:
             self.entropy.observe(features)

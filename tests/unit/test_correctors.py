@@ -61,7 +61,10 @@ def test_label_free_corrector_activation_rules():
     lf = LabelFreeCorrector(model, model[3], ref_probs, CorrectConfig(prior_quiet=50))
     probs = torch.full((10, 4), 0.25)
     feats = torch.randn(10, 16)
-    assert lf.observe(probs, feats, ["class_shift"]) == ["prior"]
+    assert lf.observe(probs, feats, ["class_shift"]) == ["prior"], "classes moved, model sure: label shift"
+    assert lf.observe(probs, feats, ["confidence"]) == [], "within prior_quiet of a label-shift alarm"
+    for _ in range(5):
+        lf.observe(probs, feats, [])
     assert lf.observe(probs, feats, ["confidence"]) == ["entropy"], "no BatchNorm: no norm stats"
     assert not lf.prior.active, "a confidence alarm switches the prior correction off"
     assert lf.observe(probs, feats, ["class_shift"]) == [], "within prior_quiet of a confidence alarm"
@@ -70,6 +73,8 @@ def test_label_free_corrector_activation_rules():
     assert not lf.active
     lf.load_state_dict(state)
     assert lf.entropy.active
+    both = LabelFreeCorrector(model, model[3], ref_probs, CorrectConfig(prior_quiet=50))
+    assert both.observe(probs, feats, ["confidence", "class_shift"]) == ["entropy"], "input shift moves both"
 
 
 def test_collapse_resets_adaptation():
