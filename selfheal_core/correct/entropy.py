@@ -87,7 +87,8 @@ class EntropyAdapter(StateMixin):
         with torch.no_grad():
             for p in self.adapter.parameters():
                 p.mul_(1 - self.decay)
-        logits = F.linear(self.adapter(feats.to(self.head.weight.dtype)), self.head.weight.detach(),
+        feats = feats.to(self.head.weight.device, self.head.weight.dtype)  # captured on the CPU
+        logits = F.linear(self.adapter(feats), self.head.weight.detach(),
                           None if self.head.bias is None else self.head.bias.detach())
         logp = logits.log_softmax(1)
         ent = -(logp.exp() * logp).sum(1)  # (B,)

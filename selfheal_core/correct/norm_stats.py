@@ -94,6 +94,12 @@ class NormStatsAdapter(StateMixin):
             if i == 0:
                 self._samples += batch
 
+    def load_state_dict(self, state: dict) -> None:
+        """As StateMixin, with the moments moved to their layers' device (snapshots load on the CPU)."""
+        super().load_state_dict(state)
+        self._mean = [m.to(layer.running_mean.device) for m, layer in zip(self._mean, self._layers)]
+        self._sq = [q.to(layer.running_mean.device) for q, layer in zip(self._sq, self._layers)]
+
     def reset(self) -> None:
         """Restore the source statistics exactly and stop adapting."""
         self._reset()

@@ -48,7 +48,7 @@ class ConfidenceDetector(CusumDetector):
 
     def calibrate(self, reference_entropy) -> "ConfidenceDetector":
         """Keep the sorted reference entropies and set the threshold for the null rank distribution."""
-        ref = torch.as_tensor(reference_entropy, dtype=torch.float64).flatten()
+        ref = torch.as_tensor(reference_entropy).detach().to("cpu", torch.float64).flatten()
         if len(ref) < 20 or not torch.isfinite(ref).all():
             raise ValueError("calibration needs at least 20 finite reference values")
         self._ref = ref.sort().values

@@ -20,3 +20,12 @@ def test_bench_monitor_tiny(tmp_path):
     kinds = {r["kind"] for r in result["rows"] if r["detector"] == "monitor"}
     assert kinds == {"abrupt", "gradual", "label_shift"}
     assert any(k.startswith("calibration") for k in result["bars"])
+
+
+def test_cuda_check_runs_on_cpu():
+    """The accelerator smoke check (scripts/cuda_check.py) passes on whatever device is here."""
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "cuda_check.py"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["same_after_resume"] and result["reset_is_source"] and result["drift"]
