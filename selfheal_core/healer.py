@@ -71,8 +71,9 @@ class SelfHealer:
         else:
             baseline_error, labelled = 0.0, None
         self._source_state = clone_state(model.state_dict())
-        self.monitor = Monitor(config.monitor).calibrate(F.softmax(ref_logits, 1), ref_features, baseline_error)
-        self.corrector = LabelFreeCorrector(model, head, F.softmax(ref_logits, 1), config.correct)
+        ref_probs = F.softmax(ref_logits, 1)
+        self.monitor = Monitor(config.monitor).calibrate(ref_probs, ref_features, baseline_error)
+        self.corrector = LabelFreeCorrector(model, head, ref_probs, config.correct)
         self.learner = GradientLearner(model, config.learn, reference=labelled, seed=config.monitor.seed)
         self.guard = Guard(config.guard)
         self.version = 0  # snapshot version these weights were last saved or loaded as (0: source)
