@@ -21,7 +21,8 @@ from selfheal_request import (HandlerSettings, RequestError, body_json, header, 
 from ts.torch_handler.base_handler import BaseHandler
 
 from selfheal_core import SelfHealer, SnapshotStore
-from selfheal_core.recent import RecentPredictions
+from selfheal_core.feedback_log import DuplicateFeedback, FeedbackLog
+from selfheal_core.recent import PredictionRecord
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class SelfHealHandler(BaseHandler):
         props = context.system_properties
         model_dir = Path(props["model_dir"])
         self.settings = HandlerSettings.from_yaml((context.model_yaml_config or {}).get("handler"))
+        torch.set_num_threads(self.settings.torch_threads)
         gpu = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu")
         model = load_model(model_dir, context.manifest, self.settings.model_class).to(self.device)
@@ -43,10 +45,12 @@ class SelfHealHandler(BaseHandler):
         snap_dir = Path(self.settings.snapshot_dir)
         if not snap_dir.is_absolute():
             snap_dir = server_workdir() / snap_dir
-        store = SnapshotStore(snap_dir / context.model_name, keep=self.settings.snapshot_keep)
-        self.healer = SelfHealer(model, ref["inputs"], self.settings.heal, ref.get("labels"), store)
-        self.healer.resume()
-        self.recent = RecentPredictions(self.settings.recent_predictions)
+        model_dir_store = snap_dir / context.model_name
+        store = SnapshotStore(model_dir_store, keep=self.settings.snapshot_keep)
+        feedback_log = FeedbackLog(model_dir_store / "feedback.sqlite")
+        self.healer = SelfHealer(model, ref["inputs"], self.settings.heal, ref.get("labels"), store, feedback_log)
+        self.healer.resume()  # newest snapshot, then the labels logged after it
+        self.recent = PredictionRecord(model_dir_store / "predictions.sqlite", self.settings.recent_predictions)
         self._secret = os.environ.get(self.settings.feedback_secret_env) or None
         self.model, self.context, self.initialized = model, context, True
         log.info("selfheal handler ready: model %s, version %d, snapshots in %s, feedback %s",
@@ -109,8 +113,8 @@ class SelfHealHandler(BaseHandler):
         version = self.healer.version  # the weights that answer (predict may snapshot afterwards)
         logits = self.inference(x)
         probs = F.softmax(logits, 1).cpu()
-        labels = probs.argmax(1)
-        ids = self.recent.add(x, labels)
+        confidence, labels = probs.max(1)
+        ids = self.recent.add(x, labels, confidence)
         status = self.healer.monitor.state
         drift = {"detected": status.detected, "firing": status.firing, "scores": status.scores}
         start = 0
@@ -136,18 +140,24 @@ class SelfHealHandler(BaseHandler):
         if not hmac.compare_digest(given.encode(), self._secret.encode()):
             raise RequestError(403, f"feedback needs a valid {self.settings.feedback_header} header")
         if "feedback" in body:
-            x, y, served = self._feedback_by_id(body["feedback"])
+            x, y, served, confidence, pids = self._feedback_by_id(body["feedback"])
         else:
             x = self._inputs(body)
             y = label_list(body["labels"], self.healer.num_classes, "labels")
             if len(y) != len(x):
                 raise RequestError(400, f"got {len(y)} labels for {len(x)} instances")
-            served = None
-        result = self.healer.feedback(x, y, served)
-        return {"accepted": result["accepted"], "updated": result["updated"],
+            served = confidence = pids = None
+        try:
+            result = self.healer.feedback(x, y, served, confidence, pids, source="inference-api")
+        except DuplicateFeedback as exc:
+            raise RequestError(409, f"{exc}: feedback is taken once per prediction") from None
+        except ValueError as exc:
+            raise RequestError(400, f"bad feedback: {exc}") from None
+        return {"accepted": result["accepted"], "logged": result["accepted"],
+                "quarantined": result["quarantined"], "updated": result["updated"],
                 "rolled_back": result["rolled_back"], "model_version": result["version"]}
 
-    def _feedback_by_id(self, items: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _feedback_by_id(self, items: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
         if not isinstance(items, list) or not items:
             raise RequestError(400, '"feedback" must be a non-empty list of {"id": ..., "label": k}')
         if len(items) > self.settings.max_instances:
@@ -158,12 +168,15 @@ class SelfHealHandler(BaseHandler):
         if len(set(pids)) != len(pids):
             raise RequestError(400, "the same prediction id appears twice in one request")
         y = label_list([it["label"] for it in items], self.healer.num_classes, "feedback")
-        unknown = [pid for pid in pids if pid not in self.recent]
+        found = self.recent.get(pids)
+        unknown = [pid for pid in pids if pid not in found]
         if unknown:
-            raise RequestError(404, f"unknown or already answered prediction id(s): {unknown[:5]} "
-                                    "(expired, served by another worker, or feedback already given)")
-        x, served = self.recent.pop_many(pids)  # checked first: all-or-nothing
-        return x, y, served
+            raise RequestError(404, f"unknown prediction id(s): {unknown[:5]} (never served, or older than "
+                                    f"the newest {self.settings.recent_predictions} predictions)")
+        x = torch.stack([found[p][0] for p in pids])
+        served = torch.tensor([found[p][1] for p in pids], dtype=torch.long)
+        confidence = torch.tensor([found[p][2] for p in pids], dtype=torch.float64)
+        return x, y, served, confidence, pids
 
     # ------------------------------------------------------------------ status
     def describe(self) -> dict:

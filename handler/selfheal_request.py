@@ -32,6 +32,8 @@ class HandlerSettings:
     max_instances: int = 256  # inputs per request
     max_body_bytes: int = 4 * 1024 * 1024  # raw request body
     recent_predictions: int = 10_000  # ids kept for feedback by id
+    torch_threads: int = 1  # intra-op threads per worker: small models gain nothing from more, and
+    # several workers (or the JVM) on few cores slowed a labelled update ~15x by oversubscription
     heal: HealConfig = field(default_factory=HealConfig)
 
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Mapping
 
-ParamSet = Literal["last_layer", "norm_and_last"]
+ParamSet = Literal["auto", "all", "last_layer", "norm_and_last"]
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -71,20 +71,30 @@ class CorrectConfig:
 
 @dataclass(frozen=True)
 class LearnConfig:
-    params: ParamSet = "norm_and_last"  # small set: norm affine + last Linear (cheap, hard to wreck)
-    lr: float = 3e-3  # Adam step size (1e-2 learns faster but costs ~1 point on clean traffic)
-    steps: int = 10  # gradient steps per update
+    params: ParamSet = "auto"  # auto: every weight of a small model (<= auto_max_params), else norm affine +
+    # last Linear. Measured on the digits CNN with 100 rotated labels: all weights 0.81 accuracy, norm+last 0.47
+    auto_max_params: int = 200_000
+    lr: float = 1e-3  # Adam step size
+    steps: int = 20  # gradient steps per update
     batch_size: int = 32  # replay minibatch
-    update_every: int = 4  # new training labels between updates
+    update_every: int = 2  # new training labels between updates (rotated digits, 1% feedback: 2 and 20
+    # steps close 45% of the gap to the oracle, 4 and 10 steps 33%)
     recent_size: int = 256  # newest labels kept verbatim
     reservoir_size: int = 256  # uniform sample of older labels (anti-forgetting)
     reference_fraction: float = 0.25  # share of each minibatch from labelled reference data
     anchor: float = 1e-2  # L2 pull towards the source weights
+    bayes: bool = True  # Bayesian (Kalman) update of the last layer on every training label
+    bayes_prior_var: float = 0.01  # prior variance of the last layer's weights (per feature unit)
+    bayes_forgetting: float = 0.995  # per-label decay of old evidence: tracks drift (memory ~200 labels)
 
     def __post_init__(self) -> None:
-        if self.params not in ("last_layer", "norm_and_last"):
-            raise ValueError(f"LearnConfig.params must be 'last_layer' or 'norm_and_last', got {self.params!r}")
-        _positive(self, "lr", "steps", "batch_size", "update_every", "recent_size", "reservoir_size")
+        if self.params not in ("auto", "all", "last_layer", "norm_and_last"):
+            raise ValueError(f"LearnConfig.params must be one of auto, all, last_layer, norm_and_last, "
+                             f"got {self.params!r}")
+        _positive(self, "lr", "steps", "batch_size", "update_every", "recent_size", "reservoir_size",
+                  "auto_max_params", "bayes_prior_var")
+        if not 0 < self.bayes_forgetting <= 1:
+            raise ValueError(f"LearnConfig.bayes_forgetting must be in (0, 1], got {self.bayes_forgetting}")
         _unit(self, "reference_fraction")
         if self.anchor < 0:
             raise ValueError(f"LearnConfig.anchor must be >= 0, got {self.anchor}")
@@ -94,11 +104,20 @@ class LearnConfig:
 class GuardConfig:
     holdout_every: int = 5  # every k-th label is held back to validate updates, never trained on
     holdout_size: int = 20  # newest held-back labels: small, so validation follows the current domain
-    min_holdout: int = 5  # no update until this many labels are held back (0: learn unvalidated)
+    min_holdout: int = 3  # no update until this many labels are held back (0: learn unvalidated)
     tolerance: float = 0.0  # accepted rise in held-back cross-entropy (0: must not get worse)
+    quarantine: bool = True  # hold back bursts of labels that look like poisoning (see quarantine.py)
+    quarantine_window: int = 200  # recent labels the burst test looks at
+    quarantine_confidence: float = 0.9  # a disagreement counts when the model was at least this sure
+    quarantine_min_count: int = 8  # confident disagreements into one class before it can be quarantined
+    quarantine_share: float = 0.5  # ... and at least this share of all recent confident disagreements
+    quarantine_min_sources: int = 3  # ... coming from at least this many predicted classes
+    corroborate: int = 3  # a confident disagreement is learned once its (served, given) pair repeats this often
 
     def __post_init__(self) -> None:
-        _positive(self, "holdout_every", "holdout_size")
+        _positive(self, "holdout_every", "holdout_size", "quarantine_window", "quarantine_min_count",
+                  "quarantine_min_sources")
+        _unit(self, "quarantine_confidence", "quarantine_share")
         if self.min_holdout < 0 or self.tolerance < 0:
             raise ValueError("GuardConfig.min_holdout and tolerance must be >= 0")
 

@@ -30,11 +30,19 @@ class Guard:
         self.rolled_back = 0
         self.last_error: float | None = None
 
-    def admit(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hold back every k-th pair; return the pairs for training (incl. ones leaving the holdout)."""
+    def admit(self, x: torch.Tensor, y: torch.Tensor,
+              skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hold back every k-th pair; return the pairs for training (incl. ones leaving the holdout).
+
+        Pairs marked in `skip` (quarantined) are neither trained on nor held back, but they
+        count, so the holdout stays every k-th label of the stream whatever the quarantine does.
+        """
         train_x, train_y = [], []
-        for xi, yi in zip(x.detach().cpu(), y.tolist()):
+        skip_list = skip.tolist() if skip is not None else [False] * len(y)
+        for xi, yi, skipped in zip(x.detach().cpu(), y.tolist(), skip_list):
             self._count += 1
+            if skipped:
+                continue
             if self._count % self.config.holdout_every == 0:
                 self._holdout.append((xi.clone(), int(yi)))
                 if len(self._holdout) > self.config.holdout_size:

@@ -16,16 +16,19 @@ from torch import nn
 
 from selfheal_core.config import HealConfig
 from selfheal_core.correct import LabelFreeCorrector
+from selfheal_core.feedback_log import DuplicateFeedback, FeedbackLog
 from selfheal_core.guard import Guard
 from selfheal_core.learn import GradientLearner
+from selfheal_core.learn.bayes import BayesianLastLayer
 from selfheal_core.learn.gradient import last_linear
 from selfheal_core.monitor import Monitor
+from selfheal_core.quarantine import Quarantine
 from selfheal_core.state import clone_state
 from selfheal_core.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 class SelfHealer:
@@ -45,7 +48,8 @@ class SelfHealer:
     """
 
     def __init__(self, model: nn.Module, reference: torch.Tensor, config: HealConfig = HealConfig(),
-                 reference_labels: torch.Tensor | None = None, store: SnapshotStore | None = None) -> None:
+                 reference_labels: torch.Tensor | None = None, store: SnapshotStore | None = None,
+                 feedback_log: FeedbackLog | None = None) -> None:
         if not isinstance(reference, torch.Tensor) or reference.dim() < 2 or len(reference) < 20:
             raise ValueError("reference must be a tensor (R, ...) of at least 20 in-distribution inputs")
         if not torch.isfinite(reference).all():
@@ -55,6 +59,7 @@ class SelfHealer:
         self.device = next(model.parameters()).device
         self.input_shape = tuple(reference.shape[1:])
         self.store = store
+        self.feedback_log = feedback_log
         self._lock = threading.RLock()
         reference = reference.to(self.device, torch.float32)
         self._features: torch.Tensor | None = None  # input of the last Linear, captured by a hook
@@ -70,19 +75,31 @@ class SelfHealer:
             labelled = (reference, reference_labels.to(self.device))
         else:
             baseline_error, labelled = 0.0, None
+        self._reference = reference  # re-read after labelled updates (monitor rebase)
         self._source_state = clone_state(model.state_dict())
         ref_probs = F.softmax(ref_logits, 1)
         self.monitor = Monitor(config.monitor).calibrate(ref_probs, ref_features, baseline_error)
         self.corrector = LabelFreeCorrector(model, head, ref_probs, config.correct)
+        self._head_input: torch.Tensor | None = None  # what the head sees, after the corrector's adapter
+        head.register_forward_pre_hook(self._capture_head_input)
         self.learner = GradientLearner(model, config.learn, reference=labelled, seed=config.monitor.seed)
+        self.bayes = (BayesianLastLayer(head, config.learn.bayes_prior_var, config.learn.bayes_forgetting)
+                      if config.learn.bayes else None)
         self.guard = Guard(config.guard)
+        self.quarantine = Quarantine(config.guard)
         self.version = 0  # snapshot version these weights were last saved or loaded as (0: source)
-        self.counters = {"predictions": 0, "feedback": 0, "updates": 0, "snapshots": 0, "resets": 0}
+        self.counters = {"predictions": 0, "feedback": 0, "quarantined": 0, "updates": 0, "snapshots": 0,
+                         "resets": 0}
+        self._absorbed = 0  # sequence number of the last feedback-log row folded into the weights
+        self._last_update: float | None = None  # wall time of the last accepted update
         self._dirty = False  # state changed since the last snapshot
         self._last_snapshot = 0.0
 
     def _capture_features(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self._features = inputs[0].detach()
+
+    def _capture_head_input(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self._head_input = inputs[0].detach()
 
     def _take_features(self) -> torch.Tensor | None:
         """Features (B, F) of the last forward, as float64 on the CPU; clears them."""
@@ -138,34 +155,103 @@ class SelfHealer:
             self._maybe_snapshot()
         return logits
 
-    def feedback(self, x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor | None = None) -> dict:
-        """Fold labelled ground truth into the model; `predicted` is what was served, if known."""
+    def feedback(self, x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor | None = None,
+                 confidence: torch.Tensor | None = None, ids: list[str] | None = None,
+                 source: str = "api") -> dict:
+        """Fold labelled ground truth into the model.
+
+        `predicted` and `confidence` describe what was served (recomputed if not given); `ids`
+        name the predictions answered (feedback per id is taken once). With a feedback log, the
+        labels are appended durably first, then every row not yet absorbed (also rows other
+        workers appended) is folded in, in log order. Raises ValueError (DuplicateFeedback for
+        an id answered before) with nothing changed.
+        """
         x = self.check_input(x)
         y = self.check_labels(y, len(x))
         if predicted is not None:
             predicted = self.check_labels(predicted, len(x))
+        if confidence is not None:
+            if not isinstance(confidence, torch.Tensor) or confidence.shape != (len(x),) \
+                    or not bool(((confidence >= 0) & (confidence <= 1)).all()):
+                raise ValueError(f"confidence must be a tensor ({len(x)},) of values in [0, 1]")
+            confidence = confidence.cpu().double()
+        if ids is not None and (len(ids) != len(x) or len(set(ids)) != len(ids)
+                                or not all(isinstance(i, str) for i in ids)):
+            raise ValueError(f"ids must be {len(x)} distinct strings")
         with self._lock:
-            if predicted is None:
+            if self.feedback_log is not None and ids:
+                answered = self.feedback_log.answered(ids)
+                if answered:
+                    raise DuplicateFeedback(answered)
+            if predicted is None or confidence is None:
                 with torch.no_grad():
-                    predicted = self.model(x).argmax(1).cpu()
-            self.monitor.observe_errors(predicted != y)
-            train_x, train_y = self.guard.admit(x, y)
-            result = {"accepted": len(y), "updated": False, "rolled_back": False}
-            if len(train_y) and self.learner.add(train_x, train_y) and self.guard.ready:
-                before = self.guard.evaluate(self.model)
-                saved = self.learner.copy_params()
-                self.learner.step()
-                if self.guard.judge(before, self.guard.evaluate(self.model)):
-                    result["updated"] = True
-                    self.counters["updates"] += 1
-                else:
-                    self.learner.restore_params(saved)
-                    result["rolled_back"] = True
-            self.counters["feedback"] += len(y)
-            self._dirty = True
+                    probs = F.softmax(self.model(x), 1).cpu().double()
+                self._take_features()
+                confidence, predicted = probs.max(1)
+            backup = self.quarantine.state_dict()
+            drift = self.monitor.state
+            inputs_drifted = drift.detected and any(n in ("confidence", "feature_shift") for n in drift.firing)
+            held = (self.quarantine.screen(predicted, y, confidence, inputs_drifted) if self.config.guard.quarantine
+                    else torch.zeros(len(y), dtype=torch.bool))
+            if self.feedback_log is None:
+                result = self._absorb(x, y, predicted, held)
+            else:
+                try:
+                    self.feedback_log.append(x, y, predicted, held, ids, source)
+                except BaseException:
+                    self.quarantine.load_state_dict(backup)
+                    raise
+                result = self.catch_up()
             self._maybe_snapshot()
-            result["version"] = self.version
+            return {"accepted": len(y), "quarantined": int(held.sum()), **result, "version": self.version}
+
+    def catch_up(self) -> dict:
+        """Fold in every feedback-log row after the last absorbed one (a restart's replay)."""
+        result = {"updated": False, "rolled_back": False}
+        if self.feedback_log is None:
+            return result
+        step = self.config.learn.update_every  # replay in the chunks updates were made in
+        with self._lock:
+            for rows in self.feedback_log.entries(after=self._absorbed):
+                for i in range(0, len(rows.y), step):
+                    part = slice(i, i + step)
+                    done = self._absorb(rows.x[part].to(self.device), rows.y[part], rows.served[part],
+                                        rows.quarantined[part])
+                    result = {k: result[k] or done[k] for k in result}
+                    self._absorbed = rows.seq[part][-1]
         return result
+
+    def _absorb(self, x: torch.Tensor, y: torch.Tensor, served: torch.Tensor, held: torch.Tensor) -> dict:
+        """Learn from labelled pairs: error monitor, holdout, (guarded) update; skip quarantined ones."""
+        known = served >= 0
+        self.monitor.observe_errors((served != y)[known])
+        self.counters["feedback"] += len(y)
+        self.counters["quarantined"] += int(held.sum())
+        self._dirty = True
+        train_x, train_y = self.guard.admit(x, y, skip=held)
+        if not (len(train_y) and self.learner.add(train_x, train_y) and self.guard.ready):
+            return {"updated": False, "rolled_back": False}
+        before = self.guard.evaluate(self.model)
+        saved = self.learner.copy_params()
+        bayes_saved = self.bayes.state_dict() if self.bayes else None
+        if self.bayes:
+            new_x, new_y = self.learner.newest()
+            with torch.no_grad():
+                self.model(new_x.to(self.device))
+            self._take_features()
+            self.bayes.update(self._head_input, new_y)
+        self.learner.step()
+        if self.guard.judge(before, self.guard.evaluate(self.model)):
+            self.counters["updates"] += 1
+            self._last_update = time.time()
+            with torch.no_grad():
+                ref_probs = F.softmax(self.model(self._reference), 1)
+            self.monitor.rebase(ref_probs, self._take_features())
+            return {"updated": True, "rolled_back": False}
+        self.learner.restore_params(saved)
+        if self.bayes:
+            self.bayes.load_state_dict(bayes_saved)
+        return {"updated": False, "rolled_back": True}
 
     def status(self) -> dict:
         """JSON-able summary: drift, version, counters and each part's state."""
@@ -176,7 +262,12 @@ class SelfHealer:
                 "counters": dict(self.counters),
                 "corrector": self.corrector.status(),
                 "guard": self.guard.status(),
-                "learner": {"buffer": len(self.learner.buffer), "params": sorted(self.learner.params)},
+                "quarantine": self.quarantine.status(),
+                "learner": {"buffer": len(self.learner.buffer), "params": len(self.learner.params),
+                            "bayes": self.bayes.status() if self.bayes else None,
+                            "last_update": self._last_update},
+                "feedback_log": (dict(self.feedback_log.stats(), absorbed=self._absorbed)
+                                 if self.feedback_log is not None else None),
             }
 
     def reset(self) -> None:
@@ -186,6 +277,9 @@ class SelfHealer:
             self.corrector.reset()
             self.learner.reset()
             self.guard.reset()
+            self.quarantine.reset()
+            if self.bayes:
+                self.bayes.reset()
             self.monitor.reset()
             self.version = 0
             self.counters["resets"] += 1
@@ -202,6 +296,9 @@ class SelfHealer:
                 "corrector": self.corrector.state_dict(),
                 "learner": self.learner.state_dict(),
                 "guard": self.guard.state_dict(),
+                "quarantine": self.quarantine.state_dict(),
+                "bayes": self.bayes.state_dict() if self.bayes else None,
+                "absorbed": self._absorbed,
                 "counters": dict(self.counters),
             }
 
@@ -223,6 +320,10 @@ class SelfHealer:
         self.corrector.load_state_dict(state["corrector"])
         self.learner.load_state_dict(state["learner"])
         self.guard.load_state_dict(state["guard"])
+        self.quarantine.load_state_dict(state["quarantine"])
+        if self.bayes and state["bayes"] is not None:
+            self.bayes.load_state_dict(state["bayes"])
+        self._absorbed = int(state["absorbed"])
         self.counters = {**self.counters, **state["counters"]}
 
     # ----------------------------------------------------------------- snapshots
@@ -231,8 +332,8 @@ class SelfHealer:
         if self.store is None:
             raise RuntimeError("no snapshot store configured")
         with self._lock:
-            meta = {"feedback": self.counters["feedback"], "validation_error": self.guard.last_error,
-                    "based_on": self.version}
+            meta = {"feedback": self.counters["feedback"], "feedback_seq": self._absorbed,
+                    "validation_error": self.guard.last_error, "based_on": self.version}
             self.version = self.store.save(self.state_dict(), meta)
             self.counters["snapshots"] += 1
             self._dirty = False
@@ -240,17 +341,22 @@ class SelfHealer:
             return self.version
 
     def resume(self, version: int | None = None) -> int:
-        """Load snapshot `version` (default: the newest valid one), if any; returns the version in use."""
-        if self.store is None:
-            return self.version
+        """Load snapshot `version` (default: the newest valid one), if any, then replay the feedback
+        log rows it had not absorbed; returns the version in use."""
         with self._lock:
-            loaded = self.store.load_latest() if version is None else self.store.load(version)
+            loaded = None
+            if self.store is not None:
+                loaded = self.store.load_latest() if version is None else self.store.load(version)
             if loaded is not None:
                 state, meta = loaded
                 self.load_state_dict(state)
                 self.version = int(meta["version"])
                 self._dirty = False
                 log.info("resumed from snapshot %d", self.version)
+            before = self._absorbed
+            self.catch_up()
+            if self._absorbed > before:
+                log.info("replayed feedback log rows %d..%d", before + 1, self._absorbed)
             return self.version
 
     def _maybe_snapshot(self) -> None:

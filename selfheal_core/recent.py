@@ -1,48 +1,94 @@
-"""Bounded record of recent predictions, so that feedback can name a prediction by id."""
+"""Bounded, durable record of recent predictions, so that feedback can name a prediction by id.
+
+Kept in SQLite next to the feedback log (WAL mode, NORMAL synchronous: a
+commit survives a crash of the worker, and costs no fsync on the request
+path), so a restarted worker or another worker sharing the model store can
+resolve an id. Only the newest `capacity` predictions are kept.
+"""
 from __future__ import annotations
 
+import json
+import threading
+import time
 import uuid
-from collections import OrderedDict
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from selfheal_core.feedback_log import connect
 
-class RecentPredictions:
-    """The newest `capacity` predictions: id -> (input, served label). Each id takes feedback once.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    n          INTEGER PRIMARY KEY AUTOINCREMENT,
+    pid        TEXT UNIQUE NOT NULL,
+    label      INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    time       REAL NOT NULL,
+    shape      TEXT NOT NULL,
+    input      BLOB NOT NULL
+)"""
 
-    >>> rec = RecentPredictions(capacity=2)
-    >>> ids = rec.add(torch.zeros(3, 4), torch.tensor([1, 2, 0]))
-    >>> len(rec), ids[0] in rec, ids[2] in rec
-    (2, False, True)
+_PRUNE_EVERY = 256  # inserts between deletions of rows beyond capacity
+
+
+class PredictionRecord:
+    """The newest `capacity` predictions: id -> (input, served label, confidence).
+
+    >>> rec = PredictionRecord(capacity=2)
+    >>> ids = rec.add(torch.zeros(3, 4), torch.tensor([1, 2, 0]), torch.ones(3))
+    >>> rec.prune(); len(rec), sorted(rec.get(ids))  == sorted(ids[1:])
+    (2, True)
     """
 
-    def __init__(self, capacity: int = 10_000) -> None:
+    def __init__(self, path: str | Path = ":memory:", capacity: int = 10_000) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
+        self._conn = connect(path, "NORMAL")
+        self._conn.execute(_SCHEMA)
+        self._lock = threading.Lock()
+        self._since_prune = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
 
-    def __contains__(self, pid: str) -> bool:
-        return pid in self._items
-
-    def add(self, x: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    def add(self, x: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor) -> list[str]:
         """Record a batch; returns one new id per row."""
-        ids = []
-        for xi, yi in zip(x.detach().cpu(), labels.tolist()):
-            pid = uuid.uuid4().hex
-            self._items[pid] = (xi.clone(), int(yi))
-            ids.append(pid)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        shape, now = json.dumps(list(x.shape[1:])), time.time()
+        ids = [uuid.uuid4().hex for _ in range(len(x))]
+        rows = [(pid, int(y), float(c), now, shape, xi.numpy().tobytes())
+                for pid, y, c, xi in zip(ids, labels.tolist(), confidence.tolist(), x)]
+        with self._lock:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT INTO predictions (pid, label, confidence, time, shape, input) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._conn.execute("COMMIT")
+            self._since_prune += len(rows)
+        if self._since_prune >= _PRUNE_EVERY:
+            self.prune()
         return ids
 
-    def get(self, pid: str) -> tuple[torch.Tensor, int] | None:
-        return self._items.get(pid)
+    def prune(self) -> None:
+        """Delete all but the newest `capacity` rows."""
+        with self._lock:
+            self._conn.execute("DELETE FROM predictions WHERE n <= (SELECT MAX(n) FROM predictions) - ?",
+                               (self.capacity,))
+            self._since_prune = 0
 
-    def pop_many(self, pids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Remove and return (inputs, served labels) for ids already checked to be present."""
-        items = [self._items.pop(pid) for pid in pids]
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+    def get(self, pids: list[str]) -> dict[str, tuple[torch.Tensor, int, float]]:
+        """The recorded ids among `pids`: id -> (input, served label, confidence)."""
+        if not pids:
+            return {}
+        marks = ",".join("?" * len(pids))
+        with self._lock:
+            rows = self._conn.execute(f"SELECT pid, label, confidence, shape, input FROM predictions "
+                                      f"WHERE pid IN ({marks})", pids).fetchall()
+        return {pid: (torch.from_numpy(np.frombuffer(blob, dtype=np.float32).reshape(json.loads(shape)).copy()),
+                      label, conf) for pid, label, conf, shape, blob in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,9 +1,13 @@
-"""Replay-regularised gradient steps on a small parameter set from labelled feedback.
+"""Replay-regularised gradient steps on a chosen parameter set from labelled feedback.
 
-Only a small set is trained (the last Linear layer, optionally with the affine
-parameters of the normalisation layers): few parameters learn fast from few
-labels and cannot wreck the features. An L2 anchor pulls them towards the
-source weights so that sparse, noisy labels cannot drag the model far.
+The set is chosen by size: a small model trains every weight (on the digits
+CNN, 100 rotated labels lift accuracy to 0.81 with all weights but to 0.47 with
+norm affine + last layer: a geometric shift must be learned in the features);
+a large one trains the affine parameters of its normalisation layers and its
+last Linear layer, which learn fast from few labels and cannot wreck the
+features. An L2 anchor pulls the trained weights towards the source weights so
+that sparse, noisy labels cannot drag the model far, and every update is
+validated by the guard.
 """
 from __future__ import annotations
 
@@ -25,8 +29,13 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
-def select_parameters(model: nn.Module, which: ParamSet) -> dict[str, nn.Parameter]:
+def select_parameters(model: nn.Module, which: ParamSet, auto_max_params: int = 200_000) -> dict[str, nn.Parameter]:
     """Named parameters of the chosen set, in a stable order."""
+    if which == "auto":
+        total = sum(p.numel() for p in model.parameters())
+        which = "all" if total <= auto_max_params else "norm_and_last"
+    if which == "all":
+        return dict(sorted(model.named_parameters()))
     name, layer = last_linear(model)
     chosen = {f"{name}.{p}": q for p, q in layer.named_parameters()}
     if which == "norm_and_last":
@@ -43,7 +52,7 @@ class GradientLearner:
                  reference: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> None:
         self.config = config
         self.model = model
-        self.params = select_parameters(model, config.params)
+        self.params = select_parameters(model, config.params, config.auto_max_params)
         for p in model.parameters():  # gradients only for the chosen set: cheaper backward
             p.requires_grad_(False)
         for p in self.params.values():
@@ -60,6 +69,10 @@ class GradientLearner:
         self.buffer.add(x, y)
         self._pending += len(y)
         return self._pending >= self.config.update_every
+
+    def newest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs added since the last update (the newest `recent_size` of them)."""
+        return self.buffer.newest(min(self._pending, self.config.recent_size))
 
     def copy_params(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().clone() for k, p in self.params.items()}

@@ -52,6 +52,13 @@ class ReplayBuffer:
         idx = torch.randint(0, len(items), (k,), generator=self._gen).tolist()
         return torch.stack([items[i][0] for i in idx]), torch.tensor([items[i][1] for i in idx])
 
+    def newest(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most recently added pairs (at most `recent_size`), oldest first."""
+        items = list(self._recent)[-k:] if k > 0 else []
+        if not items:
+            raise ValueError("no recent pairs")
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
     def clear(self) -> None:
         self._reset()
 

@@ -81,6 +81,13 @@ class Monitor(StateMixin):
         d["error_rate"].calibrate(baseline_error)
         return self
 
+    def rebase(self, reference_probs: torch.Tensor, reference_features: torch.Tensor | None) -> None:
+        """After a labelled update: the confidence and feature charts re-read the reference through
+        the new weights (their thresholds stay), so the update itself is not reported as drift."""
+        self.detectors["confidence"].rebase(normalized_entropy(reference_probs))
+        if reference_features is not None and self.detectors["feature_shift"].calibrated:
+            self.detectors["feature_shift"].rebase(reference_features)
+
     def observe_predictions(self, probs: torch.Tensor, features: torch.Tensor | None = None) -> list[str]:
         """Feed probabilities (B, C) and features (B, F); returns the detectors that alarmed."""
         d = self.detectors

@@ -61,6 +61,15 @@ class ConfidenceDetector(CusumDetector):
         self._reset()
         return self
 
+    def rebase(self, reference_entropy) -> "ConfidenceDetector":
+        """New reference entropies (the same inputs through updated weights); the threshold is
+        distribution-free and stays, and so does the running CUSUM."""
+        ref = torch.as_tensor(reference_entropy).detach().to("cpu", torch.float64).flatten()
+        if len(ref) != len(self._ref) or not torch.isfinite(ref).all():
+            raise ValueError(f"rebase needs {len(self._ref)} finite reference values")
+        self._ref = ref.sort().values
+        return self
+
     @staticmethod
     def _scores(position: np.ndarray, n: int) -> np.ndarray:
         return torch.special.ndtri(torch.as_tensor(position / (n + 1), dtype=torch.float64)).numpy()

@@ -63,18 +63,8 @@ class FeatureShiftDetector(MewmaDetector):
         Gaussian stream model suffices even for skewed ReLU features.
         """
         ref = as_array(reference, "FeatureShiftDetector.calibrate", 2)
-        n, dim = ref.shape
-        if n < 30:
-            raise ValueError("calibration needs at least 30 reference vectors")
-        perm = np.random.default_rng(self.seed).permutation(n)
-        fit, held = ref[perm[: n // 3]], ref[perm[n // 3:]]
-        evals, evecs = np.linalg.eigh(np.cov(fit, rowvar=False).reshape(dim, dim))
-        axes = evecs[:, np.argsort(evals)[::-1][: min(self.dims, dim)]]  # (D, k)
-        k, m = axes.shape[1], len(held)
-        cov = np.cov(held @ axes, rowvar=False).reshape(k, k)
-        ev, vec = np.linalg.eigh(cov)
-        self._center = torch.from_numpy(ref.mean(0))
-        self._proj = torch.from_numpy(axes @ (vec / np.sqrt(ev.clip(min=1e-12))) @ vec.T)
+        n = len(ref)
+        k, m = self._fit(ref)
         rng, groups = np.random.default_rng(self.seed + 1), max(self.paths // REPLICAS, 1)
         m_eff, n_eff = max(int(m * self.margin), k + 2), max(int(n * self.margin), 1)
         factors, offsets = [], []
@@ -92,6 +82,37 @@ class FeatureShiftDetector(MewmaDetector):
             return offset[:paths, None] + np.matmul(eps, factor[:paths].transpose(0, 2, 1))
 
         self._calibrate(draw, k, self.expected_run_time, len(offset), self.seed, groups)
+        return self
+
+    def _fit(self, ref: np.ndarray) -> tuple[int, int]:
+        """Centre and whitening from reference vectors (R, D); returns (axes kept, vectors whitened on)."""
+        n, dim = ref.shape
+        if n < 30:
+            raise ValueError("calibration needs at least 30 reference vectors")
+        perm = np.random.default_rng(self.seed).permutation(n)
+        fit, held = ref[perm[: n // 3]], ref[perm[n // 3:]]
+        evals, evecs = np.linalg.eigh(np.cov(fit, rowvar=False).reshape(dim, dim))
+        axes = evecs[:, np.argsort(evals)[::-1][: min(self.dims, dim)]]  # (D, k)
+        k = axes.shape[1]
+        cov = np.cov(held @ axes, rowvar=False).reshape(k, k)
+        ev, vec = np.linalg.eigh(cov)
+        self._center = torch.from_numpy(ref.mean(0))
+        self._proj = torch.from_numpy(axes @ (vec / np.sqrt(ev.clip(min=1e-12))) @ vec.T)
+        return k, len(held)
+
+    def rebase(self, reference) -> "FeatureShiftDetector":
+        """New centre and whitening for the same reference inputs seen through updated weights.
+
+        The threshold depends only on the axes kept, the reference size and the margin, so it
+        stays; the running statistic is kept too. Without this, every labelled update that moves
+        the features would read as drift.
+        """
+        if not self.calibrated:
+            raise ValueError("rebase needs a calibrated detector")
+        ref = as_array(reference, "FeatureShiftDetector.rebase", 2)
+        if ref.shape[1] != len(self._center):
+            raise ValueError(f"rebase needs vectors of size {len(self._center)}, got {ref.shape[1]}")
+        self._fit(ref)  # same dimension, so the same number of axes as the threshold was set for
         return self
 
     def _whiten(self, values) -> np.ndarray:

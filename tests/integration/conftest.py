@@ -18,19 +18,30 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-@pytest.fixture(scope="session")
-def model_store(demo_model_dir, tmp_path_factory) -> Path:
-    """digits.mar built by torch-model-archiver, with snapshots after every state change."""
-    work = tmp_path_factory.mktemp("archive")
+def archive(demo_model_dir: Path, work: Path, snapshot_interval_s: float) -> Path:
+    """A model store holding digits.mar built by torch-model-archiver with test settings."""
     config = yaml.safe_load((REPO / "model-config.yaml").read_text())
-    # Snapshot after every change; rarer false alarms (3 label-free detectors at 30,000
-    # samples each) so that a clean stream of a few hundred samples stays quiet.
-    config["handler"]["heal"] = {"snapshot_interval_s": 0.0, "monitor": {"expected_run_time": 30_000}}
+    # Rarer false alarms (3 label-free detectors at 30,000 samples each) so that a clean
+    # stream of a few hundred samples stays quiet.
+    config["handler"]["heal"] = {"snapshot_interval_s": snapshot_interval_s,
+                                 "monitor": {"expected_run_time": 30_000}}
     config["handler"]["max_instances"] = 64
     (work / "model-config.yaml").write_text(yaml.safe_dump(config))
     store = work / "store"
     build_archive(demo_model_dir, store, config_file=work / "model-config.yaml")
     return store
+
+
+@pytest.fixture(scope="session")
+def model_store(demo_model_dir, tmp_path_factory) -> Path:
+    """Snapshots after every state change."""
+    return archive(demo_model_dir, tmp_path_factory.mktemp("archive"), 0.0)
+
+
+@pytest.fixture(scope="session")
+def rare_snapshot_store(demo_model_dir, tmp_path_factory) -> Path:
+    """One snapshot at the first change, then none for an hour: later labels live only in the log."""
+    return archive(demo_model_dir, tmp_path_factory.mktemp("archive_rare"), 3600.0)
 
 
 class Server:
@@ -62,11 +73,11 @@ def start_server(model_store, tmp_path_factory):
     """Factory: `with start_server(snapshots=...) as server:` starts and stops one TorchServe."""
 
     @contextmanager
-    def start(snapshots: Path | None = None):
+    def start(snapshots: Path | None = None, store: Path | None = None):
         work = tmp_path_factory.mktemp("server")
         snapshots = snapshots or work / "snapshots"
         secret = secrets.token_hex(8)
-        ts = TorchServe(work, model_store, env={"SELFHEAL_FEEDBACK_SECRET": secret,
+        ts = TorchServe(work, store or model_store, env={"SELFHEAL_FEEDBACK_SECRET": secret,
                                                 "SELFHEAL_SNAPSHOT_DIR": str(snapshots)})
         ts.start()
         try:

@@ -81,7 +81,7 @@ def test_feedback_by_prediction_id(server, reference):
     body = {"feedback": [{"id": i, "label": int(y)} for i, y in zip(ids, reference[1][:2])]}
     assert server.feedback(body).json()["accepted"] == 2
     again = server.feedback(body)
-    assert again.status_code == 404 and "already" in again.json()["message"]
+    assert again.status_code == 409 and "already" in again.json()["message"]
 
 
 BAD = [

@@ -29,3 +29,14 @@ def test_cuda_check_runs_on_cpu():
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["same_after_resume"] and result["reset_is_source"] and result["drift"]
+
+
+def test_bench_feedback_tiny(tmp_path):
+    out = tmp_path / "feedback.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench_feedback.py"), "--tiny", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    methods = {(r["stream"], r["method"]) for r in result["rows"]}
+    assert {("rotate", m) for m in ("static", "oracle", "naive", "selfheal")} <= methods
+    assert {r["stream"] for r in result["robust"]} == {"clean, labels noise", "clean, labels attack"}
+    assert "attack quarantined labels (> 0)" in result["bars"]

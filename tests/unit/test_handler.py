@@ -105,7 +105,7 @@ def test_feedback_by_id_applies_once(handler, reference):
     [(code, res)] = call(h, ctx, [fb], auth)
     assert code == 200 and res["accepted"] == 2
     [(code, res)] = call(h, ctx, [fb], auth)
-    assert code == 404 and "already" in res["message"]
+    assert code == 409 and "already" in res["message"]
     assert h.healer.status()["counters"]["feedback"] == 2
 
 

@@ -175,7 +175,7 @@ def test_config_validation():
         HealConfig.from_dict({"nope": 1})
     with pytest.raises(ValueError, match="valid"):
         HealConfig.from_dict({"learn": {"lr": 1, "bogus": 2}})
-    with pytest.raises(ValueError, match="'last_layer' or 'norm_and_last'"):
+    with pytest.raises(ValueError, match="must be one of auto, all"):
         LearnConfig(params="everything")
     with pytest.raises(ValueError):
         MonitorConfig(expected_run_time=0)
