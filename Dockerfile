@@ -1,7 +1,8 @@
 # selfheal: TorchServe serving a self-healing model.
-#   make archive && docker build -t selfheal . && \
-#   docker run -p 8080-8082:8080-8082 -v selfheal-data:/home/model-server/data \
-#              -e SELFHEAL_FEEDBACK_SECRET=... selfheal
+#   make setup archive && docker build -t selfheal . && \
+#   docker run -p 8080-8082:8080-8082 -v selfheal-data:/home/model-server/data selfheal
+# `make setup` builds the feedback endpoint plugin (build/plugins/*.jar, javac against the
+# SDK in the torchserve wheel); the image copies it like the .mar.
 # bookworm: the last Debian release that packages the Java 17 JRE TorchServe 0.12 needs.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
@@ -40,10 +41,11 @@ RUN useradd --create-home --uid 1000 model-server \
  && chown -R model-server /home/model-server
 COPY docker/config.properties docker/healthcheck.py docker/entrypoint.py /home/model-server/
 COPY model_store/digits.mar /home/model-server/model-store/
+COPY build/plugins/selfheal-feedback.jar /home/model-server/plugins/
 
 USER model-server
 WORKDIR /home/model-server
-# Snapshots (and, later, the feedback log) live on the volume and outlive the container.
+# Snapshots, the feedback log and the prediction record live on the volume and outlive the container.
 ENV SELFHEAL_SNAPSHOT_DIR=/home/model-server/data/snapshots TEMP=/home/model-server/tmp
 VOLUME ["/home/model-server/data"]
 EXPOSE 8080 8081 8082

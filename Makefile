@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+PLUGIN := build/plugins/selfheal-feedback.jar
 
 .PHONY: setup demo test test-unit clean
 
@@ -14,13 +15,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
-setup: $(STAMP)
+# The feedback endpoint plugin, compiled with javac against the SDK inside the torchserve wheel.
+$(PLUGIN): $(STAMP) $(wildcard plugins/feedback/src/org/selfheal/*.java) plugins/build.sh
+	bash plugins/build.sh $(BIN)/python build/plugins
 
-demo: $(STAMP)
+setup: $(STAMP) $(PLUGIN)
+
+demo: setup
 	$(BIN)/python scripts/train_demo.py --out build/model
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
@@ -35,5 +40,5 @@ archive: $(STAMP)
 	$(BIN)/python -c "from pathlib import Path; from selfheal_bench.torchserve import build_archive; print(build_archive(Path('build/model'), Path('model_store')))"
 
 .PHONY: docker-test
-docker-test: $(STAMP)
+docker-test: setup
 	bash scripts/docker_test.sh

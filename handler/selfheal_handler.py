@@ -4,20 +4,24 @@ Per request of a batch it parses JSON into an inference or a feedback request,
 answers bad input with its own 4xx (the other requests of the batch are still
 served), runs all inference inputs of the batch through one `predict`, and
 answers `GET /models/{m}?customized=true` with `SelfHealer.status()`.
+
+Feedback reaches the handler only through the management-port plugin
+(`POST /feedback/{model}`, plugins/feedback), which forwards it on the
+inference port with an internal credential (see `feedback_credential`); the
+same body from an inference client, without it, is refused with 403.
 """
 from __future__ import annotations
 
 import hmac
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from selfheal_request import (HandlerSettings, RequestError, body_json, header, label_list, load_model,
-                              server_workdir)
+from selfheal_request import (HandlerSettings, RequestError, body_json, feedback_credential, header, label_list,
+                              load_model, server_workdir)
 from ts.torch_handler.base_handler import BaseHandler
 
 from selfheal_core import SelfHealer, SnapshotStore
@@ -51,11 +55,13 @@ class SelfHealHandler(BaseHandler):
         self.healer = SelfHealer(model, ref["inputs"], self.settings.heal, ref.get("labels"), store, feedback_log)
         self.healer.resume()  # newest snapshot, then the labels logged after it
         self.recent = PredictionRecord(model_dir_store / "predictions.sqlite", self.settings.recent_predictions)
-        self._secret = os.environ.get(self.settings.feedback_secret_env) or None
+        self.model_name = context.model_name
         self.model, self.context, self.initialized = model, context, True
+        enabled = feedback_credential(self.model_name, self.settings.feedback_secret_env) is not None
         log.info("selfheal handler ready: model %s, version %d, snapshots in %s, feedback %s",
                  context.model_name, self.healer.version, store.directory,
-                 "enabled" if self._secret else "disabled (no secret set)")
+                 "via POST /feedback/{model} on the management port" if enabled
+                 else f"disabled (no key_file.json and no {self.settings.feedback_secret_env})")
 
     # ------------------------------------------------------------------ entry point
     def handle(self, data: list[dict], context) -> list[Any]:
@@ -67,8 +73,13 @@ class SelfHealHandler(BaseHandler):
         for idx, row in enumerate(data):
             try:
                 body = body_json(row, self.settings.max_body_bytes)
-                if "feedback" in body or "labels" in body:
-                    outputs[idx] = self._feedback(body, idx)
+                given = header(context, idx, self.settings.credential_header)
+                if given is not None:
+                    self._check_credential(given)
+                    outputs[idx] = self.feedback_status() if body.get("feedback_status") else self._feedback(body)
+                elif {"feedback", "labels", "feedback_status"} & set(body):
+                    raise RequestError(403, "feedback is taken on the management API: POST /feedback/"
+                                            f"{self.model_name} on the management port, with the management key")
                 else:
                     pending.append((idx, self._inputs(body)))
             except RequestError as err:
@@ -133,12 +144,18 @@ class SelfHealHandler(BaseHandler):
         return self.healer.predict(data)
 
     # ------------------------------------------------------------------ feedback
-    def _feedback(self, body: dict, idx: int) -> dict:
-        if self._secret is None:
-            raise RequestError(403, f"feedback is disabled: set {self.settings.feedback_secret_env} on the server")
-        given = header(self.context, idx, self.settings.feedback_header) or ""
-        if not hmac.compare_digest(given.encode(), self._secret.encode()):
-            raise RequestError(403, f"feedback needs a valid {self.settings.feedback_header} header")
+    def _check_credential(self, given: str) -> None:
+        expected = feedback_credential(self.model_name, self.settings.feedback_secret_env)
+        if expected is None:
+            raise RequestError(403, "feedback is disabled: token authorization is off and "
+                                    f"{self.settings.feedback_secret_env} is not set")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise RequestError(403, f"invalid {self.settings.credential_header} credential")
+
+    def _feedback(self, body: dict) -> dict:
+        if "feedback" not in body and "labels" not in body:
+            raise RequestError(400, 'feedback needs {"feedback": [{"id": ..., "label": k}, ...]} '
+                                    'or {"instances": [...], "labels": [...]}')
         if "feedback" in body:
             x, y, served, confidence, pids = self._feedback_by_id(body["feedback"])
         else:
@@ -179,9 +196,18 @@ class SelfHealHandler(BaseHandler):
         return x, y, served, confidence, pids
 
     # ------------------------------------------------------------------ status
+    def feedback_status(self) -> dict:
+        """What GET /feedback/{model} answers: counts, last update, quarantine, guard."""
+        st = self.healer.status()
+        return {"model": self.model_name, "model_version": st["version"], "log": st["feedback_log"],
+                "counters": {k: st["counters"][k] for k in ("feedback", "quarantined", "updates")},
+                "last_update": st["learner"]["last_update"], "quarantine": st["quarantine"],
+                "guard": st["guard"], "error_rate_score": st["drift"]["scores"].get("error_rate")}
+
     def describe(self) -> dict:
         status = self.healer.status()
-        status["handler"] = {"feedback_enabled": self._secret is not None,
+        enabled = feedback_credential(self.model_name, self.settings.feedback_secret_env) is not None
+        status["handler"] = {"feedback_enabled": enabled,
                              "snapshot_dir": str(self.healer.store.directory),
                              "recent_predictions": len(self.recent), "device": str(self.device)}
         return status

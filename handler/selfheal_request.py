@@ -5,6 +5,8 @@ requires the handler module itself to define exactly one class.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib.util
 import inspect
 import json
@@ -27,8 +29,8 @@ class HandlerSettings:
     reference_file: str = "reference.pt"  # {"inputs": (R, ...), "labels": (R,) optional}, in the .mar
     snapshot_dir: str = "model_store/snapshots"  # relative: to the server's working directory
     snapshot_keep: int = 5  # snapshot files kept per model
-    feedback_secret_env: str = "SELFHEAL_FEEDBACK_SECRET"  # env var holding the feedback secret
-    feedback_header: str = "X-Selfheal-Secret"  # header carrying it (matched case-insensitively)
+    feedback_secret_env: str = "SELFHEAL_FEEDBACK_SECRET"  # credential key when token authorization is off
+    credential_header: str = "X-Selfheal-Feedback"  # set by the management-port plugin (case-insensitive)
     max_instances: int = 256  # inputs per request
     max_body_bytes: int = 4 * 1024 * 1024  # raw request body
     recent_predictions: int = 10_000  # ids kept for feedback by id
@@ -63,6 +65,23 @@ def server_workdir() -> Path:
         return Path(os.readlink(f"/proc/{os.getppid()}/cwd"))
     except OSError:
         return Path(os.environ.get("PWD", os.getcwd()))
+
+
+def feedback_credential(model_name: str, secret_env: str) -> str | None:
+    """The internal credential the feedback plugin sends: HMAC-SHA256 over "selfheal-feedback/{model}"
+    keyed by the management key of TorchServe's key_file.json (new at every server start), or by
+    the `secret_env` variable when token authorization is off. None: feedback is disabled.
+
+    Read on every call: TorchServe may rotate its keys while running.
+    """
+    key_file = server_workdir() / "key_file.json"
+    try:
+        key = json.loads(key_file.read_text())["management"]["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        key = os.environ.get(secret_env) or None
+    if not key:
+        return None
+    return hmac.new(key.encode(), f"selfheal-feedback/{model_name}".encode(), hashlib.sha256).hexdigest()
 
 
 def load_model(model_dir: Path, manifest: dict, class_name: str | None) -> nn.Module:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import secrets
 import shutil
 import sys
 import time
@@ -46,10 +45,12 @@ def make_stream(seed: int = 0):
     return torch.cat(xs), torch.cat(ys), ph
 
 
-def replay(ts: TorchServe, x, y, batch: int, feedback_rate: float, secret: str, seed: int) -> dict:
-    """Send the stream in requests of `batch`; feedback by id for a random fraction, one request later."""
+def replay(ts: TorchServe, x, y, batch: int, feedback_rate: float, seed: int) -> dict:
+    """Send the stream in requests of `batch`; feedback by id for a random fraction, one request later,
+    to POST /feedback/digits on the management port with the management key."""
     url = f"{ts.inference_url}/predictions/digits"
-    headers = ts.headers("inference")
+    feedback_url = f"{ts.management_url}/feedback/digits"
+    headers, management = ts.headers("inference"), ts.headers("management")
     g = torch.Generator().manual_seed(seed)
     served, versions, drift, pending = [], [], [], []
     with requests.Session() as http:
@@ -61,8 +62,7 @@ def replay(ts: TorchServe, x, y, batch: int, feedback_rate: float, secret: str, 
             versions.append(out["model_version"])
             drift += [out["drift"]["detected"]] * len(out["predictions"])
             if pending:  # labels arrive one request late, as from a labelling system
-                fb = http.post(url, json={"feedback": pending}, timeout=30,
-                               headers={**headers, "X-Selfheal-Secret": secret})
+                fb = http.post(feedback_url, json={"feedback": pending}, timeout=30, headers=management)
                 fb.raise_for_status()
             chosen = torch.rand(len(out["predictions"]), generator=g) < feedback_rate
             pending = [{"id": p["id"], "label": int(y[i + j])}
@@ -94,16 +94,15 @@ def main() -> None:
     log.info("archived %s", mar)
     snapshots = REPO / "model_store" / "snapshots"
     shutil.rmtree(snapshots / "digits", ignore_errors=True)  # the demo starts from the source model
-    secret = secrets.token_hex(16)  # feedback secret for this run only, never written to disk
     static = DigitsCNN()
     static.load_state_dict(torch.load(model_dir / "digits_cnn.pt", weights_only=True))
     static.eval()
     x, y, phase = make_stream(args.seed)
     ts = TorchServe(args.out / "server", REPO / "model_store",
-                    env={"SELFHEAL_FEEDBACK_SECRET": secret, "SELFHEAL_SNAPSHOT_DIR": str(snapshots)})
+                    env={"SELFHEAL_SNAPSHOT_DIR": str(snapshots)})
     with ts:
         log.info("TorchServe up: inference %s, management %s", ts.inference_url, ts.management_url)
-        result = replay(ts, x, y, args.batch, args.feedback_rate, secret, args.seed)
+        result = replay(ts, x, y, args.batch, args.feedback_rate, args.seed)
         status = requests.get(f"{ts.management_url}/models/digits?customized=true",
                               headers=ts.headers("management"), timeout=30).json()[0]["customizedMetadata"]
     with torch.no_grad():

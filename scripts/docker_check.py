@@ -43,7 +43,6 @@ def main() -> None:
     ap.add_argument("--inference", required=True)
     ap.add_argument("--management", required=True)
     ap.add_argument("--keys", required=True, help="contents of the container's key_file.json")
-    ap.add_argument("--secret", required=True)
     ap.add_argument("--expect-version", type=int)
     args = ap.parse_args()
     keys = {k: v["key"] for k, v in json.loads(args.keys).items()}
@@ -58,9 +57,9 @@ def main() -> None:
     assert len(pred["predictions"]) == 4, pred
     if args.phase == "first":
         xc = corrupt(x, "rotate", 4, seed=0)
-        fb = requests.post(f"{args.inference}/predictions/digits",
+        fb = requests.post(f"{args.management}/feedback/digits",  # the endpoint plugin, management key
                            json={"instances": as_numpy_list(xc), "labels": y.tolist()},
-                           headers={**auth, "X-Selfheal-Secret": args.secret}, timeout=60)
+                           headers={"Authorization": f"Bearer {keys['management']}"}, timeout=60)
         fb.raise_for_status()
         assert fb.json()["accepted"] == len(y), fb.text
         version = status(args, keys)["version"]

@@ -57,7 +57,7 @@ if ! podman image exists "$BASE"; then
   rm -rf "$WORK/rootfs"
 fi
 
-[ -f model_store/digits.mar ] || make archive
+make --no-print-directory archive >"$WORK/archive.log" 2>&1 || { tail -20 "$WORK/archive.log"; exit 1; }  # always current: the image copies it
 
 # Restricted-network build arguments: the CA bundle and local wheel directory pip uses here.
 pip_setting() {  # the value `pip config list` shows for a key (cert, find-links), from any scope
@@ -80,7 +80,6 @@ read -r p1 p2 p3 p4 p5 < <($PY -c "from selfheal_bench.torchserve import free_po
 sed -e "s#0.0.0.0:8080#127.0.0.1:$p1#; s#0.0.0.0:8081#127.0.0.1:$p2#; s#0.0.0.0:8082#127.0.0.1:$p3#" \
     -e "s#grpc_inference_port=7070#grpc_inference_port=$p4#; s#grpc_management_port=7071#grpc_management_port=$p5#" \
     docker/config.properties >"$WORK/config.properties"
-secret=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 podman volume create "$VOLUME" >/dev/null
 
 run_container() {  # name
@@ -88,8 +87,7 @@ run_container() {  # name
   # No systemd here to time health checks: --health-interval=disable keeps the image's
   # HEALTHCHECK, which healthy() below runs on demand with `podman healthcheck run`.
   podman run -d --name "$1" --health-interval=disable --network host -v "$VOLUME:/home/model-server/data" \
-    -v "$WORK/config.properties:/home/model-server/config.properties:ro" \
-    -e SELFHEAL_FEEDBACK_SECRET="$secret" "$TAG" >/dev/null 2>>"$WORK/podman.log"
+    -v "$WORK/config.properties:/home/model-server/config.properties:ro" "$TAG" >/dev/null 2>>"$WORK/podman.log"
   for _ in $(seq 120); do
     podman exec "$1" test -s /home/model-server/key_file.json 2>/dev/null && break
     sleep 1
@@ -98,8 +96,8 @@ run_container() {  # name
 check() {  # name phase [args]
   local name=$1; shift
   $PY scripts/docker_check.py "$@" --inference "http://127.0.0.1:$p1" --management "http://127.0.0.1:$p2" \
-    --keys "$(podman exec "$name" cat /home/model-server/key_file.json)" --secret "$secret" \
-    || { podman logs "$name" 2>&1 | tail -40; exit 1; }
+    --keys "$(podman exec "$name" cat /home/model-server/key_file.json)" \
+    || { podman logs "$name" 2>&1 | tail -60 >&2; exit 1; }
 }
 healthy() {  # name: the image's own HEALTHCHECK, run by podman
   for _ in $(seq 60); do podman healthcheck run "$1" >/dev/null 2>&1 && return 0; sleep 2; done

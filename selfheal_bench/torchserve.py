@@ -22,6 +22,7 @@ import requests
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
+PLUGINS = REPO / "build" / "plugins"  # selfheal-feedback.jar, built by `make setup` (plugins/build.sh)
 
 
 def free_ports(n: int) -> list[int]:
@@ -88,13 +89,14 @@ class TorchServe:
         for line in (REPO / "config.properties").read_text().splitlines():
             key = line.split("=", 1)[0].strip()
             if key in {"inference_address", "management_address", "metrics_address", "grpc_inference_port",
-                       "grpc_management_port", "model_store", "load_models"} | set(self.extra_config):
+                       "grpc_management_port", "model_store", "load_models", "plugins_path"} | set(self.extra_config):
                 continue
             lines.append(line)
         p = self.ports
         lines += [f"inference_address=http://127.0.0.1:{p[0]}", f"management_address=http://127.0.0.1:{p[1]}",
                   f"metrics_address=http://127.0.0.1:{p[2]}", f"grpc_inference_port={p[3]}",
-                  f"grpc_management_port={p[4]}", f"model_store={self.model_store}", f"load_models={self.models}"]
+                  f"grpc_management_port={p[4]}", f"model_store={self.model_store}", f"load_models={self.models}",
+                  f"plugins_path={PLUGINS}"]
         lines += [f"{k}={v}" for k, v in self.extra_config.items()]
         path = self.workdir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
@@ -141,6 +143,15 @@ class TorchServe:
         data = json.loads((self.workdir / "key_file.json").read_text())
         return {k: v["key"] for k, v in data.items()}
 
+    def feedback(self, model: str, body=None, raw: bytes | None = None, key: str | None = "management",
+                 method: str = "post") -> requests.Response:
+        """POST (or GET) /feedback/{model} on the management port, with the management key by default."""
+        headers = self.headers(key) if key else {}
+        url = f"{self.management_url}/feedback/{model}"
+        if raw is not None:
+            return requests.request(method, url, data=raw, headers=headers, timeout=60)
+        return requests.request(method, url, json=body, headers=headers, timeout=60)
+
     def headers(self, api: str = "inference") -> dict[str, str]:
         keys = self.keys()
         return {"Authorization": f"Bearer {keys[api]}"} if keys else {}
@@ -158,8 +169,14 @@ class TorchServe:
 
         if self.proc is None:
             return []
-        return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)
-                if "model_service_worker" in " ".join(p.cmdline())]
+        pids = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "model_service_worker" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.Error:  # exited (or a zombie) while we looked
+                pass
+        return pids
 
     def stop(self, timeout: float = 30.0) -> None:
         """Terminate this server's process group (and nothing else)."""

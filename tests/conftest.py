@@ -46,3 +46,8 @@ def demo_model(demo_model_dir):
 def reference(demo_model_dir):
     ref = torch.load(demo_model_dir / "reference.pt", weights_only=True)
     return ref["inputs"], ref["labels"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=300,
+                     help="HTTP fuzz cases per route group (CI: short; e.g. 3000 for a long run)")

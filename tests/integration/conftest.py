@@ -1,7 +1,6 @@
 """A real TorchServe on loopback: own working dir, TMPDIR, ports and process group per server."""
 from __future__ import annotations
 
-import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,8 +46,8 @@ def rare_snapshot_store(demo_model_dir, tmp_path_factory) -> Path:
 class Server:
     """A started TorchServe plus the helpers tests need."""
 
-    def __init__(self, ts: TorchServe, secret: str, snapshots: Path) -> None:
-        self.ts, self.secret, self.snapshots = ts, secret, snapshots
+    def __init__(self, ts: TorchServe, snapshots: Path) -> None:
+        self.ts, self.snapshots = ts, snapshots
         self.http = requests.Session()
 
     def predict(self, body, headers=None, raw: bytes | None = None) -> requests.Response:
@@ -58,8 +57,14 @@ class Server:
             return self.http.post(url, data=raw, headers=hdrs, timeout=30)
         return self.http.post(url, json=body, headers=hdrs, timeout=30)
 
-    def feedback(self, body, secret: str | None = None) -> requests.Response:
-        return self.predict(body, headers={"X-Selfheal-Secret": self.secret if secret is None else secret})
+    def feedback(self, body=None, raw: bytes | None = None, key: str | None = "management") -> requests.Response:
+        """POST /feedback/digits on the management port (the endpoint plugin)."""
+        return self.ts.feedback("digits", body, raw=raw, key=key)
+
+    def feedback_status(self) -> dict:
+        r = self.ts.feedback("digits", method="get")
+        r.raise_for_status()
+        return r.json()
 
     def status(self) -> dict:
         r = self.http.get(f"{self.ts.management_url}/models/digits?customized=true",
@@ -76,12 +81,10 @@ def start_server(model_store, tmp_path_factory):
     def start(snapshots: Path | None = None, store: Path | None = None):
         work = tmp_path_factory.mktemp("server")
         snapshots = snapshots or work / "snapshots"
-        secret = secrets.token_hex(8)
-        ts = TorchServe(work, store or model_store, env={"SELFHEAL_FEEDBACK_SECRET": secret,
-                                                "SELFHEAL_SNAPSHOT_DIR": str(snapshots)})
+        ts = TorchServe(work, store or model_store, env={"SELFHEAL_SNAPSHOT_DIR": str(snapshots)})
         ts.start()
         try:
-            yield Server(ts, secret, snapshots)
+            yield Server(ts, snapshots)
         finally:
             ts.stop()
 

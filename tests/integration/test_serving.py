@@ -63,16 +63,39 @@ def test_token_auth_is_on(server, token):
     assert r.status_code == 400
 
 
-def test_feedback_requires_secret(server, reference):
-    before = server.status()["counters"]["feedback"]
+def test_feedback_goes_through_the_management_endpoint_only(server, reference):
+    before = server.feedback_status()
     body = {"instances": reference[0][:3].tolist(), "labels": reference[1][:3].tolist()}
-    for secret in ("", "wrong"):
-        r = server.feedback(body, secret=secret)
-        assert r.status_code == 403 and "X-Selfheal-Secret" in r.json()["message"]
-    assert server.status()["counters"]["feedback"] == before
+    # The inference port refuses feedback without the plugin's credential, forged or missing.
+    for headers in ({}, {"X-Selfheal-Feedback": "0" * 64}, {"x-selfheal-feedback": ""}):
+        r = server.predict(body, headers=headers)
+        assert r.status_code == 403, r.text
+    # The feedback endpoint needs the management key: none, wrong, or the inference key is refused.
+    for key in (None, "inference"):
+        r = server.feedback(body, key=key)
+        assert r.status_code == 400 and "Token Authorization failed" in r.json()["message"], r.text
+    r = requests.post(f"{server.ts.management_url}/feedback/digits", json=body,
+                      headers={"Authorization": "Bearer not-the-key"}, timeout=10)
+    assert r.status_code == 400
+    assert server.feedback_status()["counters"] == before["counters"]
     r = server.feedback(body)
-    assert r.status_code == 200 and r.json()["accepted"] == 3
-    assert server.status()["counters"]["feedback"] == before + 3
+    assert r.status_code == 200 and r.json()["accepted"] == r.json()["logged"] == 3, r.text
+    after = server.feedback_status()
+    assert after["counters"]["feedback"] == before["counters"]["feedback"] + 3
+    assert after["log"]["entries"] == before["log"]["entries"] + 3 and "quarantine" in after
+
+
+@pytest.mark.parametrize("method, path, code, words", [
+    ("post", "/feedback/nosuchmodel", 404, "not loaded"),
+    ("post", "/feedback/", 400, "/feedback/{model}"),
+    ("post", "/feedback/digits/extra", 400, "/feedback/{model}"),
+    ("put", "/feedback/digits", 405, "POST"),
+    ("delete", "/feedback/digits", 405, "POST"),
+])
+def test_feedback_endpoint_routes(server, method, path, code, words):
+    r = requests.request(method, server.ts.management_url + path, json={"feedback": []},
+                         headers=server.ts.headers("management"), timeout=10)
+    assert r.status_code == code and words in r.json()["message"], r.text
 
 
 def test_feedback_by_prediction_id(server, reference):
@@ -103,6 +126,10 @@ BAD_FEEDBACK = [
     ("float label", {"instances": [IMG], "labels": [1.5]}, 400, "not an integer"),
     ("label count", {"instances": [IMG], "labels": [1, 2]}, 400, "2 labels for 1"),
     ("nan input", json.dumps({"instances": [[[float("nan")] * 8] * 8], "labels": [1]}).encode(), 400, "NaN"),
+    ("empty body", b"", 400, "empty body"),
+    ("not feedback", {"instances": [IMG]}, 400, "feedback needs"),
+    ("too many items", {"feedback": [{"id": str(i), "label": 1} for i in range(65)]}, 413, "limit"),
+    ("duplicate id", {"feedback": [{"id": "a", "label": 1}, {"id": "a", "label": 2}]}, 400, "twice"),
 ]
 
 
@@ -115,7 +142,7 @@ def test_bad_input_gets_4xx_and_changes_nothing(server, reference):
         assert r.status_code == code and words in r.json()["message"], (name, r.status_code, r.text)
     for name, body, code, words in BAD_FEEDBACK:
         raw = body if isinstance(body, bytes) else None
-        r = server.predict(body, headers={"X-Selfheal-Secret": server.secret}, raw=raw)
+        r = server.feedback(body if raw is None else None, raw=raw)
         assert r.status_code == code and words in r.json()["message"], (name, r.status_code, r.text)
     after = server.status()
     assert after["counters"]["feedback"] == before_status["counters"]["feedback"]

@@ -1,6 +1,8 @@
 """The TorchServe handler with a real ts.context.Context, no server."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import shutil
 
@@ -12,6 +14,9 @@ from ts.context import Context, RequestProcessor
 from selfheal_bench.torchserve import REPO
 
 SECRET = "unit-secret"
+# What the management-port plugin sends when token authorization is off and the secret is set.
+CREDENTIAL = hmac.new(SECRET.encode(), b"selfheal-feedback/digits", hashlib.sha256).hexdigest()
+AUTH = {"X-Selfheal-Feedback": CREDENTIAL}
 
 
 @pytest.fixture()
@@ -30,6 +35,8 @@ def handler(demo_model_dir, tmp_path, monkeypatch):
     config["handler"]["snapshot_dir"] = str(tmp_path / "snapshots")
     config["handler"]["max_instances"] = 16
     monkeypatch.setenv("SELFHEAL_FEEDBACK_SECRET", SECRET)
+    import selfheal_request
+    monkeypatch.setattr(selfheal_request, "server_workdir", lambda: tmp_path)  # no key_file.json there
     monkeypatch.delenv("SELFHEAL_SNAPSHOT_DIR", raising=False)
     ctx = Context("digits", str(model_dir), manifest, 8, None, "0.12.0", model_yaml_config=config)
     h = SelfHealHandler()
@@ -84,23 +91,34 @@ def test_bad_inference_input_gets_4xx_and_neighbours_are_served(handler, body, c
     assert h.healer.state_dict()["counters"]["feedback"] == before["counters"]["feedback"]
 
 
-def test_feedback_needs_secret(handler, reference):
+def test_feedback_needs_the_internal_credential(handler, reference, tmp_path):
     h, ctx = handler
     body = {"instances": reference[0][:2].tolist(), "labels": reference[1][:2].tolist()}
-    for hdr in ({}, {"X-Selfheal-Secret": "wrong"}):
-        [(code, out)] = call(h, ctx, [body], [hdr])
-        assert code == 403 and "X-Selfheal-Secret" in out["message"]
+    [(code, out)] = call(h, ctx, [body])
+    assert code == 403 and "management API" in out["message"]
+    for wrong in ("", "wrong", SECRET):
+        [(code, out)] = call(h, ctx, [body], [{"X-Selfheal-Feedback": wrong}])
+        assert code == 403 and "invalid" in out["message"]
     assert h.healer.status()["counters"]["feedback"] == 0
-    [(code, out)] = call(h, ctx, [body], [{"x-selfheal-secret": SECRET}])  # header case does not matter
-    assert code == 200 and out["accepted"] == 2
+    [(code, out)] = call(h, ctx, [body], [{"x-selfheal-feedback": CREDENTIAL}])  # header case does not matter
+    assert code == 200 and out["accepted"] == out["logged"] == 2
     assert h.healer.status()["counters"]["feedback"] == 2
+    [(code, out)] = call(h, ctx, [{"feedback_status": True}], [AUTH])
+    assert code == 200 and out["counters"]["feedback"] == 2 and out["log"]["entries"] == 2
+    # With token authorization on, the management key in key_file.json is the credential's key.
+    (tmp_path / "key_file.json").write_text(json.dumps({"management": {"key": "mkey"}}))
+    [(code, _)] = call(h, ctx, [body], [AUTH])
+    assert code == 403
+    keyed = hmac.new(b"mkey", b"selfheal-feedback/digits", hashlib.sha256).hexdigest()
+    [(code, _)] = call(h, ctx, [body], [{"X-Selfheal-Feedback": keyed}])
+    assert code == 200
 
 
 def test_feedback_by_id_applies_once(handler, reference):
     h, ctx = handler
     [(_, out)] = call(h, ctx, [{"instances": reference[0][:2].tolist()}])
     ids = [p["id"] for p in out["predictions"]]
-    auth = [{"X-Selfheal-Secret": SECRET}]
+    auth = [AUTH]
     fb = {"feedback": [{"id": ids[0], "label": 3}, {"id": ids[1], "label": 4}]}
     [(code, res)] = call(h, ctx, [fb], auth)
     assert code == 200 and res["accepted"] == 2
@@ -117,11 +135,12 @@ def test_feedback_by_id_applies_once(handler, reference):
     ({"feedback": []}, 400, "non-empty"),
     ({"instances": [img()], "labels": [1, 2]}, 400, "2 labels for 1"),
     ({"instances": [img()], "labels": [True]}, 400, "not an integer"),
+    ({"instances": [img()]}, 400, "feedback needs"),
 ])
 def test_bad_feedback_changes_nothing(handler, body, code, words):
     h, ctx = handler
     before = h.healer.state_dict()
-    [(got, out)] = call(h, ctx, [body], [{"X-Selfheal-Secret": SECRET}])
+    [(got, out)] = call(h, ctx, [body], [AUTH])
     assert got == code and words in out["message"], out
     after = h.healer.state_dict()
     assert after["counters"] == before["counters"]
