@@ -15,6 +15,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +59,30 @@ class SelfHealHandler(BaseHandler):
         self.recent = PredictionRecord(model_dir_store / "predictions.sqlite", self.settings.recent_predictions)
         self.model_name = context.model_name
         self.model, self.context, self.initialized = model, context, True
+        # Workers and replicas sharing the store stay one model: a daemon thread picks up newer
+        # published versions and log rows from the others, and publishes when this one holds the lease.
+        threading.Thread(target=self._sync_loop, name="selfheal-sync", daemon=True).start()
         enabled = feedback_credential(self.model_name, self.settings.feedback_secret_env) is not None
         log.info("selfheal handler ready: model %s, version %d, snapshots in %s, feedback %s",
                  context.model_name, self.healer.version, store.directory,
                  "via POST /feedback/{model} on the management port" if enabled
                  else f"disabled (no key_file.json and no {self.settings.feedback_secret_env})")
+
+    def _sync_loop(self) -> None:
+        """Off the request path: monitor queued predictions, learn from logged labels, join the others."""
+        next_sync = time.monotonic()
+        while True:
+            time.sleep(self.settings.drain_interval_s)
+            try:
+                self.healer.drain()
+                self.recent.flush()
+                if time.monotonic() >= next_sync:
+                    next_sync = time.monotonic() + self.settings.sync_interval_s
+                    if self.healer.sync():
+                        log.info("synced: version %d, log absorbed to %d", self.healer.version,
+                                 self.healer.status()["feedback_log"]["absorbed"])
+            except Exception:  # keep serving; the next round retries
+                log.exception("background healing step failed")
 
     # ------------------------------------------------------------------ entry point
     def handle(self, data: list[dict], context) -> list[Any]:
@@ -141,7 +162,7 @@ class SelfHealHandler(BaseHandler):
 
     def inference(self, data: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Not under torch.inference_mode (BaseHandler's choice): the healer may adapt."""
-        return self.healer.predict(data)
+        return self.healer.predict(data, defer=self.settings.background, checked=True)
 
     # ------------------------------------------------------------------ feedback
     def _check_credential(self, given: str) -> None:
@@ -165,14 +186,16 @@ class SelfHealHandler(BaseHandler):
                 raise RequestError(400, f"got {len(y)} labels for {len(x)} instances")
             served = confidence = pids = None
         try:
-            result = self.healer.feedback(x, y, served, confidence, pids, source="inference-api")
+            result = self.healer.feedback(x, y, served, confidence, pids, source="management-api",
+                                          defer=self.settings.background)
         except DuplicateFeedback as exc:
             raise RequestError(409, f"{exc}: feedback is taken once per prediction") from None
         except ValueError as exc:
             raise RequestError(400, f"bad feedback: {exc}") from None
         return {"accepted": result["accepted"], "logged": result["accepted"],
-                "quarantined": result["quarantined"], "updated": result["updated"],
-                "rolled_back": result["rolled_back"], "model_version": result["version"]}
+                "quarantined": result["quarantined"], "learning": "queued" if self.settings.background else "done",
+                "updated": result["updated"], "rolled_back": result["rolled_back"],
+                "model_version": result["version"]}
 
     def _feedback_by_id(self, items: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
         if not isinstance(items, list) or not items:

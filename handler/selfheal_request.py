@@ -34,6 +34,9 @@ class HandlerSettings:
     max_instances: int = 256  # inputs per request
     max_body_bytes: int = 4 * 1024 * 1024  # raw request body
     recent_predictions: int = 10_000  # ids kept for feedback by id
+    sync_interval_s: float = 1.0  # how often a worker joins up with the others (new versions, log rows)
+    drain_interval_s: float = 0.05  # how often queued predictions are monitored, off the request path
+    background: bool = True  # monitoring and learning in a background thread (False: in the request)
     torch_threads: int = 1  # intra-op threads per worker: small models gain nothing from more, and
     # several workers (or the JVM) on few cores slowed a labelled update ~15x by oversubscription
     heal: HealConfig = field(default_factory=HealConfig)

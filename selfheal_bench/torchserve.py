@@ -39,16 +39,20 @@ def free_ports(n: int) -> list[int]:
 
 
 def build_archive(model_dir: Path, export_dir: Path, name: str = "digits",
-                  config_file: Path = REPO / "model-config.yaml") -> Path:
+                  config_file: Path = REPO / "model-config.yaml",
+                  handler: Path = REPO / "handler" / "selfheal_handler.py",
+                  extra_files: list[Path] | None = None) -> Path:
     """Run torch-model-archiver on the trained demo model; returns the .mar path."""
     export_dir.mkdir(parents=True, exist_ok=True)
     archiver = Path(sys.executable).with_name("torch-model-archiver")
+    if extra_files is None:
+        extra_files = [REPO / "handler" / "selfheal_request.py", model_dir / "reference.pt"]
     cmd = [
         str(archiver), "--model-name", name, "--version", "1.0",
         "--model-file", str(REPO / "selfheal_bench" / "models.py"),
         "--serialized-file", str(model_dir / "digits_cnn.pt"),
-        "--handler", str(REPO / "handler" / "selfheal_handler.py"),
-        "--extra-files", f"{REPO / 'handler' / 'selfheal_request.py'},{model_dir / 'reference.pt'}",
+        "--handler", str(handler),
+        "--extra-files", ",".join(str(f) for f in extra_files),
         "--config-file", str(config_file),
         "--export-path", str(export_dir), "--force",
     ]
@@ -119,8 +123,8 @@ class TorchServe:
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float) -> None:
-        """Until the model has a READY worker; raises with the log tail on failure."""
+    def wait_ready(self, timeout: float, workers: int = 1) -> None:
+        """Until the model has `workers` READY workers; raises with the log tail on failure."""
         deadline = time.monotonic() + timeout
         name = self.models.split("=")[0].removesuffix(".mar")
         while time.monotonic() < deadline:
@@ -129,7 +133,7 @@ class TorchServe:
             try:
                 r = requests.get(f"{self.management_url}/models/{name}", headers=self.headers("management"),
                                  timeout=2)
-                if r.ok and any(w.get("status") == "READY" for w in r.json()[0].get("workers", [])):
+                if r.ok and sum(w.get("status") == "READY" for w in r.json()[0].get("workers", [])) >= workers:
                     return
             except (requests.RequestException, FileNotFoundError, ValueError, KeyError, IndexError):
                 pass

@@ -83,6 +83,8 @@ class LearnConfig:
     reservoir_size: int = 256  # uniform sample of older labels (anti-forgetting)
     reference_fraction: float = 0.25  # share of each minibatch from labelled reference data
     anchor: float = 1e-2  # L2 pull towards the source weights
+    min_update_interval_s: float = 0.0  # compute budget for a server: at most one update per interval
+    # (labels arriving meanwhile wait in the buffer and join the next update)
     bayes: bool = True  # Bayesian (Kalman) update of the last layer on every training label
     bayes_prior_var: float = 0.01  # prior variance of the last layer's weights (per feature unit)
     bayes_forgetting: float = 0.995  # per-label decay of old evidence: tracks drift (memory ~200 labels)
@@ -93,6 +95,8 @@ class LearnConfig:
                              f"got {self.params!r}")
         _positive(self, "lr", "steps", "batch_size", "update_every", "recent_size", "reservoir_size",
                   "auto_max_params", "bayes_prior_var")
+        if self.min_update_interval_s < 0:
+            raise ValueError(f"LearnConfig.min_update_interval_s must be >= 0, got {self.min_update_interval_s}")
         if not 0 < self.bayes_forgetting <= 1:
             raise ValueError(f"LearnConfig.bayes_forgetting must be in (0, 1], got {self.bayes_forgetting}")
         _unit(self, "reference_fraction")
@@ -130,9 +134,10 @@ class HealConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     max_batch: int = 1_024  # larger inputs are refused: bounded work per call
     snapshot_interval_s: float = 10.0  # at most one snapshot per interval (rate limit)
+    max_queued: int = 8_192  # deferred predictions awaiting drain(); beyond this the oldest are shed
 
     def __post_init__(self) -> None:
-        _positive(self, "max_batch")
+        _positive(self, "max_batch", "max_queued")
         if self.snapshot_interval_s < 0:
             raise ValueError(f"HealConfig.snapshot_interval_s must be >= 0, got {self.snapshot_interval_s}")
 

@@ -1,13 +1,20 @@
 """SelfHealer: wires monitor, corrector, learner, guard and store around one model.
 
-It owns the model's weights and the lock that guards them: every public
-method takes the lock, so a server may call it from several threads.
+It owns the served weights and two locks, so a server may call it from
+several threads: the serving lock guards what a prediction touches (weights,
+normalisation statistics, monitor, corrector) and is only ever held briefly;
+the learning lock guards learning from labels (learner, guard, quarantine,
+log position). Labelled updates train a copy of the model (the shadow) without
+the serving lock and swap the accepted weights in under it, so a prediction
+never waits for a gradient step. Lock order: learning, then serving.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -56,11 +63,13 @@ class SelfHealer:
             raise ValueError("reference contains NaN or inf")
         self.config = config
         self.model = model.eval()
+        self._shadow = copy.deepcopy(model).eval()  # before any hook is registered: labelled updates train it
         self.device = next(model.parameters()).device
         self.input_shape = tuple(reference.shape[1:])
         self.store = store
         self.feedback_log = feedback_log
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # serving state
+        self._learn_lock = threading.RLock()  # learning state; taken before _lock when both are needed
         reference = reference.to(self.device, torch.float32)
         self._features: torch.Tensor | None = None  # input of the last Linear, captured by a hook
         head = last_linear(model)[1]
@@ -80,16 +89,20 @@ class SelfHealer:
         ref_probs = F.softmax(ref_logits, 1)
         self.monitor = Monitor(config.monitor).calibrate(ref_probs, ref_features, baseline_error)
         self.corrector = LabelFreeCorrector(model, head, ref_probs, config.correct)
-        self._head_input: torch.Tensor | None = None  # what the head sees, after the corrector's adapter
-        head.register_forward_pre_hook(self._capture_head_input)
-        self.learner = GradientLearner(model, config.learn, reference=labelled, seed=config.monitor.seed)
-        self.bayes = (BayesianLastLayer(head, config.learn.bayes_prior_var, config.learn.bayes_forgetting)
+        shadow_head = last_linear(self._shadow)[1]
+        self._shadow_input: torch.Tensor | None = None  # what the shadow's head saw in its last forward
+        shadow_head.register_forward_pre_hook(self._capture_shadow_input)
+        self.learner = GradientLearner(self._shadow, config.learn, reference=labelled, seed=config.monitor.seed)
+        self.bayes = (BayesianLastLayer(shadow_head, config.learn.bayes_prior_var, config.learn.bayes_forgetting)
                       if config.learn.bayes else None)
+        self._next_update = 0.0  # monotonic time before which no labelled update starts
         self.guard = Guard(config.guard)
         self.quarantine = Quarantine(config.guard)
         self.version = 0  # snapshot version these weights were last saved or loaded as (0: source)
         self.counters = {"predictions": 0, "feedback": 0, "quarantined": 0, "updates": 0, "snapshots": 0,
-                         "resets": 0}
+                         "resets": 0, "shed": 0}
+        self._queue: deque[tuple[torch.Tensor, torch.Tensor | None]] = deque()  # deferred (probs, features)
+        self._queued = 0
         self._absorbed = 0  # sequence number of the last feedback-log row folded into the weights
         self._last_update: float | None = None  # wall time of the last accepted update
         self._dirty = False  # state changed since the last snapshot
@@ -98,8 +111,8 @@ class SelfHealer:
     def _capture_features(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self._features = inputs[0].detach()
 
-    def _capture_head_input(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        self._head_input = inputs[0].detach()
+    def _capture_shadow_input(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self._shadow_input = inputs[0].detach()
 
     def _take_features(self) -> torch.Tensor | None:
         """Features (B, F) of the last forward, as float64 on the CPU; clears them."""
@@ -135,36 +148,68 @@ class SelfHealer:
         return y.cpu().long()
 
     # ----------------------------------------------------------------- serving
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Corrected logits (B, C); observes the batch and adapts afterwards (predict, then adapt)."""
-        x = self.check_input(x)
+    def predict(self, x: torch.Tensor, defer: bool = False, checked: bool = False) -> torch.Tensor:
+        """Corrected logits (B, C); observes the batch and adapts afterwards (predict, then adapt).
+
+        With `defer`, only the forward pass (and the normalisation statistics it gathered) happens
+        now: outputs and features are queued for `drain()`, which a server runs off the request
+        path and which monitors many requests in one vectorised pass. The queue is bounded; when a
+        drain falls behind, the oldest entries are shed and counted. `checked`: x already passed
+        `check_input` (a server validates each request on its own before batching them).
+        """
+        x = self.check_input(x) if not checked else x.to(self.device, torch.float32)
         with self._lock, torch.no_grad():
             with self.corrector.recording():
                 raw = self.model(x)  # (B, C)
             logits = self.corrector.adjust(raw)
             features = self._take_features()
             probs = F.softmax(raw, 1)
-            fired = self.monitor.observe_predictions(probs, features)
-            started = self.corrector.observe(probs, features, fired)
-            if started:
-                log.info("%s drift after %d predictions: started %s", "+".join(fired),
-                         self.counters["predictions"], ", ".join(started))
-            if self.corrector.active:
-                self._dirty = True
+            self.corrector.norm.observe()  # fold this forward's BN moments (a no-op unless adapting)
             self.counters["predictions"] += len(x)
-            self._maybe_snapshot()
+            if defer:
+                self._queue.append((probs, features))
+                self._queued += len(x)
+                while self._queued > self.config.max_queued and len(self._queue) > 1:
+                    self._queued -= len(self._queue.popleft()[0])
+                    self.counters["shed"] += 1
+                return logits
+            self._observe(probs, features)
+        self._maybe_snapshot()  # outside the serving lock: lock order is learning, then serving
         return logits
+
+    def drain(self) -> int:
+        """Monitor and adapt on everything `predict(defer=True)` queued; returns the samples seen."""
+        with self._lock, torch.no_grad():
+            if not self._queue:
+                return 0
+            items, self._queue, n = list(self._queue), deque(), self._queued
+            self._queued = 0
+            feats = [f for _, f in items]
+            self._observe(torch.cat([p for p, _ in items]),
+                          torch.cat(feats) if all(f is not None for f in feats) else None)
+        self._maybe_snapshot()
+        return n
+
+    def _observe(self, probs: torch.Tensor, features: torch.Tensor | None) -> None:
+        fired = self.monitor.observe_predictions(probs, features)
+        started = self.corrector.observe(probs, features, fired)
+        if started:
+            log.info("%s drift after %d predictions: started %s", "+".join(fired),
+                     self.counters["predictions"], ", ".join(started))
+        if self.corrector.active:
+            self._dirty = True
 
     def feedback(self, x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor | None = None,
                  confidence: torch.Tensor | None = None, ids: list[str] | None = None,
-                 source: str = "api") -> dict:
+                 source: str = "api", defer: bool = False) -> dict:
         """Fold labelled ground truth into the model.
 
         `predicted` and `confidence` describe what was served (recomputed if not given); `ids`
         name the predictions answered (feedback per id is taken once). With a feedback log, the
         labels are appended durably first, then every row not yet absorbed (also rows other
-        workers appended) is folded in, in log order. Raises ValueError (DuplicateFeedback for
-        an id answered before) with nothing changed.
+        workers appended) is folded in, in log order; with `defer` that is left to the next
+        `catch_up()`/`sync()` (a server's background thread), so the call returns once the labels are
+        durable. Raises ValueError (DuplicateFeedback for an id answered before) with nothing changed.
         """
         x = self.check_input(x)
         y = self.check_labels(y, len(x))
@@ -178,18 +223,19 @@ class SelfHealer:
         if ids is not None and (len(ids) != len(x) or len(set(ids)) != len(ids)
                                 or not all(isinstance(i, str) for i in ids)):
             raise ValueError(f"ids must be {len(x)} distinct strings")
-        with self._lock:
+        with self._learn_lock:
             if self.feedback_log is not None and ids:
                 answered = self.feedback_log.answered(ids)
                 if answered:
                     raise DuplicateFeedback(answered)
-            if predicted is None or confidence is None:
-                with torch.no_grad():
-                    probs = F.softmax(self.model(x), 1).cpu().double()
-                self._take_features()
-                confidence, predicted = probs.max(1)
+            with self._lock:
+                if predicted is None or confidence is None:
+                    with torch.no_grad():
+                        probs = F.softmax(self.model(x), 1).cpu().double()
+                    self._take_features()
+                    confidence, predicted = probs.max(1)
+                drift = self.monitor.state
             backup = self.quarantine.state_dict()
-            drift = self.monitor.state
             inputs_drifted = drift.detected and any(n in ("confidence", "feature_shift") for n in drift.firing)
             held = (self.quarantine.screen(predicted, y, confidence, inputs_drifted) if self.config.guard.quarantine
                     else torch.zeros(len(y), dtype=torch.bool))
@@ -201,8 +247,9 @@ class SelfHealer:
                 except BaseException:
                     self.quarantine.load_state_dict(backup)
                     raise
-                result = self.catch_up()
-            self._maybe_snapshot()
+                result = {"updated": False, "rolled_back": False} if defer else self.catch_up()
+            if not defer:
+                self._maybe_snapshot()
             return {"accepted": len(y), "quarantined": int(held.sum()), **result, "version": self.version}
 
     def catch_up(self) -> dict:
@@ -211,7 +258,7 @@ class SelfHealer:
         if self.feedback_log is None:
             return result
         step = self.config.learn.update_every  # replay in the chunks updates were made in
-        with self._lock:
+        with self._learn_lock:
             for rows in self.feedback_log.entries(after=self._absorbed):
                 for i in range(0, len(rows.y), step):
                     part = slice(i, i + step)
@@ -222,40 +269,56 @@ class SelfHealer:
         return result
 
     def _absorb(self, x: torch.Tensor, y: torch.Tensor, served: torch.Tensor, held: torch.Tensor) -> dict:
-        """Learn from labelled pairs: error monitor, holdout, (guarded) update; skip quarantined ones."""
+        """Learn from labelled pairs: error monitor, holdout, (guarded) update; skip quarantined ones.
+
+        Runs under the learning lock; the update itself trains the shadow and takes the serving
+        lock only to copy weights in and out.
+        """
         known = served >= 0
-        self.monitor.observe_errors((served != y)[known])
-        self.counters["feedback"] += len(y)
-        self.counters["quarantined"] += int(held.sum())
-        self._dirty = True
+        with self._lock:
+            self.monitor.observe_errors((served != y)[known])
+            self.counters["feedback"] += len(y)
+            self.counters["quarantined"] += int(held.sum())
+            self._dirty = True
+        none = {"updated": False, "rolled_back": False}
         train_x, train_y = self.guard.admit(x, y, skip=held)
         if not (len(train_y) and self.learner.add(train_x, train_y) and self.guard.ready):
-            return {"updated": False, "rolled_back": False}
-        before = self.guard.evaluate(self.model)
+            return none
+        if time.monotonic() < self._next_update:
+            return none  # compute budget: these labels wait in the buffer for the next update
+        self._next_update = time.monotonic() + self.config.learn.min_update_interval_s
+        with self._lock:
+            self._shadow.load_state_dict(self.model.state_dict())  # current weights and statistics
+        shadow = self._shadow
+        before = self.guard.evaluate(shadow)
         saved = self.learner.copy_params()
         bayes_saved = self.bayes.state_dict() if self.bayes else None
         if self.bayes:
             new_x, new_y = self.learner.newest()
             with torch.no_grad():
-                self.model(new_x.to(self.device))
-            self._take_features()
-            self.bayes.update(self._head_input, new_y)
+                shadow(new_x.to(self.device))
+            self.bayes.update(self._shadow_input, new_y)
         self.learner.step()
-        if self.guard.judge(before, self.guard.evaluate(self.model)):
+        if not self.guard.judge(before, self.guard.evaluate(shadow)):
+            self.learner.restore_params(saved)
+            if self.bayes:
+                self.bayes.load_state_dict(bayes_saved)
+            return {"updated": False, "rolled_back": True}
+        with torch.no_grad():
+            ref_probs = F.softmax(shadow(self._reference), 1)
+        ref_features = self._shadow_input.flatten(1).to("cpu", torch.float64)
+        trained = dict(shadow.named_parameters())
+        with self._lock, torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(trained[name])
+            self.monitor.rebase(ref_probs, ref_features)
             self.counters["updates"] += 1
             self._last_update = time.time()
-            with torch.no_grad():
-                ref_probs = F.softmax(self.model(self._reference), 1)
-            self.monitor.rebase(ref_probs, self._take_features())
-            return {"updated": True, "rolled_back": False}
-        self.learner.restore_params(saved)
-        if self.bayes:
-            self.bayes.load_state_dict(bayes_saved)
-        return {"updated": False, "rolled_back": True}
+        return {"updated": True, "rolled_back": False}
 
     def status(self) -> dict:
         """JSON-able summary: drift, version, counters and each part's state."""
-        with self._lock:
+        with self._learn_lock, self._lock:
             return {
                 "version": self.version,
                 "drift": self.monitor.state.as_dict(),
@@ -272,7 +335,7 @@ class SelfHealer:
 
     def reset(self) -> None:
         """Back to the source weights; forget adaptation, buffers and drift state."""
-        with self._lock:
+        with self._learn_lock, self._lock:
             self.model.load_state_dict(self._source_state)
             self.corrector.reset()
             self.learner.reset()
@@ -288,7 +351,7 @@ class SelfHealer:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Everything needed to resume: weights, running statistics, buffers, counters."""
-        with self._lock:
+        with self._learn_lock, self._lock:
             return {
                 "format": STATE_FORMAT,
                 "model": clone_state(self.model.state_dict()),
@@ -306,7 +369,7 @@ class SelfHealer:
         """Restore a state; on any error the healer is left exactly as it was."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported healer state (format {state.get('format') if isinstance(state, dict) else None})")
-        with self._lock:
+        with self._learn_lock, self._lock:
             backup = self.state_dict()
             try:
                 self._apply(state)
@@ -331,7 +394,7 @@ class SelfHealer:
         """Publish the current state as a new version in the store."""
         if self.store is None:
             raise RuntimeError("no snapshot store configured")
-        with self._lock:
+        with self._learn_lock, self._lock:
             meta = {"feedback": self.counters["feedback"], "feedback_seq": self._absorbed,
                     "validation_error": self.guard.last_error, "based_on": self.version}
             self.version = self.store.save(self.state_dict(), meta)
@@ -343,7 +406,7 @@ class SelfHealer:
     def resume(self, version: int | None = None) -> int:
         """Load snapshot `version` (default: the newest valid one), if any, then replay the feedback
         log rows it had not absorbed; returns the version in use."""
-        with self._lock:
+        with self._learn_lock:
             loaded = None
             if self.store is not None:
                 loaded = self.store.load_latest() if version is None else self.store.load(version)
@@ -359,7 +422,28 @@ class SelfHealer:
                 log.info("replayed feedback log rows %d..%d", before + 1, self._absorbed)
             return self.version
 
+    def sync(self) -> bool:
+        """Become one model with the other workers and replicas sharing the store and log.
+
+        The publisher (the holder of the store's lease) folds in log rows others appended and
+        publishes when due; every other worker loads a newer published version (its state already
+        absorbs the log up to the row it records), then folds in rows appended since. Cheap when
+        there is nothing new: a directory listing and one indexed query. Returns True if the
+        weights changed.
+        """
+        self.drain()
+        with self._learn_lock:
+            before = (self.version, self._absorbed)
+            if self.store is not None and self.store.latest_version() > self.version:
+                self.resume()  # another process published (or this one just took the lease over)
+            else:
+                self.catch_up()
+            self._maybe_snapshot()
+            return (self.version, self._absorbed) != before
+
     def _maybe_snapshot(self) -> None:
+        """Publish when due: dirty, interval passed, and this process holds the publisher lease."""
         if (self.store is not None and self._dirty
-                and time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s):
+                and time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s
+                and self.store.try_lease()):
             self.save_snapshot()

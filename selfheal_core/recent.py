@@ -1,9 +1,11 @@
 """Bounded, durable record of recent predictions, so that feedback can name a prediction by id.
 
 Kept in SQLite next to the feedback log (WAL mode, NORMAL synchronous: a
-commit survives a crash of the worker, and costs no fsync on the request
-path), so a restarted worker or another worker sharing the model store can
-resolve an id. Only the newest `capacity` predictions are kept.
+commit survives a crash of the worker and costs no fsync), so a restarted
+worker or another worker sharing the model store can resolve an id. Only the
+newest `capacity` predictions are kept. `add()` only buffers (the request
+path pays for a uuid and a list append); `flush()` writes the buffer in one
+transaction, from a server's background thread or before a lookup.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class PredictionRecord:
 
     >>> rec = PredictionRecord(capacity=2)
     >>> ids = rec.add(torch.zeros(3, 4), torch.tensor([1, 2, 0]), torch.ones(3))
-    >>> rec.prune(); len(rec), sorted(rec.get(ids))  == sorted(ids[1:])
+    >>> _ = rec.flush(); rec.prune(); len(rec), sorted(rec.get(ids))  == sorted(ids[1:])
     (2, True)
     """
 
@@ -49,19 +51,32 @@ class PredictionRecord:
         self._conn.execute(_SCHEMA)
         self._lock = threading.Lock()
         self._since_prune = 0
+        self._buffer: list[tuple] = []  # rows added but not yet written
 
     def __len__(self) -> int:
+        self.flush()
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
 
     def add(self, x: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor) -> list[str]:
-        """Record a batch; returns one new id per row."""
-        x = x.detach().to("cpu", torch.float32).contiguous()
-        shape, now = json.dumps(list(x.shape[1:])), time.time()
+        """Buffer a batch for the next flush; returns one new id per row."""
         ids = [uuid.uuid4().hex for _ in range(len(x))]
-        rows = [(pid, int(y), float(c), now, shape, xi.numpy().tobytes())
-                for pid, y, c, xi in zip(ids, labels.tolist(), confidence.tolist(), x)]
         with self._lock:
+            self._buffer.append((ids, x.detach().to("cpu", torch.float32), labels.tolist(), confidence.tolist(),
+                                 time.time()))
+            full = sum(len(b[0]) for b in self._buffer) >= self.capacity
+        if full:  # nobody flushes: keep memory bounded anyway
+            self.flush()
+        return ids
+
+    def flush(self) -> int:
+        """Write buffered predictions in one transaction; returns how many."""
+        with self._lock:
+            batches, self._buffer = self._buffer, []
+            rows = [(pid, int(y), float(c), now, json.dumps(list(x.shape[1:])), xi.contiguous().numpy().tobytes())
+                    for ids, x, labels, conf, now in batches for pid, y, c, xi in zip(ids, labels, conf, x)]
+            if not rows:
+                return 0
             self._conn.execute("BEGIN")
             self._conn.executemany("INSERT INTO predictions (pid, label, confidence, time, shape, input) "
                                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
@@ -69,7 +84,7 @@ class PredictionRecord:
             self._since_prune += len(rows)
         if self._since_prune >= _PRUNE_EVERY:
             self.prune()
-        return ids
+        return len(rows)
 
     def prune(self) -> None:
         """Delete all but the newest `capacity` rows."""
@@ -82,6 +97,7 @@ class PredictionRecord:
         """The recorded ids among `pids`: id -> (input, served label, confidence)."""
         if not pids:
             return {}
+        self.flush()
         marks = ",".join("?" * len(pids))
         with self._lock:
             rows = self._conn.execute(f"SELECT pid, label, confidence, shape, input FROM predictions "
@@ -90,5 +106,6 @@ class PredictionRecord:
                       label, conf) for pid, label, conf, shape, blob in rows}
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._conn.close()

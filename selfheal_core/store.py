@@ -6,9 +6,15 @@ temp file, fsynced, then hard-linked to its final name: `os.link` fails if
 the name exists, so two writers (workers, replicas) never overwrite each other's
 version; the loser takes the next number. Readers skip files whose digest or
 payload is bad and fall back to the previous version.
+
+Many workers (processes) and replicas on one machine share a store: one of
+them holds the publisher lease (an `flock` on `publisher.lock`, released by
+the kernel when its holder dies, so another worker takes over) and publishes;
+the others load what it publishes.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import logging
@@ -35,6 +41,30 @@ class SnapshotStore:
         self.directory = Path(directory)
         self.keep = keep
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lease: int | None = None  # fd holding the publisher lock
+
+    def try_lease(self) -> bool:
+        """Become (or stay) the one publisher of this store; False while another process is."""
+        if self._lease is not None:
+            return True
+        fd = os.open(self.directory / "publisher.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lease = fd
+        log.info("publisher lease taken for %s (pid %d)", self.directory, os.getpid())
+        return True
+
+    @property
+    def is_publisher(self) -> bool:
+        return self._lease is not None
+
+    def release_lease(self) -> None:
+        if self._lease is not None:
+            os.close(self._lease)  # closing the fd drops the flock
+            self._lease = None
 
     def versions(self) -> list[int]:
         """Versions present on disk (valid or not), ascending."""

@@ -1,6 +1,7 @@
 """A real TorchServe on loopback: own working dir, TMPDIR, ports and process group per server."""
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,9 +18,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-def archive(demo_model_dir: Path, work: Path, snapshot_interval_s: float) -> Path:
+def archive(demo_model_dir: Path, work: Path, snapshot_interval_s: float, workers: int = 1) -> Path:
     """A model store holding digits.mar built by torch-model-archiver with test settings."""
     config = yaml.safe_load((REPO / "model-config.yaml").read_text())
+    config["minWorkers"] = config["maxWorkers"] = workers
+    config["handler"]["sync_interval_s"] = 0.5
     # Rarer false alarms (3 label-free detectors at 30,000 samples each) so that a clean
     # stream of a few hundred samples stays quiet.
     config["handler"]["heal"] = {"snapshot_interval_s": snapshot_interval_s,
@@ -35,6 +38,18 @@ def archive(demo_model_dir: Path, work: Path, snapshot_interval_s: float) -> Pat
 def model_store(demo_model_dir, tmp_path_factory) -> Path:
     """Snapshots after every state change."""
     return archive(demo_model_dir, tmp_path_factory.mktemp("archive"), 0.0)
+
+
+@pytest.fixture(scope="session")
+def two_worker_store(demo_model_dir, tmp_path_factory) -> Path:
+    """Two workers per server, a snapshot at most every second."""
+    return archive(demo_model_dir, tmp_path_factory.mktemp("archive_two"), 1.0, workers=2)
+
+
+@pytest.fixture(scope="session")
+def one_second_store(demo_model_dir, tmp_path_factory) -> Path:
+    """One worker, a snapshot at most every second (replicas)."""
+    return archive(demo_model_dir, tmp_path_factory.mktemp("archive_1s"), 1.0)
 
 
 @pytest.fixture(scope="session")
@@ -62,11 +77,28 @@ class Server:
         return self.ts.feedback("digits", body, raw=raw, key=key)
 
     def feedback_status(self) -> dict:
+        return self._settled(lambda: self._get_feedback_status(), "log")
+
+    def _get_feedback_status(self) -> dict:
         r = self.ts.feedback("digits", method="get")
         r.raise_for_status()
         return r.json()
 
+    @staticmethod
+    def _settled(fetch, key: str, timeout: float = 30.0) -> dict:
+        """Learning runs in the worker's background thread: wait until it absorbed every logged label."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = fetch()
+            log = st.get(key)
+            if not log or log["absorbed"] == log["last_seq"] or time.monotonic() > deadline:
+                return st
+            time.sleep(0.1)
+
     def status(self) -> dict:
+        return self._settled(self._get_status, "feedback_log")
+
+    def _get_status(self) -> dict:
         r = self.http.get(f"{self.ts.management_url}/models/digits?customized=true",
                           headers=self.ts.headers("management"), timeout=30)
         r.raise_for_status()

@@ -45,11 +45,13 @@ def handler(demo_model_dir, tmp_path, monkeypatch):
 
 
 def call(h, ctx, bodies, headers=None):
-    """Run one TorchServe batch; returns [(status, json)] per request."""
+    """Run one TorchServe batch, then what the background thread would do; [(status, json)] per request."""
     headers = headers or [{} for _ in bodies]
     ctx.request_processor = [RequestProcessor(dict(hd)) for hd in headers]
     data = [{"body": b if isinstance(b, (bytes, bytearray)) else json.dumps(b).encode()} for b in bodies]
     out = h.handle(data, ctx)
+    h.healer.drain()
+    h.healer.catch_up()
     return [(ctx.get_response_status(i)[0], o) for i, o in enumerate(out)]
 
 

@@ -1,0 +1,264 @@
+"""Serving cost: a plain handler vs the selfheal handler (monitoring only, and healing), under wrk.
+
+Starts TorchServe itself for each configuration (token auth on, loopback) and
+loads it with wrk (2 threads, 8 connections, one digit per request, as the
+issue's baseline), at 1 and 2 workers and TorchServe batch sizes 1 and 8:
+- plain: `selfheal_bench/plain_handler.py`, the same model and JSON shape, nothing else;
+- monitor: the selfheal handler with every corrector off and no feedback;
+- heal: the selfheal handler, default healing, on a drifting stream (clean, then
+  contrast-5), with 5% of the plain run's request rate posted as labelled
+  feedback to POST /feedback/digits on the management port.
+Then one long healing run (1 worker, batch 1) for worker RSS growth.
+Writes bench/results/serve.json and prints a table; ratios are against the
+plain handler at the same workers and batch size, measured in the same run.
+
+    python scripts/bench_serve.py            # ~15 min
+    python scripts/bench_serve.py --tiny     # a smoke test (seconds per config)
+
+wrk comes from the Debian package; the script installs it with apt-get when
+it runs as root and wrk is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import requests
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_demo import split_reference, train  # noqa: E402
+
+from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample  # noqa: E402
+from selfheal_bench.torchserve import REPO, TorchServe, build_archive  # noqa: E402
+
+log = logging.getLogger("bench_serve")
+
+WRK_SCRIPT = """
+local bodies = {}
+for line in io.lines(os.getenv("SELFHEAL_BODIES")) do bodies[#bodies + 1] = line end
+local i = math.random(#bodies)
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("SELFHEAL_TOKEN")
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, nil, nil, bodies[i])
+end
+"""
+MONITOR_ONLY = {"correct": {"norm_stats": False, "entropy": False, "prior": False}}
+
+
+def ensure_wrk() -> str:
+    path = shutil.which("wrk")
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log.info("installing wrk (Debian package)")
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True)
+        path = shutil.which("wrk")
+    if not path:
+        sys.exit("bench_serve needs wrk: apt-get install wrk")
+    return path
+
+
+def parse_wrk(out: str) -> dict:
+    def ms(value: str) -> float:
+        num, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
+        return float(num) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+    pct = {int(p): ms(v) for p, v in re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)", out, re.M)}
+    total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": pct[50],
+            "p99_ms": pct[99], "requests": int(total.group(1)), "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def run_wrk(wrk: str, ts: TorchServe, bodies: Path, seconds: float) -> dict:
+    env = {**os.environ, "SELFHEAL_BODIES": str(bodies), "SELFHEAL_TOKEN": ts.keys()["inference"]}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT)
+    try:
+        out = subprocess.run([wrk, "-t2", "-c8", f"-d{max(int(seconds), 1)}s", "--latency", "-s", f.name,
+                              f"{ts.inference_url}/predictions/digits"],
+                             env=env, capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return parse_wrk(out)
+
+
+def rss_mb(ts: TorchServe) -> float:
+    return sum(psutil.Process(p).memory_info().rss for p in ts.worker_pids()) / 2**20
+
+
+class FeedbackSender(threading.Thread):
+    """Posts labelled drifted inputs to /feedback/digits at a fixed rate of labels per second."""
+
+    def __init__(self, ts: TorchServe, x, y, labels_per_s: float, chunk: int = 5) -> None:
+        super().__init__(daemon=True)
+        self.ts, self.x, self.y, self.chunk = ts, x, y, chunk
+        self.period = chunk / max(labels_per_s, 1e-6)
+        self.stop_event = threading.Event()
+        self.sent, self.failed = 0, 0
+
+    def run(self) -> None:
+        i = 0
+        with requests.Session() as http:
+            while not self.stop_event.wait(self.period):
+                j = (i * self.chunk) % (len(self.y) - self.chunk)
+                body = {"instances": as_numpy_list(self.x[j:j + self.chunk]), "labels": self.y[j:j + self.chunk].tolist()}
+                r = http.post(f"{self.ts.management_url}/feedback/digits", json=body,
+                              headers=self.ts.headers("management"), timeout=60)
+                self.sent += self.chunk if r.ok else 0
+                self.failed += not r.ok
+                i += 1
+
+
+def build(model_dir: Path, work: Path, kind: str, workers: int, batch: int) -> Path:
+    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
+    config.update(minWorkers=workers, maxWorkers=workers, batchSize=batch, maxBatchDelay=5)
+    if kind == "monitor":
+        config["handler"]["heal"] = {**config["handler"].get("heal", {}), **MONITOR_ONLY}
+    store = work / f"store-{kind}-{workers}-{batch}"
+    cfg = store.with_suffix(".yaml")
+    store.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(yaml.safe_dump(config))
+    if kind == "plain":
+        build_archive(model_dir, store, config_file=cfg, handler=REPO / "selfheal_bench" / "plain_handler.py",
+                      extra_files=[model_dir / "reference.pt"])
+    else:
+        build_archive(model_dir, store, config_file=cfg)
+    return store
+
+
+def write_bodies(path: Path, x) -> Path:
+    path.write_text("\n".join(json.dumps({"instances": as_numpy_list(x[i:i + 1])}) for i in range(len(x))) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--seconds", type=float, default=15.0, help="measured wrk run per configuration")
+    ap.add_argument("--rss-requests", type=int, default=200_000, help="long healing run for RSS growth (0: skip)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("selfheal_bench").setLevel(logging.WARNING)
+    wrk = ensure_wrk()
+    seconds, warmup = (2.0, 1.0) if args.tiny else (args.seconds, 3.0)
+    rss_requests = min(args.rss_requests, 2_000) if args.tiny else args.rss_requests
+    grid = [(1, 1)] if args.tiny else [(1, 1), (1, 8), (2, 1), (2, 8)]
+    t0 = time.time()
+    work = Path(tempfile.mkdtemp(prefix="bench_serve-"))
+    try:
+        model_dir = work / "model"
+        model_dir.mkdir()
+        import torch
+
+        model, _ = train(seed=0)
+        _, _, x_ref, y_ref = split_reference(0, 300)
+        torch.save(model.state_dict(), model_dir / "digits_cnn.pt")
+        torch.save({"inputs": x_ref, "labels": y_ref}, model_dir / "reference.pt")
+        _, _, x_te, y_te = load_digits_split(seed=0)
+        xc, _ = resample(x_te, y_te, 1000, seed=1)
+        xd, yd = resample(x_te, y_te, 1000, seed=2)
+        xd = corrupt(xd, "contrast", 5, seed=2)
+        clean = write_bodies(work / "clean.jsonl", xc)
+        drifting = write_bodies(work / "drifting.jsonl", torch.cat([xc, xd]))
+        rows = []
+        for workers, batch in grid:
+            plain_rps = None
+            for kind in ("plain", "monitor", "heal"):
+                store = build(model_dir, work, kind, workers, batch)
+                ts = TorchServe(work / f"server-{kind}-{workers}-{batch}", store,
+                                env={"SELFHEAL_SNAPSHOT_DIR": str(work / f"snap-{kind}-{workers}-{batch}")})
+                with ts:
+                    ts.wait_ready(120, workers=workers)
+                    bodies = drifting if kind == "heal" else clean
+                    run_wrk(wrk, ts, bodies, warmup)
+                    rss0 = rss_mb(ts)
+                    sender = None
+                    if kind == "heal":
+                        sender = FeedbackSender(ts, xd, yd, 0.05 * (plain_rps or 100.0))
+                        sender.start()
+                    res = run_wrk(wrk, ts, bodies, seconds)
+                    if sender:
+                        sender.stop_event.set()
+                        sender.join()
+                        res.update(feedback_labels=sender.sent, feedback_failed=sender.failed)
+                    res.update(kind=kind, workers=workers, batch=batch, rss_start_mb=rss0, rss_end_mb=rss_mb(ts))
+                if kind == "plain":
+                    plain_rps = res["rps"]
+                rows.append(res)
+                log.info("%-7s workers %d batch %d: %.0f req/s p50 %.2f ms p99 %.2f ms (non-2xx %d)", kind, workers,
+                         batch, res["rps"], res["p50_ms"], res["p99_ms"], res["non_2xx"])
+        rss = long_run(wrk, model_dir, work, drifting, xd, yd, rss_requests, rows) if rss_requests else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(rows, rss, args, time.time() - t0)
+
+
+def long_run(wrk, model_dir, work, bodies, xd, yd, n_requests, rows) -> dict:
+    """Healing handler, 1 worker, batch 1, `n_requests` requests with 5% feedback: worker RSS start/end."""
+    plain = next(r for r in rows if r["kind"] == "plain" and r["workers"] == 1 and r["batch"] == 1)
+    heal = next(r for r in rows if r["kind"] == "heal" and r["workers"] == 1 and r["batch"] == 1)
+    store = build(model_dir, work, "heal", 1, 1)
+    ts = TorchServe(work / "server-long", store, env={"SELFHEAL_SNAPSHOT_DIR": str(work / "snap-long")})
+    with ts:
+        ts.wait_ready(120)
+        run_wrk(wrk, ts, bodies, 3)
+        rss0 = rss_mb(ts)
+        sender = FeedbackSender(ts, xd, yd, 0.05 * plain["rps"])
+        sender.start()
+        res = run_wrk(wrk, ts, bodies, n_requests / max(heal["rps"], 1.0))
+        sender.stop_event.set()
+        sender.join()
+        out = {"requests": res["requests"], "rps": res["rps"], "rss_start_mb": rss0, "rss_end_mb": rss_mb(ts),
+               "feedback_labels": sender.sent}
+    out["rss_growth_mb"] = out["rss_end_mb"] - out["rss_start_mb"]
+    log.info("long run: %d requests, worker RSS %.0f -> %.0f MB", out["requests"], rss0, out["rss_end_mb"])
+    return out
+
+
+def report(rows: list[dict], rss: dict | None, args, elapsed: float) -> None:
+    plain = {(r["workers"], r["batch"]): r for r in rows if r["kind"] == "plain"}
+    print(f"\n{'handler':<8} {'workers':>7} {'batch':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'x plain':>8} {'p99 x':>6} {'RSS MB start/end':>17}")
+    bars = {}
+    for r in rows:
+        base = plain[(r["workers"], r["batch"])]
+        r["rps_ratio"] = r["rps"] / base["rps"]
+        r["p99_ratio"] = r["p99_ms"] / base["p99_ms"]
+        print(f"{r['kind']:<8} {r['workers']:>7} {r['batch']:>5} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
+              f"{r['rps_ratio']:8.3f} {r['p99_ratio']:6.2f} {r['rss_start_mb']:8.0f}/{r['rss_end_mb']:.0f}")
+        if r["kind"] != "plain":
+            tag = f"{r['kind']} w{r['workers']} b{r['batch']}"
+            bars[f"{tag}: throughput / plain (>= 0.95)"] = round(r["rps_ratio"], 3)
+            bars[f"{tag}: p99 / plain (<= 1.10)"] = round(r["p99_ratio"], 3)
+    if rss:
+        print(f"\nlong healing run: {rss['requests']} requests, worker RSS {rss['rss_start_mb']:.0f} -> "
+              f"{rss['rss_end_mb']:.0f} MB")
+        bars[f"worker RSS growth over {rss['requests']} requests, MB (< 50)"] = round(rss["rss_growth_mb"], 1)
+    print("\nbars:")
+    for k, v in bars.items():
+        print(f"  {k}: {v}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"tiny": args.tiny, "elapsed_s": elapsed, "rows": rows, "long_run": rss,
+                                    "bars": bars}, indent=2))
+    print(f"\nwrote {args.out} ({elapsed:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
