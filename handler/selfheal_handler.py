@@ -58,6 +58,7 @@ class SelfHealHandler(BaseHandler):
         self.healer.resume()  # newest snapshot, then the labels logged after it
         self.recent = PredictionRecord(model_dir_store / "predictions.sqlite", self.settings.recent_predictions)
         self.model_name = context.model_name
+        self._drift = self._drift_now()
         self.model, self.context, self.initialized = model, context, True
         # Workers and replicas sharing the store stay one model: a daemon thread picks up newer
         # published versions and log rows from the others, and publishes when this one holds the lease.
@@ -68,13 +69,18 @@ class SelfHealHandler(BaseHandler):
                  "via POST /feedback/{model} on the management port" if enabled
                  else f"disabled (no key_file.json and no {self.settings.feedback_secret_env})")
 
+    def _drift_now(self) -> dict:
+        state = self.healer.monitor.state
+        return {"detected": state.detected, "firing": state.firing, "scores": state.scores}
+
     def _sync_loop(self) -> None:
         """Off the request path: monitor queued predictions, learn from logged labels, join the others."""
         next_sync = time.monotonic()
         while True:
             time.sleep(self.settings.drain_interval_s)
             try:
-                self.healer.drain()
+                if self.healer.drain():
+                    self._drift = self._drift_now()  # what responses report until the next drain
                 self.recent.flush()
                 if time.monotonic() >= next_sync:
                     next_sync = time.monotonic() + self.settings.sync_interval_s
@@ -147,8 +153,7 @@ class SelfHealHandler(BaseHandler):
         probs = F.softmax(logits, 1).cpu()
         confidence, labels = probs.max(1)
         ids = self.recent.add(x, labels, confidence)
-        status = self.healer.monitor.state
-        drift = {"detected": status.detected, "firing": status.firing, "scores": status.scores}
+        drift = self._drift if self.settings.background else self._drift_now()
         start = 0
         for idx, xi in pending:
             rows = range(start, start + len(xi))
