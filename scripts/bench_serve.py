@@ -222,10 +222,13 @@ def long_run(wrk, model_dir, work, bodies, xd, yd, n_requests, rows) -> dict:
         rss0 = rss_mb(ts)
         sender = FeedbackSender(ts, xd, yd, 0.05 * plain["rps"])
         sender.start()
-        res = run_wrk(wrk, ts, bodies, n_requests / max(heal["rps"], 1.0))
+        done, rps = 0, max(heal["rps"], 1.0)
+        while done < n_requests:  # wrk runs for a duration: repeat until the request count is reached
+            res = run_wrk(wrk, ts, bodies, max((n_requests - done) / rps * 1.05, 1.0))
+            done, rps = done + res["requests"], max(res["rps"], 1.0)
         sender.stop_event.set()
         sender.join()
-        out = {"requests": res["requests"], "rps": res["rps"], "rss_start_mb": rss0, "rss_end_mb": rss_mb(ts),
+        out = {"requests": done, "rps": rps, "rss_start_mb": rss0, "rss_end_mb": rss_mb(ts),
                "feedback_labels": sender.sent}
     out["rss_growth_mb"] = out["rss_end_mb"] - out["rss_start_mb"]
     log.info("long run: %d requests, worker RSS %.0f -> %.0f MB", out["requests"], rss0, out["rss_end_mb"])

@@ -112,8 +112,10 @@ class GuardConfig:
     tolerance: float = 0.0  # accepted rise in held-back cross-entropy (0: must not get worse)
     quarantine: bool = True  # hold back bursts of labels that look like poisoning (see quarantine.py)
     quarantine_window: int = 200  # recent labels the burst test looks at
-    quarantine_confidence: float = 0.9  # a disagreement counts when the model was at least this sure
-    quarantine_min_count: int = 8  # confident disagreements into one class before it can be quarantined
+    quarantine_confidence: float = 0.8  # a disagreement counts when the model was at least this sure
+    quarantine_min_count: int = 5  # confident disagreements into one class before it can be quarantined
+    # (0.9 and 8 let ~20 poisoned labels through before the quarantine closed: +1.9 points on the
+    # adversarial stream; 0.8 and 5: +0.2)
     quarantine_share: float = 0.5  # ... and at least this share of all recent confident disagreements
     quarantine_min_sources: int = 3  # ... coming from at least this many predicted classes
     corroborate: int = 3  # a confident disagreement is learned once its (served, given) pair repeats this often

@@ -394,14 +394,18 @@ class SelfHealer:
         """Publish the current state as a new version in the store."""
         if self.store is None:
             raise RuntimeError("no snapshot store configured")
-        with self._learn_lock, self._lock:
-            meta = {"feedback": self.counters["feedback"], "feedback_seq": self._absorbed,
-                    "validation_error": self.guard.last_error, "based_on": self.version}
-            self.version = self.store.save(self.state_dict(), meta)
-            self.counters["snapshots"] += 1
-            self._dirty = False
-            self._last_snapshot = time.monotonic()
-            return self.version
+        with self._learn_lock:  # the state is copied under the serving lock, written (fsync) outside it
+            with self._lock:
+                meta = {"feedback": self.counters["feedback"], "feedback_seq": self._absorbed,
+                        "validation_error": self.guard.last_error, "based_on": self.version}
+                state = self.state_dict()
+                self._dirty = False
+            version = self.store.save(state, meta)
+            with self._lock:
+                self.version = version
+                self.counters["snapshots"] += 1
+                self._last_snapshot = time.monotonic()
+            return version
 
     def resume(self, version: int | None = None) -> int:
         """Load snapshot `version` (default: the newest valid one), if any, then replay the feedback

@@ -38,8 +38,7 @@ class NormStatsAdapter(StateMixin):
         self._source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._layers]
         self._captured: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * len(self._layers)
         self._recording = False
-        for i, layer in enumerate(self._layers):
-            layer.register_forward_pre_hook(self._make_hook(i))
+        self._hooks: list = []  # registered only while adapting: an idle hook still costs every forward
         self._reset()
 
     def _reset(self) -> None:
@@ -67,6 +66,15 @@ class NormStatsAdapter(StateMixin):
 
     def activate(self) -> None:
         self._active = True
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        if self._active and not self._hooks:
+            self._hooks = [layer.register_forward_pre_hook(self._make_hook(i)) for i, layer in enumerate(self._layers)]
+        elif not self._active and self._hooks:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -99,10 +107,12 @@ class NormStatsAdapter(StateMixin):
         super().load_state_dict(state)
         self._mean = [m.to(layer.running_mean.device) for m, layer in zip(self._mean, self._layers)]
         self._sq = [q.to(layer.running_mean.device) for q, layer in zip(self._sq, self._layers)]
+        self._sync_hooks()
 
     def reset(self) -> None:
         """Restore the source statistics exactly and stop adapting."""
         self._reset()
+        self._sync_hooks()
         for layer, (mu, var) in zip(self._layers, self._source):
             layer.running_mean.copy_(mu)
             layer.running_var.copy_(var)
