@@ -40,3 +40,15 @@ def test_bench_feedback_tiny(tmp_path):
     assert {("rotate", m) for m in ("static", "oracle", "naive", "selfheal")} <= methods
     assert {r["stream"] for r in result["robust"]} == {"clean, labels noise", "clean, labels attack"}
     assert "attack quarantined labels (> 0)" in result["bars"]
+
+
+def test_bench_serve_tiny(tmp_path):
+    """The serving benchmark end to end on the CPU: three handlers under wrk, then a short RSS run."""
+    out = tmp_path / "serve.json"
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_serve.py"), "--tiny", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {r["kind"] for r in result["rows"]} == {"plain", "monitor", "heal"}
+    assert all(r["requests"] > 0 and r["non_2xx"] == 0 for r in result["rows"])
+    assert result["long_run"]["requests"] >= 2_000 and result["long_run"]["rss_end_mb"] > 0
