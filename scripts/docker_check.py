@@ -62,7 +62,9 @@ def main() -> None:
                            headers={"Authorization": f"Bearer {keys['management']}"}, timeout=60)
         fb.raise_for_status()
         assert fb.json()["accepted"] == len(y), fb.text
-        version = status(args, keys)["version"]
+        deadline = time.monotonic() + 60  # labels are learned and published by the worker's background thread
+        while (version := status(args, keys)["version"]) < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert version >= 1, f"feedback should publish a snapshot, version is {version}"
         print(json.dumps({"version": version, "prediction": pred["predictions"][0]["label"]}))
     else:
