@@ -33,8 +33,8 @@ COPY selfheal_bench ./selfheal_bench
 RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi \
  && if [ -n "$WHEEL_DIR" ]; then export PIP_FIND_LINKS="$WHEEL_DIR"; fi \
  && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
- && pip install "torch==${TORCH_VERSION}" . \
- && python -c "import selfheal_core, ts, yaml"
+ && pip install "torch==${TORCH_VERSION}" ".[postgres]" \
+ && python -c "import selfheal_core, ts, yaml, psycopg"
 
 RUN useradd --create-home --uid 1000 model-server \
  && mkdir -p /home/model-server/model-store /home/model-server/data \

@@ -27,8 +27,8 @@ from selfheal_request import (HandlerSettings, RequestError, body_json, feedback
 from ts.torch_handler.base_handler import BaseHandler
 
 from selfheal_core import SelfHealer, SnapshotStore
-from selfheal_core.feedback_log import DuplicateFeedback, FeedbackLog
-from selfheal_core.recent import PredictionRecord
+from selfheal_core.feedback_log import DuplicateFeedback, open_feedback_log
+from selfheal_core.recent import open_prediction_record
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,12 @@ class SelfHealHandler(BaseHandler):
             snap_dir = server_workdir() / snap_dir
         model_dir_store = snap_dir / context.model_name
         store = SnapshotStore(model_dir_store, keep=self.settings.snapshot_keep)
-        feedback_log = FeedbackLog(model_dir_store / "feedback.sqlite")
+        log_url = self.settings.log_url or model_dir_store / "feedback.sqlite"
+        feedback_log = open_feedback_log(log_url, context.model_name)
         self.healer = SelfHealer(model, ref["inputs"], self.settings.heal, ref.get("labels"), store, feedback_log)
         self.healer.resume()  # newest snapshot, then the labels logged after it
-        self.recent = PredictionRecord(model_dir_store / "predictions.sqlite", self.settings.recent_predictions)
+        self.recent = open_prediction_record(self.settings.log_url or model_dir_store / "predictions.sqlite",
+                                             self.settings.recent_predictions, context.model_name)
         self.model_name = context.model_name
         self._drift = self._drift_now()
         self.model, self.context, self.initialized = model, context, True
@@ -64,8 +66,8 @@ class SelfHealHandler(BaseHandler):
         # published versions and log rows from the others, and publishes when this one holds the lease.
         threading.Thread(target=self._sync_loop, name="selfheal-sync", daemon=True).start()
         enabled = feedback_credential(self.model_name, self.settings.feedback_secret_env) is not None
-        log.info("selfheal handler ready: model %s, version %d, snapshots in %s, feedback %s",
-                 context.model_name, self.healer.version, store.directory,
+        log.info("selfheal handler ready: model %s, version %d, snapshots in %s, log %s, feedback %s",
+                 context.model_name, self.healer.version, store.directory, feedback_log.path,
                  "via POST /feedback/{model} on the management port" if enabled
                  else f"disabled (no key_file.json and no {self.settings.feedback_secret_env})")
 

@@ -29,6 +29,9 @@ class HandlerSettings:
     reference_file: str = "reference.pt"  # {"inputs": (R, ...), "labels": (R,) optional}, in the .mar
     snapshot_dir: str = "model_store/snapshots"  # relative: to the server's working directory
     snapshot_keep: int = 5  # snapshot files kept per model
+    # Feedback log and prediction ids: "" = SQLite files next to the snapshots (shared by workers and
+    # replicas on one machine); "postgresql://user@host:port/db" = shared by replicas anywhere.
+    log_url: str = ""
     feedback_secret_env: str = "SELFHEAL_FEEDBACK_SECRET"  # credential key when token authorization is off
     credential_header: str = "X-Selfheal-Feedback"  # set by the management-port plugin (case-insensitive)
     max_instances: int = 256  # inputs per request
@@ -51,6 +54,8 @@ class HandlerSettings:
         section["heal"] = HealConfig.from_dict(section.get("heal"))
         if os.environ.get("SELFHEAL_SNAPSHOT_DIR"):
             section["snapshot_dir"] = os.environ["SELFHEAL_SNAPSHOT_DIR"]
+        if os.environ.get("SELFHEAL_LOG_URL"):  # deployment-specific, like the store: not baked into the .mar
+            section["log_url"] = os.environ["SELFHEAL_LOG_URL"]
         return cls(**section)
 
 

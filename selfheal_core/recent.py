@@ -1,10 +1,11 @@
 """Bounded, durable record of recent predictions, so that feedback can name a prediction by id.
 
-Kept in SQLite next to the feedback log (WAL mode, NORMAL synchronous: a
-commit survives a crash of the worker and costs no fsync), so a restarted
-worker or another worker sharing the model store can resolve an id. Only the
-newest `capacity` predictions are kept. `add()` only buffers (the request
-path pays for an id and a list append); `flush()` writes the buffer in one
+Kept next to the feedback log, so a restarted worker, another worker or
+another replica sharing it can resolve an id: a SQLite file by default (WAL
+mode, NORMAL synchronous: a commit survives a crash of the worker and costs
+no fsync) or PostgreSQL (`selfheal_core.postgres`). Only the newest
+`capacity` predictions are kept. `add()` only buffers (the request path pays
+for an id and a list append); `flush()` writes the buffer in one
 transaction, from a server's background thread or before a lookup.
 """
 from __future__ import annotations
@@ -15,11 +16,11 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
-import numpy as np
 import torch
 
-from selfheal_core.feedback_log import connect
+from selfheal_core.feedback_log import connect, decode_input, is_postgres_url
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
@@ -34,9 +35,12 @@ CREATE TABLE IF NOT EXISTS predictions (
 
 _PRUNE_EVERY = 256  # inserts between deletions of rows beyond capacity
 
+# (pid, label, confidence, time, shape, input bytes): one prediction as stored
+Row = tuple[str, int, float, float, str, bytes]
+
 
 class PredictionRecord:
-    """The newest `capacity` predictions: id -> (input, served label, confidence).
+    """The newest `capacity` predictions: id -> (input, served label, confidence), in SQLite.
 
     >>> rec = PredictionRecord(capacity=2)
     >>> ids = rec.add(torch.zeros(3, 4), torch.tensor([1, 2, 0]), torch.ones(3))
@@ -48,20 +52,42 @@ class PredictionRecord:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._conn = connect(path, "NORMAL")
-        self._conn.execute(_SCHEMA)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the buffer and the connection
         self._since_prune = 0
         self._buffer: list[tuple] = []  # rows added but not yet written
         # ids: 80 random bits per record object plus a counter (unique across workers and restarts,
         # and ~10x cheaper than a uuid4 per prediction)
         self._prefix = os.urandom(10).hex()
         self._counter = itertools.count()
+        self._open(path)
 
+    # ---------------------------------------------------------------- storage (SQLite here)
+    def _open(self, path: str | Path) -> None:
+        self._conn = connect(path, "NORMAL")
+        self._conn.execute(_SCHEMA)
+
+    def _write(self, rows: list[Row]) -> None:
+        self._conn.execute("BEGIN")
+        self._conn.executemany("INSERT INTO predictions (pid, label, confidence, time, shape, input) "
+                               "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        self._conn.execute("COMMIT")
+
+    def _delete_beyond(self, capacity: int) -> None:
+        self._conn.execute("DELETE FROM predictions WHERE n <= (SELECT MAX(n) FROM predictions) - ?", (capacity,))
+
+    def _fetch(self, pids: list[str]) -> Sequence[tuple]:
+        marks = ",".join("?" * len(pids))
+        return self._conn.execute(f"SELECT pid, label, confidence, shape, input FROM predictions "
+                                  f"WHERE pid IN ({marks})", pids).fetchall()
+
+    def _count(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    # ---------------------------------------------------------------- interface
     def __len__(self) -> int:
         self.flush()
         with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+            return self._count()
 
     def add(self, x: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor) -> list[str]:
         """Buffer a batch for the next flush; returns one new id per row."""
@@ -82,10 +108,7 @@ class PredictionRecord:
                     for ids, x, labels, conf, now in batches for pid, y, c, xi in zip(ids, labels, conf, x)]
             if not rows:
                 return 0
-            self._conn.execute("BEGIN")
-            self._conn.executemany("INSERT INTO predictions (pid, label, confidence, time, shape, input) "
-                                   "VALUES (?, ?, ?, ?, ?, ?)", rows)
-            self._conn.execute("COMMIT")
+            self._write(rows)
             self._since_prune += len(rows)
         if self._since_prune >= _PRUNE_EVERY:
             self.prune()
@@ -94,8 +117,7 @@ class PredictionRecord:
     def prune(self) -> None:
         """Delete all but the newest `capacity` rows."""
         with self._lock:
-            self._conn.execute("DELETE FROM predictions WHERE n <= (SELECT MAX(n) FROM predictions) - ?",
-                               (self.capacity,))
+            self._delete_beyond(self.capacity)
             self._since_prune = 0
 
     def get(self, pids: list[str]) -> dict[str, tuple[torch.Tensor, int, float]]:
@@ -103,14 +125,22 @@ class PredictionRecord:
         if not pids:
             return {}
         self.flush()
-        marks = ",".join("?" * len(pids))
         with self._lock:
-            rows = self._conn.execute(f"SELECT pid, label, confidence, shape, input FROM predictions "
-                                      f"WHERE pid IN ({marks})", pids).fetchall()
-        return {pid: (torch.from_numpy(np.frombuffer(blob, dtype=np.float32).reshape(json.loads(shape)).copy()),
-                      label, conf) for pid, label, conf, shape, blob in rows}
+            rows = self._fetch(pids)
+        return {pid: (torch.from_numpy(decode_input(shape, bytes(blob))), int(label), float(conf))
+                for pid, label, conf, shape, blob in rows}
 
     def close(self) -> None:
         self.flush()
         with self._lock:
             self._conn.close()
+
+
+def open_prediction_record(url: str | Path, capacity: int = 10_000, model: str = "default") -> PredictionRecord:
+    """The record at `url`: `postgresql://...` (rows of `model` in a shared database) or a SQLite path."""
+    url = str(url)
+    if is_postgres_url(url):
+        from selfheal_core.postgres import PostgresPredictionRecord  # psycopg is an optional dependency
+
+        return PostgresPredictionRecord(url, capacity, model)
+    return PredictionRecord(url.removeprefix("sqlite://"), capacity)

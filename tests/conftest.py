@@ -51,3 +51,41 @@ def reference(demo_model_dir):
 def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=300,
                      help="HTTP fuzz cases per route group (CI: short; e.g. 3000 for a long run)")
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A real PostgreSQL on loopback: SELFHEAL_TEST_PG_URL if given, else one started for the session.
+
+    Skipped with the reason when no server can be started here, unless SELFHEAL_REQUIRE_PG=1
+    (.ci/run sets it, and installs PostgreSQL), which turns that into a failure.
+    """
+    import os
+
+    from selfheal_bench import pgserver
+
+    if os.environ.get("SELFHEAL_TEST_PG_URL"):
+        yield os.environ["SELFHEAL_TEST_PG_URL"]
+        return
+    why = pgserver.available()
+    if why:
+        if os.environ.get("SELFHEAL_REQUIRE_PG") == "1":
+            pytest.fail(f"SELFHEAL_REQUIRE_PG=1 but {why}")
+        pytest.skip(why)
+    with pgserver.PostgresServer() as server:
+        yield server.url
+
+
+@pytest.fixture()
+def pg_database(pg_url):
+    """A fresh, empty database on the PostgreSQL server (dropped afterwards): its URL."""
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    psycopg = pytest.importorskip("psycopg")
+    name = f"selfheal_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield urlunsplit(urlsplit(pg_url)._replace(path=f"/{name}"))
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

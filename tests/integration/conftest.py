@@ -110,10 +110,10 @@ def start_server(model_store, tmp_path_factory):
     """Factory: `with start_server(snapshots=...) as server:` starts and stops one TorchServe."""
 
     @contextmanager
-    def start(snapshots: Path | None = None, store: Path | None = None):
+    def start(snapshots: Path | None = None, store: Path | None = None, env: dict[str, str] | None = None):
         work = tmp_path_factory.mktemp("server")
         snapshots = snapshots or work / "snapshots"
-        ts = TorchServe(work, store or model_store, env={"SELFHEAL_SNAPSHOT_DIR": str(snapshots)})
+        ts = TorchServe(work, store or model_store, env={"SELFHEAL_SNAPSHOT_DIR": str(snapshots), **(env or {})})
         ts.start()
         try:
             yield Server(ts, snapshots)

@@ -85,3 +85,26 @@ def test_replicas_sharing_a_store_converge(start_server, one_second_store, tmp_p
         for s in (a, b):
             st = s.feedback_status()
             assert st["log"]["entries"] == 120 and st["log"]["absorbed"] == st["log"]["last_seq"]
+
+
+def test_replicas_share_a_postgres_log(start_server, one_second_store, tmp_path, pg_database):
+    """Two instances, one model store, the feedback log and prediction ids in PostgreSQL: an id
+    served by one replica takes feedback on the other; both absorb every label and converge."""
+    snapshots = tmp_path / "shared"
+    env = {"SELFHEAL_LOG_URL": pg_database}
+    probe = probe_inputs()
+    x, y = labelled(120, seed=13)
+    with start_server(snapshots, one_second_store, env) as a, start_server(snapshots, one_second_store, env) as b:
+        served = a.predict({"instances": x[:20].tolist()}).json()["predictions"]
+        time.sleep(0.5)  # ids are written by a's background thread within a drain interval
+        by_id = {"feedback": [{"id": p["id"], "label": int(y[i])} for i, p in enumerate(served)]}
+        assert b.feedback(by_id).status_code == 200, "b resolves a's prediction ids through PostgreSQL"
+        assert b.feedback(by_id).status_code == 409, "and takes them once"
+        assert a.feedback({"instances": x[20:70].tolist(), "labels": y[20:70].tolist()}).status_code == 200
+        assert b.feedback({"instances": x[70:].tolist(), "labels": y[70:].tolist()}).status_code == 200
+        seen = wait_converged([a, b], probe)
+        assert len({(v, p) for _, v, p in seen}) == 1 and {s for s, _, _ in seen} == {0, 1}, seen
+        for s in (a, b):
+            st = s.feedback_status()
+            assert st["log"]["entries"] == 120 and st["log"]["absorbed"] == st["log"]["last_seq"] == 120, st
+        assert not list(snapshots.glob("digits/*.sqlite")), "no SQLite log beside the snapshots"

@@ -11,7 +11,7 @@ from torch import nn
 from selfheal_bench.data import corrupt, resample
 from selfheal_core import HealConfig, SelfHealer
 from selfheal_core.config import GuardConfig
-from selfheal_core.feedback_log import DuplicateFeedback, FeedbackLog
+from selfheal_core.feedback_log import DuplicateFeedback, SQLiteFeedbackLog
 from selfheal_core.learn.bayes import BayesianLastLayer
 from selfheal_core.quarantine import Quarantine
 from selfheal_core.recent import PredictionRecord
@@ -19,13 +19,13 @@ from selfheal_core.recent import PredictionRecord
 
 def test_log_round_trip_survives_reopen(tmp_path):
     path = tmp_path / "fb.sqlite"
-    log = FeedbackLog(path)
+    log = SQLiteFeedbackLog(path)
     x = torch.randn(5, 1, 8, 8)
     seqs = log.append(x, torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 3, 0]),
               torch.tensor([False, False, False, False, True]), [f"id{i}" for i in range(5)])
     assert seqs == sorted(seqs) and len(set(seqs)) == 5
     log.close()
-    reopened = FeedbackLog(path)
+    reopened = SQLiteFeedbackLog(path)
     [rows] = list(reopened.entries(after=0))
     assert torch.equal(rows.x, x) and rows.y.tolist() == [0, 1, 2, 3, 4] and rows.seq == seqs
     assert rows.quarantined.tolist() == [False] * 4 + [True] and rows.served.tolist() == [0, 1, 2, 3, 0]
@@ -35,7 +35,7 @@ def test_log_round_trip_survives_reopen(tmp_path):
 
 
 def test_log_duplicate_id_writes_nothing():
-    log = FeedbackLog()
+    log = SQLiteFeedbackLog()
     no = torch.zeros(1, dtype=torch.bool)
     log.append(torch.zeros(1, 3), torch.tensor([1]), None, no, ["a"])
     with pytest.raises(DuplicateFeedback, match="already"):
@@ -114,7 +114,7 @@ def test_restart_replays_log_rows_after_the_snapshot(demo_model, reference, digi
     log_path = tmp_path / "fb.sqlite"
     cfg = HealConfig()
     first = SelfHealer(copy.deepcopy(demo_model), reference[0], cfg, reference[1],
-                       feedback_log=FeedbackLog(log_path))
+                       feedback_log=SQLiteFeedbackLog(log_path))
     for i in range(0, 120, 20):
         res = first.feedback(x[i:i + 20], y[i:i + 20], ids=[f"p{j}" for j in range(i, i + 20)])
         assert res["accepted"] == 20
@@ -124,7 +124,7 @@ def test_restart_replays_log_rows_after_the_snapshot(demo_model, reference, digi
     assert first.state_dict()["counters"] == state["counters"], "a duplicate changes nothing"
     # A fresh healer (a restarted worker) with no snapshot replays all 120 rows, in log order.
     second = SelfHealer(copy.deepcopy(demo_model), reference[0], cfg, reference[1],
-                        feedback_log=FeedbackLog(log_path))
+                        feedback_log=SQLiteFeedbackLog(log_path))
     second.resume()
     st = second.status()
     assert st["counters"]["feedback"] == 120 and st["feedback_log"]["absorbed"] == st["feedback_log"]["last_seq"]
