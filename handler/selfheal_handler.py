@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import sys
 import logging
 import threading
 import time
@@ -44,6 +45,7 @@ class SelfHealHandler(BaseHandler):
         model_dir = Path(props["model_dir"])
         self.settings = HandlerSettings.from_yaml((context.model_yaml_config or {}).get("handler"))
         torch.set_num_threads(self.settings.torch_threads)
+        sys.setswitchinterval(self.settings.gil_switch_interval_s)
         gpu = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu")
         model = load_model(model_dir, context.manifest, self.settings.model_class).to(self.device)

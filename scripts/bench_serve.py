@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured wrk run per configuration")
     ap.add_argument("--rss-requests", type=int, default=200_000, help="long healing run for RSS growth (0: skip)")
+    ap.add_argument("--grid", default="1x1,1x8,2x1,2x8", help="workers x batch configurations, comma-separated")
+    ap.add_argument("--kinds", default="plain,monitor,heal", help="handlers to measure (plain first: the baseline)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -159,7 +161,8 @@ def main() -> None:
     wrk = ensure_wrk()
     seconds, warmup = (2.0, 1.0) if args.tiny else (args.seconds, 3.0)
     rss_requests = min(args.rss_requests, 2_000) if args.tiny else args.rss_requests
-    grid = [(1, 1)] if args.tiny else [(1, 1), (1, 8), (2, 1), (2, 8)]
+    grid = [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
+    grid = grid[:1] if args.tiny else grid
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="bench_serve-"))
     try:
@@ -180,7 +183,7 @@ def main() -> None:
         rows = []
         for workers, batch in grid:
             plain_rps = None
-            for kind in ("plain", "monitor", "heal"):
+            for kind in args.kinds.split(","):
                 store = build(model_dir, work, kind, workers, batch)
                 ts = TorchServe(work / f"server-{kind}-{workers}-{batch}", store,
                                 env={"SELFHEAL_SNAPSHOT_DIR": str(work / f"snap-{kind}-{workers}-{batch}")})

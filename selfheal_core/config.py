@@ -85,6 +85,8 @@ class LearnConfig:
     anchor: float = 1e-2  # L2 pull towards the source weights
     min_update_interval_s: float = 0.0  # compute budget for a server: at most one update per interval
     # (labels arriving meanwhile wait in the buffer and join the next update)
+    max_time_share: float = 1.0  # compute budget: an update taking t seconds is followed by a pause of
+    # t * (1 / share - 1), so learning takes at most this share of one core's time however fast labels come
     bayes: bool = True  # Bayesian (Kalman) update of the last layer on every training label
     bayes_prior_var: float = 0.01  # prior variance of the last layer's weights (per feature unit)
     bayes_forgetting: float = 0.995  # per-label decay of old evidence: tracks drift (memory ~200 labels)
@@ -97,6 +99,8 @@ class LearnConfig:
                   "auto_max_params", "bayes_prior_var")
         if self.min_update_interval_s < 0:
             raise ValueError(f"LearnConfig.min_update_interval_s must be >= 0, got {self.min_update_interval_s}")
+        if not 0 < self.max_time_share <= 1:
+            raise ValueError(f"LearnConfig.max_time_share must be in (0, 1], got {self.max_time_share}")
         if not 0 < self.bayes_forgetting <= 1:
             raise ValueError(f"LearnConfig.bayes_forgetting must be in (0, 1], got {self.bayes_forgetting}")
         _unit(self, "reference_fraction")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -101,7 +102,7 @@ class SelfHealer:
         self.version = 0  # snapshot version these weights were last saved or loaded as (0: source)
         self.counters = {"predictions": 0, "feedback": 0, "quarantined": 0, "updates": 0, "snapshots": 0,
                          "resets": 0, "shed": 0}
-        self._queue: deque[tuple[torch.Tensor, torch.Tensor | None]] = deque()  # deferred (probs, features)
+        self._queue: deque[tuple[torch.Tensor, torch.Tensor | None]] = deque()  # deferred (logits, features)
         self._queued = 0
         self._absorbed = 0  # sequence number of the last feedback-log row folded into the weights
         self._last_update: float | None = None  # wall time of the last accepted update
@@ -134,7 +135,9 @@ class SelfHealer:
         if len(x) > self.config.max_batch:
             raise ValueError(f"batch of {len(x)} exceeds the limit of {self.config.max_batch}")
         x = x.to(self.device, torch.float32)
-        if not torch.isfinite(x).all():
+        # A finite sum proves every element finite (NaN and inf propagate); only a sum that
+        # overflowed from large finite values needs the elementwise check.
+        if not math.isfinite(float(x.sum())) and not torch.isfinite(x).all():
             raise ValueError("inputs contain NaN or inf")
         return x
 
@@ -158,24 +161,30 @@ class SelfHealer:
         `check_input` (a server validates each request on its own before batching them).
         """
         x = self.check_input(x) if not checked else x.to(self.device, torch.float32)
-        with self._lock, torch.no_grad():
-            with self.corrector.recording():
-                raw = self.model(x)  # (B, C)
-            logits = self.corrector.adjust(raw)
-            features = self._take_features()
-            probs = F.softmax(raw, 1)
-            self.corrector.norm.observe()  # fold this forward's BN moments (a no-op unless adapting)
-            self.counters["predictions"] += len(x)
-            if defer:
-                self._queue.append((probs, features))
-                self._queued += len(x)
-                while self._queued > self.config.max_queued and len(self._queue) > 1:
-                    self._queued -= len(self._queue.popleft()[0])
-                    self.counters["shed"] += 1
-                return logits
-            self._observe(probs, features)
-        self._maybe_snapshot()  # outside the serving lock: lock order is learning, then serving
-        return logits
+        # inference_mode, cheaper than no_grad: what the forward leaves (outputs, features, BN
+        # inputs) is only read later, outside it, where results are normal tensors again.
+        with self._lock:
+            with torch.inference_mode():
+                if self.corrector.norm.active:
+                    with self.corrector.recording():
+                        raw = self.model(x)  # (B, C)
+                else:
+                    raw = self.model(x)
+                logits = self.corrector.adjust(raw)
+                self.counters["predictions"] += len(x)
+                if defer:  # raw outputs only: softmax and feature conversion happen once per drain
+                    feats, self._features = self._features, None
+                    self._queue.append((raw, feats))
+                    self._queued += len(x)
+                    while self._queued > self.config.max_queued and len(self._queue) > 1:
+                        self._queued -= len(self._queue.popleft()[0])
+                        self.counters["shed"] += 1
+            if not defer:
+                with torch.no_grad():
+                    self._observe(F.softmax(raw, 1), self._take_features())
+        if not defer:
+            self._maybe_snapshot()  # outside the serving lock: lock order is learning, then serving
+        return logits.clone()  # a normal tensor: callers may use it in autograd (e.g. as a teacher)
 
     def drain(self) -> int:
         """Monitor and adapt on everything `predict(defer=True)` queued; returns the samples seen."""
@@ -185,8 +194,10 @@ class SelfHealer:
             items, self._queue, n = list(self._queue), deque(), self._queued
             self._queued = 0
             feats = [f for _, f in items]
-            self._observe(torch.cat([p for p, _ in items]),
-                          torch.cat(feats) if all(f is not None for f in feats) else None)
+            features = None
+            if all(f is not None for f in feats):
+                features = torch.cat([f.flatten(1) for f in feats]).to("cpu", torch.float64)
+            self._observe(F.softmax(torch.cat([raw for raw, _ in items]), 1), features)
         self._maybe_snapshot()
         return n
 
@@ -235,7 +246,7 @@ class SelfHealer:
                     self._take_features()
                     confidence, predicted = probs.max(1)
                 drift = self.monitor.state
-            backup = self.quarantine.state_dict()
+            backup = self.quarantine.checkpoint()
             inputs_drifted = drift.detected and any(n in ("confidence", "feature_shift") for n in drift.firing)
             held = (self.quarantine.screen(predicted, y, confidence, inputs_drifted) if self.config.guard.quarantine
                     else torch.zeros(len(y), dtype=torch.bool))
@@ -245,7 +256,7 @@ class SelfHealer:
                 try:
                     self.feedback_log.append(x, y, predicted, held, ids, source)
                 except BaseException:
-                    self.quarantine.load_state_dict(backup)
+                    self.quarantine.rollback(backup)
                     raise
                 result = {"updated": False, "rolled_back": False} if defer else self.catch_up()
             if not defer:
@@ -282,11 +293,26 @@ class SelfHealer:
             self._dirty = True
         none = {"updated": False, "rolled_back": False}
         train_x, train_y = self.guard.admit(x, y, skip=held)
-        if not (len(train_y) and self.learner.add(train_x, train_y) and self.guard.ready):
+        if not (len(train_y) and self.learner.add(train_x, train_y)):
             return none
-        if time.monotonic() < self._next_update:
-            return none  # compute budget: these labels wait in the buffer for the next update
-        self._next_update = time.monotonic() + self.config.learn.min_update_interval_s
+        return self._budgeted_update()
+
+    def _budgeted_update(self) -> dict:
+        """An update if the guard is ready and the compute budget allows; else the labels wait in the
+        learner's buffer for the next one (`sync()` also runs it once the pause is over)."""
+        if not self.guard.ready or time.monotonic() < self._next_update:
+            return {"updated": False, "rolled_back": False}
+        started = time.monotonic()
+        self._next_update = started + self.config.learn.min_update_interval_s
+        try:
+            return self._update()
+        finally:  # the time budget: pause in proportion to what this update took
+            took = time.monotonic() - started
+            share = self.config.learn.max_time_share
+            self._next_update = max(self._next_update, time.monotonic() + took * (1 / share - 1))
+
+    def _update(self) -> dict:
+        """One guarded update of the shadow from the learner's buffer; accepted weights are copied in."""
         with self._lock:
             self._shadow.load_state_dict(self.model.state_dict())  # current weights and statistics
         shadow = self._shadow
@@ -442,6 +468,8 @@ class SelfHealer:
                 self.resume()  # another process published (or this one just took the lease over)
             else:
                 self.catch_up()
+                if self.learner.pending >= self.config.learn.update_every:
+                    self._budgeted_update()  # labels that waited out the compute budget
             self._maybe_snapshot()
             return (self.version, self._absorbed) != before
 

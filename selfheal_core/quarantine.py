@@ -42,6 +42,14 @@ class Quarantine(StateMixin):
         self.held = 0  # isolated confident disagreements held so far
         self._active: list[int] = []  # given classes quarantined at the last check
 
+    def checkpoint(self) -> tuple:
+        """A cheap copy to roll back to (window entries are never changed in place: shared)."""
+        return list(self._window), self.quarantined, self.held, list(self._active)
+
+    def rollback(self, checkpoint: tuple) -> None:
+        window, self.quarantined, self.held, active = checkpoint
+        self._window, self._active = list(window), list(active)
+
     def screen(self, served: torch.Tensor, given: torch.Tensor, confidence: torch.Tensor,
                inputs_drifted: bool = False) -> torch.Tensor:
         """Bool mask (B,): True for labels not to learn (quarantined or held). Updates the window."""

@@ -39,6 +39,25 @@ _PRUNE_EVERY = 256  # inserts between deletions of rows beyond capacity
 Row = tuple[str, int, float, float, str, bytes]
 
 
+def _rows(batches: list[tuple]) -> list[Row]:
+    """Rows of buffered batches, converted together (one tensor op per field, not per request);
+    the inputs' bytes are sliced from one buffer per input shape."""
+    rows: list[Row] = []
+    by_shape: dict[tuple, list[tuple]] = {}
+    for batch in batches:
+        by_shape.setdefault(tuple(batch[1].shape[1:]), []).append(batch)
+    for shape, group in by_shape.items():
+        ids = [pid for b in group for pid in b[0]]
+        times = [b[4] for b in group for _ in b[0]]
+        blob = torch.cat([b[1] for b in group]).contiguous().numpy().tobytes()
+        labels = torch.cat([b[2].reshape(-1) for b in group]).tolist()
+        conf = torch.cat([b[3].reshape(-1).float() for b in group]).tolist()
+        size, shape_json = len(blob) // len(ids), json.dumps(list(shape))
+        rows += [(pid, y, c, now, shape_json, blob[i * size:(i + 1) * size])
+                 for i, (pid, y, c, now) in enumerate(zip(ids, labels, conf, times))]
+    return rows
+
+
 class PredictionRecord:
     """The newest `capacity` predictions: id -> (input, served label, confidence), in SQLite.
 
@@ -55,6 +74,7 @@ class PredictionRecord:
         self._lock = threading.Lock()  # guards the buffer and the connection
         self._since_prune = 0
         self._buffer: list[tuple] = []  # rows added but not yet written
+        self._buffered = 0  # predictions in the buffer
         # ids: 80 random bits per record object plus a counter (unique across workers and restarts,
         # and ~10x cheaper than a uuid4 per prediction)
         self._prefix = os.urandom(10).hex()
@@ -92,10 +112,10 @@ class PredictionRecord:
     def add(self, x: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor) -> list[str]:
         """Buffer a batch for the next flush; returns one new id per row."""
         ids = [f"{self._prefix}{next(self._counter):012x}" for _ in range(len(x))]
-        with self._lock:
-            self._buffer.append((ids, x.detach().to("cpu", torch.float32), labels.tolist(), confidence.tolist(),
-                                 time.time()))
-            full = sum(len(b[0]) for b in self._buffer) >= self.capacity
+        with self._lock:  # tensors kept as they are: converted to rows at flush, off the request path
+            self._buffer.append((ids, x.detach().to("cpu", torch.float32), labels, confidence, time.time()))
+            self._buffered += len(ids)
+            full = self._buffered >= self.capacity
         if full:  # nobody flushes: keep memory bounded anyway
             self.flush()
         return ids
@@ -103,9 +123,8 @@ class PredictionRecord:
     def flush(self) -> int:
         """Write buffered predictions in one transaction; returns how many."""
         with self._lock:
-            batches, self._buffer = self._buffer, []
-            rows = [(pid, int(y), float(c), now, json.dumps(list(x.shape[1:])), xi.contiguous().numpy().tobytes())
-                    for ids, x, labels, conf, now in batches for pid, y, c, xi in zip(ids, labels, conf, x)]
+            batches, self._buffer, self._buffered = self._buffer, [], 0
+            rows = _rows(batches)
             if not rows:
                 return 0
             self._write(rows)

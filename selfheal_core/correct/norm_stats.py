@@ -5,9 +5,11 @@ under covariate shift those are wrong (Schneider et al. 2020). Instead of batch
 statistics (useless for one input), each BN layer's input moments are folded
 into a per-sample exponential moving average across requests, starting from
 the source statistics, and written into `running_mean` / `running_var`.
-The statistics are gathered by forward pre-hooks during the prediction pass
-itself, so adaptation costs no extra forward. Predict first, then adapt:
-a request never sees statistics its own input helped estimate.
+The BN inputs are kept by forward pre-hooks during the prediction pass itself
+(a reference, no arithmetic: the request path stays cheap), and `observe()`
+folds everything kept since the last call in one vectorised step, exactly as
+one sample at a time would. Predict first, then adapt: a request never sees
+statistics its own input helped estimate.
 """
 from __future__ import annotations
 
@@ -30,18 +32,20 @@ class NormStatsAdapter(StateMixin):
 
     _state_keys = ("_mean", "_sq", "_active", "_samples")
 
-    def __init__(self, model: nn.Module, momentum: float = 0.01) -> None:
-        if not 0 < momentum <= 1:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+    def __init__(self, model: nn.Module, momentum: float = 0.01, max_pending: int = 4096) -> None:
+        if not 0 < momentum <= 1 or max_pending < 1:
+            raise ValueError(f"need momentum in (0, 1] and max_pending >= 1, got {momentum}, {max_pending}")
         self.momentum = momentum
+        self.max_pending = max_pending  # forwards kept between observe() calls
         self._layers = batchnorm_layers(model)
         self._source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._layers]
-        self._captured: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * len(self._layers)
+        self._captured: list[list[torch.Tensor]] = [[] for _ in self._layers]  # BN inputs not yet folded
         self._recording = False
         self._hooks: list = []  # registered only while adapting: an idle hook still costs every forward
         self._reset()
 
     def _reset(self) -> None:
+        self._captured = [[] for _ in self._layers]
         self._mean = [mu.clone() for mu, _ in self._source]  # per layer (C,)
         self._sq = [var + mu**2 for mu, var in self._source]  # second moment per layer (C,)
         self._active = False
@@ -50,9 +54,10 @@ class NormStatsAdapter(StateMixin):
     def _make_hook(self, i: int):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             if self._recording:
-                x = inputs[0].detach()  # (B, C, ...)
-                dims = [d for d in range(x.dim()) if d != 1]
-                self._captured[i] = (x.mean(dims), (x * x).mean(dims), x.shape[0])
+                cap = self._captured[i]
+                cap.append(inputs[0].detach())  # (B, C, ...): folded by observe()
+                if len(cap) > self.max_pending:  # nobody observes: bounded memory, oldest dropped
+                    del cap[0]
         return hook
 
     @property
@@ -88,19 +93,27 @@ class NormStatsAdapter(StateMixin):
     def observe(self) -> None:
         """Fold the moments captured by the last recorded forward into the running statistics."""
         if not self._active:
+            for cap in self._captured:
+                cap.clear()
             return
         for i, (layer, cap) in enumerate(zip(self._layers, self._captured)):
-            if cap is None:
+            if not cap:
                 continue
-            mean, sq, batch = cap
-            w = 1.0 - (1.0 - self.momentum) ** batch  # per-sample momentum, compounded over the batch
-            self._mean[i].lerp_(mean, w)
-            self._sq[i].lerp_(sq, w)
+            x = torch.cat(cap) if len(cap) > 1 else cap[0]  # (N, C, ...) in arrival order
+            cap.clear()
+            dims = [d for d in range(2, x.dim())]
+            mean = x.mean(dims) if dims else x  # per-sample moments (N, C)
+            sq = (x * x).mean(dims) if dims else x * x
+            # Per-sample EMA over the N samples in one step: sample k (0 = oldest) weighs
+            # m (1-m)^(N-1-k), the old estimate (1-m)^N.
+            n, keep = len(x), 1.0 - self.momentum
+            w = self.momentum * keep ** torch.arange(n - 1, -1, -1, dtype=x.dtype, device=x.device)
+            self._mean[i].mul_(keep ** n).add_(w @ mean)
+            self._sq[i].mul_(keep ** n).add_(w @ sq)
             layer.running_mean.copy_(self._mean[i])
             layer.running_var.copy_((self._sq[i] - self._mean[i] ** 2).clamp_min(layer.eps))
-            self._captured[i] = None
             if i == 0:
-                self._samples += batch
+                self._samples += n
 
     def load_state_dict(self, state: dict) -> None:
         """As StateMixin, with the moments moved to their layers' device (snapshots load on the CPU)."""

@@ -43,7 +43,8 @@ class PriorCorrector(StateMixin):
         self._reset()
 
     def _reset(self) -> None:
-        self._prior = self._source.clone()
+        self._prior = self._source.clone()  # replaced (never changed in place) by each estimate
+        self._shift: tuple | None = None  # (prior identity, device, dtype) -> log-prior shift, cached
         self._active = False
         self._samples = 0
 
@@ -78,8 +79,11 @@ class PriorCorrector(StateMixin):
         """Logits re-weighted to the estimated priors (unchanged while inactive)."""
         if not self._active:
             return logits
-        shift = (self._prior.clamp_min(1e-6).log() - self._source.log()).to(logits.device, logits.dtype)
-        return logits + shift
+        key = (self._prior.data_ptr(), logits.device, logits.dtype)
+        if self._shift is None or self._shift[0] != key:  # per prior estimate, not per request
+            self._shift = (key, (self._prior.clamp_min(1e-6).log() - self._source.log()).to(logits.device,
+                                                                                          logits.dtype))
+        return logits + self._shift[1]
 
     def reset(self) -> None:
         self._reset()

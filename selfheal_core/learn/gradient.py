@@ -70,6 +70,11 @@ class GradientLearner:
         self._pending += len(y)
         return self._pending >= self.config.update_every
 
+    @property
+    def pending(self) -> int:
+        """Labels added since the last update."""
+        return self._pending
+
     def newest(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pairs added since the last update (the newest `recent_size` of them)."""
         return self.buffer.newest(min(self._pending, self.config.recent_size))
