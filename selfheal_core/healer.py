@@ -154,36 +154,35 @@ class SelfHealer:
     def predict(self, x: torch.Tensor, defer: bool = False, checked: bool = False) -> torch.Tensor:
         """Corrected logits (B, C); observes the batch and adapts afterwards (predict, then adapt).
 
-        With `defer`, only the forward pass (and the normalisation statistics it gathered) happens
-        now: outputs and features are queued for `drain()`, which a server runs off the request
-        path and which monitors many requests in one vectorised pass. The queue is bounded; when a
-        drain falls behind, the oldest entries are shed and counted. `checked`: x already passed
+        Only the forward pass happens here: outputs, features and normalisation inputs are queued
+        and `drain()` monitors and adapts on many requests in one vectorised pass. Without `defer`,
+        predict drains once `observe_every` samples are queued (and status(), feedback() and
+        snapshots drain first); with `defer` that is left to the caller, e.g. a server's background
+        thread. The queue is bounded; when a drain falls behind, the oldest entries are shed and
+        counted. `checked`: x already passed
         `check_input` (a server validates each request on its own before batching them).
         """
         x = self.check_input(x) if not checked else x.to(self.device, torch.float32)
         # inference_mode, cheaper than no_grad: what the forward leaves (outputs, features, BN
         # inputs) is only read later, outside it, where results are normal tensors again.
-        with self._lock:
-            with torch.inference_mode():
-                if self.corrector.norm.active:
-                    with self.corrector.recording():
-                        raw = self.model(x)  # (B, C)
-                else:
-                    raw = self.model(x)
-                logits = self.corrector.adjust(raw)
-                self.counters["predictions"] += len(x)
-                if defer:  # raw outputs only: softmax and feature conversion happen once per drain
-                    feats, self._features = self._features, None
-                    self._queue.append((raw, feats))
-                    self._queued += len(x)
-                    while self._queued > self.config.max_queued and len(self._queue) > 1:
-                        self._queued -= len(self._queue.popleft()[0])
-                        self.counters["shed"] += 1
-            if not defer:
-                with torch.no_grad():
-                    self._observe(F.softmax(raw, 1), self._take_features())
-        if not defer:
-            self._maybe_snapshot()  # outside the serving lock: lock order is learning, then serving
+        with self._lock, torch.inference_mode():
+            if self.corrector.norm.active:
+                with self.corrector.recording():
+                    raw = self.model(x)  # (B, C)
+            else:
+                raw = self.model(x)
+            logits = self.corrector.adjust(raw)
+            self.counters["predictions"] += len(x)
+            # raw outputs only: softmax and feature conversion happen once per drain
+            feats, self._features = self._features, None
+            self._queue.append((raw, feats))
+            self._queued += len(x)
+            while self._queued > self.config.max_queued and len(self._queue) > 1:
+                self._queued -= len(self._queue.popleft()[0])
+                self.counters["shed"] += 1
+            due = not defer and self._queued >= self.config.observe_every
+        if due:
+            self.drain()
         return logits.clone()  # a normal tensor: callers may use it in autograd (e.g. as a teacher)
 
     def drain(self) -> int:
@@ -234,6 +233,8 @@ class SelfHealer:
         if ids is not None and (len(ids) != len(x) or len(set(ids)) != len(ids)
                                 or not all(isinstance(i, str) for i in ids)):
             raise ValueError(f"ids must be {len(x)} distinct strings")
+        if not defer:
+            self.drain()  # the monitor's view (input drift) decides what quarantine holds back
         with self._learn_lock:
             if self.feedback_log is not None and ids:
                 answered = self.feedback_log.answered(ids)
@@ -343,7 +344,9 @@ class SelfHealer:
         return {"updated": True, "rolled_back": False}
 
     def status(self) -> dict:
-        """JSON-able summary: drift, version, counters and each part's state."""
+        """JSON-able summary: drift, version, counters and each part's state (after everything
+        predicted so far was observed)."""
+        self.drain()
         with self._learn_lock, self._lock:
             return {
                 "version": self.version,
@@ -362,6 +365,7 @@ class SelfHealer:
     def reset(self) -> None:
         """Back to the source weights; forget adaptation, buffers and drift state."""
         with self._learn_lock, self._lock:
+            self._queue, self._queued = deque(), 0  # predictions of the forgotten state: not observed
             self.model.load_state_dict(self._source_state)
             self.corrector.reset()
             self.learner.reset()
@@ -420,6 +424,7 @@ class SelfHealer:
         """Publish the current state as a new version in the store."""
         if self.store is None:
             raise RuntimeError("no snapshot store configured")
+        self.drain()  # a snapshot holds everything predicted before it
         with self._learn_lock:  # the state is copied under the serving lock, written (fsync) outside it
             with self._lock:
                 meta = {"feedback": self.counters["feedback"], "feedback_seq": self._absorbed,

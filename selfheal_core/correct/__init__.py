@@ -60,7 +60,10 @@ class LabelFreeCorrector:
 
     def _activate(self, fired: list[str]) -> list[str]:
         started = []
-        if "class_shift" in fired and "confidence" not in fired:
+        # `fired` is in order of first alarm: classes moving before the model became unsure is
+        # label shift, also when both alarms fall into one batch
+        if "class_shift" in fired and ("confidence" not in fired
+                                       or fired.index("class_shift") < fired.index("confidence")):
             self._since_class = 0
         # A class-shift alarm while the model stayed sure marks a label-shift episode: statistics
         # adapted to a new class mix tripled the error there (measured), so adaptation waits.

@@ -98,6 +98,10 @@ class EntropyAdapter(StateMixin):
         if reliable.any():
             weight = torch.exp(e0 - ent[reliable]).detach()  # EATA: the more certain, the more weight
             loss = loss + (weight * ent[reliable]).mean()
+        if not torch.isfinite(loss):  # diverged (e.g. too large a step size): back to the identity
+            self._reset()
+            self._active = True
+            return
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self._opt.step()

@@ -89,7 +89,8 @@ class Monitor(StateMixin):
             self.detectors["feature_shift"].rebase(reference_features)
 
     def observe_predictions(self, probs: torch.Tensor, features: torch.Tensor | None = None) -> list[str]:
-        """Feed probabilities (B, C) and features (B, F); returns the detectors that alarmed."""
+        """Feed probabilities (B, C) and features (B, F); returns the detectors that alarmed, in the
+        order of their first alarm within the batch."""
         d = self.detectors
         d["confidence"].update(normalized_entropy(probs))
         d["class_shift"].update(probs.argmax(1))
@@ -107,7 +108,10 @@ class Monitor(StateMixin):
         return self._after_update(["error_rate"])
 
     def _after_update(self, names: list[str]) -> list[str]:
-        fired = [n for n in names if self.detectors[n].drift_detected]
+        # In order of each detector's first alarm within the batch (ties: in `names` order), so a
+        # batch tells what a sample-by-sample stream would have told first.
+        fired = sorted((n for n in names if self.detectors[n].drift_detected),
+                       key=lambda n: self.detectors[n].first_alarm)
         if fired:
             if self._since is None:
                 self._since, self._episodes = self._predictions, self._episodes + 1

@@ -101,6 +101,7 @@ class Detector(StateMixin):
         self._n = 0  # samples seen
         self._alarms = 0
         self._drift = False  # did the last update raise an alarm
+        self.first_alarm = 0  # index within the last update of its first alarm (valid while _drift)
         self._last_alarm = -1  # sample index of the last alarm
 
     def reset(self) -> None:
@@ -128,6 +129,8 @@ class Detector(StateMixin):
         return math.isfinite(self.threshold)
 
     def _alarm_at(self, index: int) -> None:
+        if not self._drift:  # the first alarm of this update: its position orders detectors' alarms
+            self.first_alarm = index
         self._drift = True
         self._alarms += 1
         self._last_alarm = self._n + index
@@ -185,6 +188,7 @@ class MewmaDetector(Detector):
         self.lam = lam  # weight of the newest sample
         self.margin = margin  # calibrate as if the reference were this fraction of its size
         self._dim = 0
+        self._decay: tuple[np.ndarray, np.ndarray] | None = None  # (lam a^(t-i) for i <= t, a^(t+1))
         super().__init__(expected_run_time, paths, seed)
 
     def _t2(self, z: np.ndarray) -> np.ndarray:
@@ -233,14 +237,15 @@ class MewmaDetector(Detector):
         w = self._whiten(values)  # (B, k); validates first
         self._drift = False
         z = self._z.numpy()
-        a = 1.0 - self.lam
+        if self._decay is None:  # lower-triangular Toeplitz: every chunk uses its top-left corner
+            steps, a = np.arange(_CHUNK), 1.0 - self.lam
+            self._decay = (self.lam * np.tril(a ** (steps[:, None] - steps[None, :])), a ** (steps + 1)[:, None])
+        decay, carry = self._decay
         start = 0
         while start < len(w):
             chunk = w[start:start + _CHUNK]
             n = len(chunk)
-            steps = np.arange(n)
-            decay = np.tril(a ** (steps[:, None] - steps[None, :]))  # (n, n): a^(t-i) for i <= t
-            path = a ** (steps + 1)[:, None] * z + self.lam * decay @ chunk  # (n, k): z_t for the chunk
+            path = carry[:n] * z + decay[:n, :n] @ chunk  # (n, k): z_t for the chunk
             t2 = self._t2(path)
             hit = np.flatnonzero(t2 > self.threshold)
             if len(hit):

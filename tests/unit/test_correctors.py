@@ -58,7 +58,7 @@ def test_prior_corrector_reverts_when_shift_ends():
 def test_label_free_corrector_activation_rules():
     model = mlp()
     ref_probs = torch.softmax(model(torch.randn(100, 6)), 1).detach()
-    lf = LabelFreeCorrector(model, model[3], ref_probs, CorrectConfig(prior_quiet=50))
+    lf = LabelFreeCorrector(model, model[3], ref_probs, CorrectConfig(prior_quiet=50, entropy=True))
     probs = torch.full((10, 4), 0.25)
     feats = torch.randn(10, 16)
     assert lf.observe(probs, feats, ["class_shift"]) == ["prior"], "classes moved, model sure: label shift"
@@ -73,14 +73,14 @@ def test_label_free_corrector_activation_rules():
     assert not lf.active
     lf.load_state_dict(state)
     assert lf.entropy.active
-    both = LabelFreeCorrector(model, model[3], ref_probs, CorrectConfig(prior_quiet=50))
+    both = LabelFreeCorrector(model, model[3], ref_probs, CorrectConfig(prior_quiet=50, entropy=True))
     assert both.observe(probs, feats, ["confidence", "class_shift"]) == ["entropy"], "input shift moves both"
 
 
 def test_collapse_resets_adaptation():
     model = mlp()
     ref_probs = torch.softmax(torch.randn(200, 4, generator=torch.Generator().manual_seed(0)), 1)  # ~25% each
-    lf = LabelFreeCorrector(model, model[3], ref_probs, CorrectConfig(collapse_window=50))
+    lf = LabelFreeCorrector(model, model[3], ref_probs, CorrectConfig(collapse_window=50, entropy=True))
     lf.observe(torch.full((1, 4), 0.25), torch.randn(1, 16), ["confidence"])
     one_class = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).repeat(16, 1)
     for _ in range(20):

@@ -186,10 +186,10 @@ def test_deferred_predictions_are_monitored_by_drain_and_shed_when_it_lags(demo_
     healer = make(demo_model, reference, config=HealConfig(max_queued=64))
     x, _ = stream(digits, "contrast", 200, seed=5)
     plain = healer.predict(x[:8], defer=True)
-    assert healer.status()["drift"]["scores"]["confidence"] == 0.0, "nothing monitored before the drain"
+    assert healer.monitor.state.scores["confidence"] == 0.0, "nothing monitored before the drain"
     assert healer.drain() == 8 and healer.drain() == 0
     for i in range(8, 200, 8):
         healer.predict(x[i:i + 8], defer=True)
-    assert healer.status()["counters"]["shed"] > 0 and healer.drain() <= 64
+    assert healer.counters["shed"] > 0 and healer.drain() <= 64
     assert healer.status()["counters"]["predictions"] == 200
     assert plain.shape == (8, 10)
