@@ -1,6 +1,8 @@
 """SelfHealer on the demo CNN: contract, bad input, drift, feedback, state, snapshots."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -193,3 +195,25 @@ def test_deferred_predictions_are_monitored_by_drain_and_shed_when_it_lags(demo_
     assert healer.counters["shed"] > 0 and healer.drain() <= 64
     assert healer.status()["counters"]["predictions"] == 200
     assert plain.shape == (8, 10)
+
+
+def test_predict_observes_every_n_samples_in_one_pass(demo_model, reference, digits):
+    x, _ = stream(digits, "contrast", 64, seed=6)
+    due = make(copy.deepcopy(demo_model), reference, config=HealConfig(observe_every=32))
+    for i in range(0, 32, 8):
+        due.predict(x[i:i + 8])
+    assert due.drain() == 0, "the 32nd sample triggered the pass"
+    pending = make(copy.deepcopy(demo_model), reference, config=HealConfig(observe_every=32))
+    for i in range(0, 24, 8):
+        pending.predict(x[i:i + 8])
+    assert pending.status()["counters"]["predictions"] == 24 and pending.drain() == 0, "status() observes first"
+
+
+def test_learning_time_budget_defers_updates(demo_model, reference, digits):
+    x, y = stream(digits, "rotate", 40, seed=1)
+    config = HealConfig.from_dict({"learn": {"update_every": 2, "max_time_share": 0.001}})
+    healer = make(demo_model, reference, config=config)
+    tried = [healer.feedback(x[i:i + 4], y[i:i + 4]) for i in range(0, 40, 4)]
+    attempts = [r["updated"] or r["rolled_back"] for r in tried]
+    assert sum(attempts) == 1, "after one update the budget pauses ~1000x its duration"
+    assert healer.learner.pending > 2, "later labels wait in the buffer"

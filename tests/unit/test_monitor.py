@@ -62,3 +62,17 @@ def test_error_rate_and_round_trip():
     assert other.state == mon.state
     mon.reset()
     assert not mon.state.detected and mon.detectors["confidence"].calibrated
+
+
+def test_alarms_are_reported_in_order_of_first_alarm_within_a_batch():
+    """A batch holding a class-mix change followed by an input change reports class_shift first."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.softmax(4 * torch.randn(600, 4, generator=g), 1)
+    mon = Monitor(MonitorConfig(expected_run_time=2000)).calibrate(ref, None, 0.0)
+    one_class = torch.softmax(torch.tensor([[6.0, 0, 0, 0]]) + 0.1 * torch.randn(150, 4, generator=g), 1)
+    unsure = torch.full((150, 4), 0.25)
+    fired = mon.observe_predictions(torch.cat([one_class, unsure]))
+    assert fired == ["class_shift", "confidence"], fired
+    mon.reset()
+    fired = mon.observe_predictions(torch.cat([unsure, one_class]))
+    assert fired[0] == "confidence", fired

@@ -106,3 +106,45 @@ def test_guard_holds_back_every_kth_and_judges():
     loss, err = guard.evaluate(bn_model())
     assert loss > 0 and 0 <= err <= 1 and guard.ready
     assert not Guard(GuardConfig(min_holdout=50)).ready and Guard().evaluate(bn_model()) is None
+
+
+def test_norm_stats_folding_many_forwards_at_once_equals_one_at_a_time():
+    """observe() after 30 forwards gives what observe() after each would (the EMA is per sample)."""
+    one, many = bn_model(), bn_model()
+    a, b = NormStatsAdapter(one, momentum=0.05), NormStatsAdapter(many, momentum=0.05)
+    a.activate()
+    b.activate()
+    x = torch.randn(30, 1, 4, 4) * 2 + 1
+    with torch.no_grad():
+        for i in range(0, 30, 3):
+            with a.recording():
+                one(x[i:i + 3])
+            a.observe()
+            with b.recording():
+                many(x[i:i + 3])
+        b.observe()
+    # sequentially, a batch of 3 folds as 3 samples: the exact per-sample EMA of the batched path
+    ref = bn_model()
+    c = NormStatsAdapter(ref, momentum=0.05)
+    c.activate()
+    with torch.no_grad():
+        for i in range(30):
+            with c.recording():
+                ref(x[i:i + 1])
+            c.observe()
+    assert torch.allclose(many[1].running_mean, ref[1].running_mean, atol=1e-5)
+    assert torch.allclose(many[1].running_var, ref[1].running_var, atol=1e-5)
+    assert torch.allclose(one[1].running_mean, ref[1].running_mean, atol=1e-5)
+
+
+def test_norm_stats_pending_forwards_are_bounded():
+    model = bn_model()
+    ad = NormStatsAdapter(model, max_pending=4)
+    ad.activate()
+    with torch.no_grad():
+        for _ in range(10):
+            with ad.recording():
+                model(torch.randn(2, 1, 4, 4))
+    assert len(ad._captured[0]) == 4
+    ad.observe()
+    assert ad.status()["samples"] == 8 and not ad._captured[0]
