@@ -71,6 +71,7 @@ class SelfHealer:
         self.feedback_log = feedback_log
         self._lock = threading.RLock()  # serving state
         self._learn_lock = threading.RLock()  # learning state; taken before _lock when both are needed
+        self._monitor_lock = threading.RLock()  # the detectors; taken after _lock when both are needed
         reference = reference.to(self.device, torch.float32)
         self._features: torch.Tensor | None = None  # input of the last Linear, captured by a hook
         head = last_linear(model)[1]
@@ -186,28 +187,33 @@ class SelfHealer:
         return logits.clone()  # a normal tensor: callers may use it in autograd (e.g. as a teacher)
 
     def drain(self) -> int:
-        """Monitor and adapt on everything `predict(defer=True)` queued; returns the samples seen."""
-        with self._lock, torch.no_grad():
+        """Monitor and adapt on everything `predict(defer=True)` queued; returns the samples seen.
+
+        Requests wait only for the short steps under the serving lock (taking the queue, folding
+        statistics into the model); the detectors run under their own lock.
+        """
+        with self._lock:
             if not self._queue:
                 return 0
             items, self._queue, n = list(self._queue), deque(), self._queued
             self._queued = 0
+        with torch.no_grad():
             feats = [f for _, f in items]
             features = None
             if all(f is not None for f in feats):
                 features = torch.cat([f.flatten(1) for f in feats]).to("cpu", torch.float64)
-            self._observe(F.softmax(torch.cat([raw for raw, _ in items]), 1), features)
-        self._maybe_snapshot()
-        return n
-
-    def _observe(self, probs: torch.Tensor, features: torch.Tensor | None) -> None:
-        fired = self.monitor.observe_predictions(probs, features)
-        started = self.corrector.observe(probs, features, fired)
+            probs = F.softmax(torch.cat([raw for raw, _ in items]), 1)
+            with self._monitor_lock:
+                fired = self.monitor.observe_predictions(probs, features)
+            with self._lock:
+                started = self.corrector.observe(probs, features, fired)
+                if self.corrector.active:
+                    self._dirty = True
         if started:
             log.info("%s drift after %d predictions: started %s", "+".join(fired),
                      self.counters["predictions"], ", ".join(started))
-        if self.corrector.active:
-            self._dirty = True
+        self._maybe_snapshot()
+        return n
 
     def feedback(self, x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor | None = None,
                  confidence: torch.Tensor | None = None, ids: list[str] | None = None,
@@ -240,7 +246,7 @@ class SelfHealer:
                 answered = self.feedback_log.answered(ids)
                 if answered:
                     raise DuplicateFeedback(answered)
-            with self._lock:
+            with self._lock, self._monitor_lock:
                 if predicted is None or confidence is None:
                     with torch.no_grad():
                         probs = F.softmax(self.model(x), 1).cpu().double()
@@ -287,7 +293,7 @@ class SelfHealer:
         lock only to copy weights in and out.
         """
         known = served >= 0
-        with self._lock:
+        with self._lock, self._monitor_lock:
             self.monitor.observe_errors((served != y)[known])
             self.counters["feedback"] += len(y)
             self.counters["quarantined"] += int(held.sum())
@@ -334,11 +340,12 @@ class SelfHealer:
         with torch.no_grad():
             ref_probs = F.softmax(shadow(self._reference), 1)
         ref_features = self._shadow_input.flatten(1).to("cpu", torch.float64)
+        install_reference = self.monitor.prepare_rebase(ref_probs, ref_features)  # the fit: outside the lock
         trained = dict(shadow.named_parameters())
-        with self._lock, torch.no_grad():
+        with self._lock, self._monitor_lock, torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(trained[name])
-            self.monitor.rebase(ref_probs, ref_features)
+            install_reference()
             self.counters["updates"] += 1
             self._last_update = time.time()
         return {"updated": True, "rolled_back": False}
@@ -347,7 +354,7 @@ class SelfHealer:
         """JSON-able summary: drift, version, counters and each part's state (after everything
         predicted so far was observed)."""
         self.drain()
-        with self._learn_lock, self._lock:
+        with self._learn_lock, self._lock, self._monitor_lock:
             return {
                 "version": self.version,
                 "drift": self.monitor.state.as_dict(),
@@ -364,7 +371,7 @@ class SelfHealer:
 
     def reset(self) -> None:
         """Back to the source weights; forget adaptation, buffers and drift state."""
-        with self._learn_lock, self._lock:
+        with self._learn_lock, self._lock, self._monitor_lock:
             self._queue, self._queued = deque(), 0  # predictions of the forgotten state: not observed
             self.model.load_state_dict(self._source_state)
             self.corrector.reset()
@@ -381,7 +388,7 @@ class SelfHealer:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Everything needed to resume: weights, running statistics, buffers, counters."""
-        with self._learn_lock, self._lock:
+        with self._learn_lock, self._lock, self._monitor_lock:
             return {
                 "format": STATE_FORMAT,
                 "model": clone_state(self.model.state_dict()),
@@ -399,7 +406,7 @@ class SelfHealer:
         """Restore a state; on any error the healer is left exactly as it was."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported healer state (format {state.get('format') if isinstance(state, dict) else None})")
-        with self._learn_lock, self._lock:
+        with self._learn_lock, self._lock, self._monitor_lock:
             backup = self.state_dict()
             try:
                 self._apply(state)

@@ -1,7 +1,9 @@
 """Drift monitor: calibrated online detectors combined into one DriftState."""
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -84,9 +86,24 @@ class Monitor(StateMixin):
     def rebase(self, reference_probs: torch.Tensor, reference_features: torch.Tensor | None) -> None:
         """After a labelled update: the confidence and feature charts re-read the reference through
         the new weights (their thresholds stay), so the update itself is not reported as drift."""
-        self.detectors["confidence"].rebase(normalized_entropy(reference_probs))
+        self.prepare_rebase(reference_probs, reference_features)()
+
+    def prepare_rebase(self, reference_probs: torch.Tensor,
+                       reference_features: torch.Tensor | None) -> Callable[[], None]:
+        """`rebase` in two steps: fit the new reference statistics now, on copies (the slow part:
+        an eigendecomposition), and return a function that installs them (fast), so a server can
+        fit outside the lock its requests take and install inside it."""
+        fitted = {"confidence": (copy.copy(self.detectors["confidence"]).rebase(normalized_entropy(reference_probs)),
+                                 ("_ref",))}
         if reference_features is not None and self.detectors["feature_shift"].calibrated:
-            self.detectors["feature_shift"].rebase(reference_features)
+            fitted["feature_shift"] = (copy.copy(self.detectors["feature_shift"]).rebase(reference_features),
+                                       ("_center", "_proj"))
+
+        def install() -> None:
+            for name, (det, attrs) in fitted.items():
+                for attr in attrs:
+                    setattr(self.detectors[name], attr, getattr(det, attr))
+        return install
 
     def observe_predictions(self, probs: torch.Tensor, features: torch.Tensor | None = None) -> list[str]:
         """Feed probabilities (B, C) and features (B, F); returns the detectors that alarmed, in the
