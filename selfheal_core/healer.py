@@ -72,6 +72,7 @@ class SelfHealer:
         self._lock = threading.RLock()  # serving state
         self._learn_lock = threading.RLock()  # learning state; taken before _lock when both are needed
         self._monitor_lock = threading.RLock()  # the detectors; taken after _lock when both are needed
+        self._intake_lock = threading.RLock()  # quarantine and log appends; order: learn, intake, serving
         reference = reference.to(self.device, torch.float32)
         self._features: torch.Tensor | None = None  # input of the last Linear, captured by a hook
         head = last_linear(model)[1]
@@ -241,7 +242,9 @@ class SelfHealer:
             raise ValueError(f"ids must be {len(x)} distinct strings")
         if not defer:
             self.drain()  # the monitor's view (input drift) decides what quarantine holds back
-        with self._learn_lock:
+        # Intake (screening and the durable append) has its own lock, so feedback never waits for
+        # an update the background thread is running under the learning lock.
+        with self._intake_lock:
             if self.feedback_log is not None and ids:
                 answered = self.feedback_log.answered(ids)
                 if answered:
@@ -257,18 +260,20 @@ class SelfHealer:
             inputs_drifted = drift.detected and any(n in ("confidence", "feature_shift") for n in drift.firing)
             held = (self.quarantine.screen(predicted, y, confidence, inputs_drifted) if self.config.guard.quarantine
                     else torch.zeros(len(y), dtype=torch.bool))
-            if self.feedback_log is None:
-                result = self._absorb(x, y, predicted, held)
-            else:
+            if self.feedback_log is not None:
                 try:
                     self.feedback_log.append(x, y, predicted, held, ids, source)
                 except BaseException:
                     self.quarantine.rollback(backup)
                     raise
-                result = {"updated": False, "rolled_back": False} if defer else self.catch_up()
-            if not defer:
-                self._maybe_snapshot()
-            return {"accepted": len(y), "quarantined": int(held.sum()), **result, "version": self.version}
+        if self.feedback_log is None:
+            with self._learn_lock:
+                result = self._absorb(x, y, predicted, held)
+        else:
+            result = {"updated": False, "rolled_back": False} if defer else self.catch_up()
+        if not defer:
+            self._maybe_snapshot()
+        return {"accepted": len(y), "quarantined": int(held.sum()), **result, "version": self.version}
 
     def catch_up(self) -> dict:
         """Fold in every feedback-log row after the last absorbed one (a restart's replay)."""
@@ -354,7 +359,7 @@ class SelfHealer:
         """JSON-able summary: drift, version, counters and each part's state (after everything
         predicted so far was observed)."""
         self.drain()
-        with self._learn_lock, self._lock, self._monitor_lock:
+        with self._learn_lock, self._intake_lock, self._lock, self._monitor_lock:
             return {
                 "version": self.version,
                 "drift": self.monitor.state.as_dict(),
@@ -371,7 +376,7 @@ class SelfHealer:
 
     def reset(self) -> None:
         """Back to the source weights; forget adaptation, buffers and drift state."""
-        with self._learn_lock, self._lock, self._monitor_lock:
+        with self._learn_lock, self._intake_lock, self._lock, self._monitor_lock:
             self._queue, self._queued = deque(), 0  # predictions of the forgotten state: not observed
             self.model.load_state_dict(self._source_state)
             self.corrector.reset()
@@ -388,7 +393,7 @@ class SelfHealer:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Everything needed to resume: weights, running statistics, buffers, counters."""
-        with self._learn_lock, self._lock, self._monitor_lock:
+        with self._learn_lock, self._intake_lock, self._lock, self._monitor_lock:
             return {
                 "format": STATE_FORMAT,
                 "model": clone_state(self.model.state_dict()),
@@ -406,7 +411,7 @@ class SelfHealer:
         """Restore a state; on any error the healer is left exactly as it was."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported healer state (format {state.get('format') if isinstance(state, dict) else None})")
-        with self._learn_lock, self._lock, self._monitor_lock:
+        with self._learn_lock, self._intake_lock, self._lock, self._monitor_lock:
             backup = self.state_dict()
             try:
                 self._apply(state)
