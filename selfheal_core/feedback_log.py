@@ -75,6 +75,8 @@ def decode_input(shape: str, blob: bytes) -> np.ndarray:
 class FeedbackLog(ABC):
     """Append-only labelled feedback; backends store and fetch rows, this class encodes them."""
 
+    path: str  # where the log lives, for logs and status (no password)
+
     @abstractmethod
     def answered(self, pids: list[str]) -> list[str]:
         """The ids among `pids` that already have feedback."""
