@@ -11,7 +11,7 @@ clean; continual (every family at severity 5 in turn); gradual (severity
 Dirichlet(0.1), redrawn every 1,000 samples); long continual (families cycled
 at severity 5 for 100,000 samples).
 
-    python scripts/bench_heal.py           # full run (tens of minutes)
+    python scripts/bench_heal.py           # full run (~7 min)
     python scripts/bench_heal.py --tiny    # a smoke test
 """
 from __future__ import annotations
