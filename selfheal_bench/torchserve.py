@@ -39,24 +39,19 @@ def free_ports(n: int) -> list[int]:
 
 
 def build_archive(model_dir: Path, export_dir: Path, name: str = "digits",
-                  config_file: Path = REPO / "model-config.yaml",
-                  handler: Path = REPO / "handler" / "selfheal_handler.py",
-                  extra_files: list[Path] | None = None) -> Path:
-    """Run torch-model-archiver on the trained demo model; returns the .mar path."""
+                  config_file: Path = REPO / "model-config.yaml", handler: str = "selfheal_torchserve.handler",
+                  model_file: Path | None = REPO / "selfheal_bench" / "models.py", weights: str = "digits_cnn.pt",
+                  extra: list[str] | None = None) -> Path:
+    """`selfheal archive` on a trained model directory (weights + reference.pt); returns the .mar path."""
     export_dir.mkdir(parents=True, exist_ok=True)
-    archiver = Path(sys.executable).with_name("torch-model-archiver")
-    if extra_files is None:
-        extra_files = [REPO / "handler" / "selfheal_request.py", model_dir / "reference.pt"]
-    cmd = [
-        str(archiver), "--model-name", name, "--version", "1.0",
-        "--model-file", str(REPO / "selfheal_bench" / "models.py"),
-        "--serialized-file", str(model_dir / "digits_cnn.pt"),
-        "--handler", str(handler),
-        "--extra-files", ",".join(str(f) for f in extra_files),
-        "--config-file", str(config_file),
-        "--export-path", str(export_dir), "--force",
-    ]
-    subprocess.run(cmd, check=True)
+    cmd = [str(Path(sys.executable).with_name("selfheal")), "archive", "--name", name,
+           "--weights", str(model_dir / weights), "--reference", str(model_dir / "reference.pt"),
+           "--config", str(config_file), "--handler", str(handler), "--export-path", str(export_dir)]
+    if model_file is not None:
+        cmd += ["--model-file", str(model_file)]
+    run = subprocess.run(cmd + list(extra or []), capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"selfheal archive failed ({run.returncode}): {run.stderr[-3000:]}")
     return export_dir / f"{name}.mar"
 
 

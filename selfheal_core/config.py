@@ -1,6 +1,6 @@
 """Typed, frozen configuration for every part of selfheal_core.
 
-Defaults are chosen for small classifiers served one request at a time; each
+Defaults are chosen for small models served one request at a time; each
 field says why it has its value.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Mapping
 
 ParamSet = Literal["auto", "all", "last_layer", "norm_and_last"]
+ConceptPolicy = Literal["hold", "learn"]
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -23,50 +24,62 @@ def _unit(obj: Any, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be in [0, 1], got {getattr(obj, name)!r}")
 
 
+def _choice(obj: Any, name: str, valid: tuple) -> None:
+    if getattr(obj, name) not in valid:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {', '.join(map(str, valid))}, "
+                         f"got {getattr(obj, name)!r}")
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     expected_run_time: int = 10_000  # clean samples between false alarms, per detector (ERT); the
     # monitor's drift flag has three label-free detectors, so it false-alarms ~3x as often
-    cusum_slack: float = 0.5  # CUSUM allowance k, in standard-normal units of the entropy-rank score
+    cusum_slack: float = 0.5  # CUSUM allowance k, in standard-normal units of the rank scores
     ewma_lambda: float = 0.05  # MEWMA weight of the newest sample: memory of ~20-40 samples
     feature_dims: int = 8  # principal directions of the penultimate features watched
     calibration_margin: float = 0.6  # MEWMA charts: calibrate as if the reference were this fraction of its size
     settle_samples: int = 1_000  # quiet samples after the last alarm before drift is cleared
-    error_rate_floor: float = 0.02  # reference error is optimistic (training data): floor it
+    error_rate_floor: float = 0.02  # reference error is optimistic (few samples): floor it
     error_rate_shift: float = 0.10  # error-rate increase the error detector is tuned for
     calibration_paths: int = 200  # bootstrap CUSUM paths used to set thresholds
     seed: int = 0  # calibration is seeded so a restart gets the same thresholds
 
     def __post_init__(self) -> None:
         _positive(self, "expected_run_time", "cusum_slack", "settle_samples", "error_rate_shift",
-                  "calibration_paths", "ewma_lambda", "feature_dims")
+                  "calibration_paths", "ewma_lambda", "feature_dims", "calibration_margin")
         _unit(self, "error_rate_floor", "ewma_lambda", "calibration_margin")
+        if self.expected_run_time < 10:
+            raise ValueError(f"MonitorConfig.expected_run_time must be >= 10, got {self.expected_run_time}")
 
 
 @dataclass(frozen=True)
 class CorrectConfig:
     norm_stats: bool = True  # adapt BatchNorm running statistics to live inputs
+    norm_affine: bool = True  # models with LayerNorm/GroupNorm: entropy-train their affine parameters
     entropy: bool = False  # entropy minimisation of a feature adapter before the last Linear: off by
     # default, as it gained nothing over the statistics on Digits-C (continual 0.4744 vs 0.4742 at batch
     # 64, 0.4707 vs 0.4706 at 1) and cost 1.8 points in the worst 1k window of the long stream
     prior: bool = True  # Bayesian class-prior correction of the logits (label shift)
     when: Literal["drift", "always"] = "drift"  # start at the first matching drift alarm, or at once
     momentum: float = 0.01  # norm stats: per-sample EMA weight, memory ~100 samples, works at batch 1
-    entropy_lr: float = 0.01  # adapter SGD step size
+    affine_lr: float = 1e-3  # norm affine: Adam step size (TENT's)
+    entropy_lr: float = 0.01  # feature adapter: SGD step size
     entropy_step_every: int = 64  # samples (across requests) per adapter step
     entropy_margin: float = 0.4  # reliable samples: entropy below this fraction of log(C) (EATA)
-    entropy_anchor: float = 1.0  # L2 pull of the adapter towards the identity
-    entropy_decay: float = 0.01  # share of the adapter removed at each step: returns to source when idle
+    entropy_anchor: float = 1.0  # L2 pull of the adapted values towards the source
+    entropy_decay: float = 0.01  # share of the adaptation removed at each step: returns to source when idle
     prior_momentum: float = 0.01  # class-prior EM: per-sample weight, memory ~100 samples
     prior_quiet: int = 1_000  # prior correction only this many predictions after a confidence alarm
     collapse_share: float = 0.9  # reset adaptation when one class takes this share of recent predictions
     collapse_window: int = 500  # predictions in that share's memory
 
     def __post_init__(self) -> None:
-        if self.when not in ("drift", "always"):
-            raise ValueError(f"CorrectConfig.when must be 'drift' or 'always', got {self.when!r}")
-        _unit(self, "momentum", "entropy_margin", "entropy_decay", "prior_momentum", "collapse_share")
-        _positive(self, "entropy_lr", "entropy_step_every", "collapse_window", "prior_quiet")
+        _choice(self, "when", ("drift", "always"))
+        _unit(self, "momentum", "entropy_margin", "prior_momentum", "collapse_share")
+        _positive(self, "affine_lr", "entropy_lr", "entropy_step_every", "collapse_window", "prior_quiet",
+                  "momentum", "entropy_margin")
+        if not 0 <= self.entropy_decay < 1:
+            raise ValueError(f"CorrectConfig.entropy_decay must be in [0, 1), got {self.entropy_decay}")
         if self.entropy_anchor < 0:
             raise ValueError(f"CorrectConfig.entropy_anchor must be >= 0, got {self.entropy_anchor}")
 
@@ -81,28 +94,20 @@ class LearnConfig:
     batch_size: int = 32  # replay minibatch
     update_every: int = 2  # new training labels between updates (rotated digits, 1% feedback: 2 and 20
     # steps close 45% of the gap to the oracle, 4 and 10 steps 33%)
+    max_labels_per_update: int = 64  # a learner that fell behind folds at most this many new labels into
+    # one update, so the delay from a label to published weights stays bounded under any label rate
     recent_size: int = 256  # newest labels kept verbatim
     reservoir_size: int = 256  # uniform sample of older labels (anti-forgetting)
     reference_fraction: float = 0.25  # share of each minibatch from labelled reference data
     anchor: float = 1e-2  # L2 pull towards the source weights
-    min_update_interval_s: float = 0.0  # compute budget for a server: at most one update per interval
-    # (labels arriving meanwhile wait in the buffer and join the next update)
-    max_time_share: float = 1.0  # compute budget: an update taking t seconds is followed by a pause of
-    # t * (1 / share - 1), so learning takes at most this share of one core's time however fast labels come
     bayes: bool = True  # Bayesian (Kalman) update of the last layer on every training label
     bayes_prior_var: float = 0.01  # prior variance of the last layer's weights (per feature unit)
     bayes_forgetting: float = 0.995  # per-label decay of old evidence: tracks drift (memory ~200 labels)
 
     def __post_init__(self) -> None:
-        if self.params not in ("auto", "all", "last_layer", "norm_and_last"):
-            raise ValueError(f"LearnConfig.params must be one of auto, all, last_layer, norm_and_last, "
-                             f"got {self.params!r}")
+        _choice(self, "params", ("auto", "all", "last_layer", "norm_and_last"))
         _positive(self, "lr", "steps", "batch_size", "update_every", "recent_size", "reservoir_size",
-                  "auto_max_params", "bayes_prior_var")
-        if self.min_update_interval_s < 0:
-            raise ValueError(f"LearnConfig.min_update_interval_s must be >= 0, got {self.min_update_interval_s}")
-        if not 0 < self.max_time_share <= 1:
-            raise ValueError(f"LearnConfig.max_time_share must be in (0, 1], got {self.max_time_share}")
+                  "auto_max_params", "bayes_prior_var", "max_labels_per_update")
         if not 0 < self.bayes_forgetting <= 1:
             raise ValueError(f"LearnConfig.bayes_forgetting must be in (0, 1], got {self.bayes_forgetting}")
         _unit(self, "reference_fraction")
@@ -115,7 +120,7 @@ class GuardConfig:
     holdout_every: int = 5  # every k-th label is held back to validate updates, never trained on
     holdout_size: int = 20  # newest held-back labels: small, so validation follows the current domain
     min_holdout: int = 3  # no update until this many labels are held back (0: learn unvalidated)
-    tolerance: float = 0.0  # accepted rise in held-back cross-entropy (0: must not get worse)
+    tolerance: float = 0.0  # accepted rise in held-back loss (0: must not get worse)
     quarantine: bool = True  # hold back bursts of labels that look like poisoning (see quarantine.py)
     quarantine_window: int = 200  # recent labels the burst test looks at
     quarantine_confidence: float = 0.8  # a disagreement counts when the model was at least this sure
@@ -128,7 +133,7 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "holdout_every", "holdout_size", "quarantine_window", "quarantine_min_count",
-                  "quarantine_min_sources")
+                  "quarantine_min_sources", "corroborate")
         _unit(self, "quarantine_confidence", "quarantine_share")
         if self.min_holdout < 0 or self.tolerance < 0:
             raise ValueError("GuardConfig.min_holdout and tolerance must be >= 0")
@@ -140,9 +145,10 @@ class HealConfig:
     correct: CorrectConfig = field(default_factory=CorrectConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    adapt: bool = True  # False: monitor only (no label-free correction, labels logged and watched, not learned)
     max_batch: int = 1_024  # larger inputs are refused: bounded work per call
-    snapshot_interval_s: float = 10.0  # at most one snapshot per interval (rate limit)
-    max_queued: int = 8_192  # deferred predictions awaiting drain(); beyond this the oldest are shed
+    snapshot_interval_s: float = 1.0  # at most one published version per interval (rate limit)
+    max_queued: int = 8_192  # predictions awaiting drain(); beyond this the oldest are shed
     observe_every: int = 128  # predict() without defer monitors and adapts once this many samples are
     # queued: one vectorised pass instead of one per request (a detector or statistics update has a
     # fixed cost of ~1 ms); adaptation lags by at most this many samples (Digits-C continual, batch 64:
@@ -170,6 +176,8 @@ class HealConfig:
 
 
 def _build(kind: type, value: Mapping[str, Any] | None) -> Any:
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"{kind.__name__} settings must be a mapping, got {type(value).__name__}")
     valid = {f.name for f in fields(kind)}
     unknown = set(value or {}) - valid
     if unknown:

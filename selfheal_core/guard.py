@@ -1,8 +1,9 @@
 """Guard: an update is kept only if it does not raise the loss on held-back labels.
 
-The judged quantity is the cross-entropy on the holdout, not its 0/1 error:
-on a few dozen labels the error is coarse, and a ratchet of updates that each
-leave it unchanged can still wreck the model; the loss moves with every step.
+The judged quantity is the task's loss on the holdout (cross-entropy, or MSE
+for regression), not its error: on a few dozen labels the error is coarse,
+and a ratchet of updates that each leave it unchanged can still wreck the
+model; the loss moves with every step.
 
 Every `holdout_every`-th label is withheld from training and kept (bounded) as
 a validation set of recent ground truth; labels pushed out of the holdout are
@@ -13,22 +14,32 @@ from __future__ import annotations
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from selfheal_core.config import GuardConfig
+from selfheal_core.state import StateMixin
+from selfheal_core.task import Task
 
 
-class Guard:
+class Guard(StateMixin):
     """Validates updates on held-back recent labels and counts decisions."""
 
-    def __init__(self, config: GuardConfig = GuardConfig()) -> None:
+    _state_keys = ("_holdout_state", "_count", "accepted", "rolled_back", "last_error")
+
+    def __init__(self, config: GuardConfig, task: Task) -> None:
         self.config = config
-        self._holdout: deque[tuple[torch.Tensor, int]] = deque()
+        self.task = task
+        self._reset()
+
+    def _reset(self) -> None:
+        self._holdout: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=self.config.holdout_size)
         self._count = 0  # labels offered to the guard
         self.accepted = 0
         self.rolled_back = 0
         self.last_error: float | None = None
+
+    def reset(self) -> None:
+        self._reset()
 
     def admit(self, x: torch.Tensor, y: torch.Tensor,
               skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,21 +50,21 @@ class Guard:
         """
         train_x, train_y = [], []
         skip_list = skip.tolist() if skip is not None else [False] * len(y)
-        for xi, yi, skipped in zip(x.detach().cpu(), y.tolist(), skip_list):
+        for xi, yi, skipped in zip(x.detach().cpu(), y.detach().cpu(), skip_list):
             self._count += 1
             if skipped:
                 continue
             if self._count % self.config.holdout_every == 0:
-                self._holdout.append((xi.clone(), int(yi)))
-                if len(self._holdout) > self.config.holdout_size:
-                    xi, yi = self._holdout.popleft()
-                else:
-                    continue
+                if len(self._holdout) == self._holdout.maxlen:
+                    train_x.append(self._holdout[0][0])  # the oldest held-back label goes to training
+                    train_y.append(self._holdout[0][1])
+                self._holdout.append((xi.clone(), yi.clone()))
+                continue
             train_x.append(xi)
-            train_y.append(int(yi))
+            train_y.append(yi)
         if not train_x:
-            return x[:0].cpu(), torch.empty(0, dtype=torch.long)
-        return torch.stack(train_x), torch.tensor(train_y, dtype=torch.long)
+            return x[:0].cpu(), y[:0].cpu()
+        return torch.stack(train_x), torch.stack(train_y)
 
     @property
     def holdout_size(self) -> int:
@@ -66,14 +77,14 @@ class Guard:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float] | None:
-        """(cross-entropy, error) of `model` on the holdout; None while it is empty."""
+        """(loss, error) of `model` on the holdout; None while it is empty."""
         if not self._holdout:
             return None
         device = next(model.parameters()).device
         x = torch.stack([x for x, _ in self._holdout]).to(device)
-        y = torch.tensor([y for _, y in self._holdout], device=device)
-        logits = model(x)
-        return float(F.cross_entropy(logits, y)), float((logits.argmax(1) != y).float().mean())
+        y = torch.stack([y for _, y in self._holdout]).to(device)
+        raw = model(x)
+        return float(self.task.loss(raw, y)), float(self.task.errors(raw, y).mean())
 
     def judge(self, before: tuple[float, float] | None, after: tuple[float, float] | None) -> bool:
         """Accept unless the held-back loss rose beyond the tolerance; counts the decision."""
@@ -84,23 +95,15 @@ class Guard:
         self.last_error = kept[1] if kept else None
         return ok
 
-    def state_dict(self) -> dict:
-        xs = torch.stack([x for x, _ in self._holdout]) if self._holdout else torch.empty(0)
-        ys = torch.tensor([y for _, y in self._holdout], dtype=torch.long)
-        return {"holdout_x": xs, "holdout_y": ys, "count": self._count, "accepted": self.accepted,
-                "rolled_back": self.rolled_back, "last_error": self.last_error}
+    @property
+    def _holdout_state(self) -> dict:
+        if not self._holdout:
+            return {"x": torch.empty(0), "y": torch.empty(0)}
+        return {"x": torch.stack([x for x, _ in self._holdout]), "y": torch.stack([y for _, y in self._holdout])}
 
-    def load_state_dict(self, state: dict) -> None:
-        keys = {"holdout_x", "holdout_y", "count", "accepted", "rolled_back", "last_error"}
-        if set(state) != keys:
-            raise ValueError(f"Guard state keys {sorted(state)} != {sorted(keys)}")
-        self._holdout = deque(list(zip(list(state["holdout_x"]), state["holdout_y"].tolist()))
-                              [-self.config.holdout_size:])
-        self._count, self.accepted = int(state["count"]), int(state["accepted"])
-        self.rolled_back, self.last_error = int(state["rolled_back"]), state["last_error"]
-
-    def reset(self) -> None:
-        self.__init__(self.config)
+    @_holdout_state.setter
+    def _holdout_state(self, value: dict) -> None:
+        self._holdout = deque(zip(list(value["x"]), list(value["y"])), maxlen=self.config.holdout_size)
 
     def status(self) -> dict:
         return {"holdout": len(self._holdout), "accepted": self.accepted, "rolled_back": self.rolled_back,

@@ -1,15 +1,30 @@
-"""Shared fixtures: the demo model trained once per session, and its .mar."""
+"""Shared fixtures: the demo model trained once per session, its reference, deadline-bound waits."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-# The handler modules ship flat inside the .mar; tests import them the same way.
-sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+sys.path.insert(0, str(REPO / "scripts"))
+T = TypeVar("T")
+
+
+def wait_until(fetch: Callable[[], T], done: Callable[[T], bool], timeout: float, what: str,
+               interval: float = 0.1) -> T:
+    """Poll `fetch()` until `done(value)`; fail the test naming `what` and the last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s; last seen: {str(value)[:1500]}")
+        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

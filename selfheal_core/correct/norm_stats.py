@@ -13,61 +13,54 @@ statistics its own input helped estimate.
 """
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from selfheal_core.state import StateMixin
+from selfheal_core.correct.base import Corrector, Observation
 
 
-def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """BatchNorm layers that track running statistics, in module order."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-class NormStatsAdapter(StateMixin):
+class NormStatsAdapter(Corrector):
     """EMA of BatchNorm input moments from live traffic (a no-op for models without BN)."""
 
+    name = "norm_stats"
     _state_keys = ("_mean", "_sq", "_active", "_samples")
 
-    def __init__(self, model: nn.Module, momentum: float = 0.01, max_pending: int = 4096) -> None:
+    def __init__(self, layers: tuple[nn.Module, ...] | list[nn.Module], momentum: float = 0.01,
+                 max_pending: int = 4096) -> None:
         if not 0 < momentum <= 1 or max_pending < 1:
             raise ValueError(f"need momentum in (0, 1] and max_pending >= 1, got {momentum}, {max_pending}")
+        super().__init__()
         self.momentum = momentum
         self.max_pending = max_pending  # forwards kept between observe() calls
-        self._layers = batchnorm_layers(model)
+        self._layers = list(layers)
         self._source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._layers]
-        self._captured: list[list[torch.Tensor]] = [[] for _ in self._layers]  # BN inputs not yet folded
         self._recording = False
         self._hooks: list = []  # registered only while adapting: an idle hook still costs every forward
         self._reset()
 
     def _reset(self) -> None:
-        self._captured = [[] for _ in self._layers]
-        self._mean = [mu.clone() for mu, _ in self._source]  # per layer (C,)
-        self._sq = [var + mu**2 for mu, var in self._source]  # second moment per layer (C,)
+        # BN inputs not yet folded: appended by the serving thread, taken by observe()
+        self._captured: list[deque] = [deque(maxlen=self.max_pending) for _ in self._layers]
+        self._mean = [mu.clone() for mu, _ in self._source]  # per layer (C,); replaced, never changed in place
+        self._sq = [var + mu ** 2 for mu, var in self._source]  # second moment per layer (C,)
         self._active = False
         self._samples = 0  # samples folded in since activation
+        self._applied: object = None  # the moments last written into the layers
+        self._at_source = True  # nothing folded in: apply() writes the source statistics exactly
 
     def _make_hook(self, i: int):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             if self._recording:
-                cap = self._captured[i]
-                cap.append(inputs[0].detach())  # (B, C, ...): folded by observe()
-                if len(cap) > self.max_pending:  # nobody observes: bounded memory, oldest dropped
-                    del cap[0]
+                self._captured[i].append(inputs[0].detach())  # (B, C, ...): folded by observe()
         return hook
 
     @property
     def enabled(self) -> bool:
-        """Whether the model has anything to adapt."""
         return bool(self._layers)
-
-    @property
-    def active(self) -> bool:
-        return self._active
 
     def activate(self) -> None:
         self._active = True
@@ -83,52 +76,72 @@ class NormStatsAdapter(StateMixin):
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Capture BN input moments during the forward pass run inside this block."""
+        """Capture BN inputs during the forward pass run inside this block."""
         self._recording = self._active and self.enabled
         try:
             yield
         finally:
             self._recording = False
 
-    def observe(self) -> None:
-        """Fold the moments captured by the last recorded forward into the running statistics."""
+    @torch.no_grad()
+    def observe(self, obs: Observation | None = None) -> None:
+        """Fold the BN inputs captured since the last call into the moving moments."""
         if not self._active:
             for cap in self._captured:
                 cap.clear()
             return
-        for i, (layer, cap) in enumerate(zip(self._layers, self._captured)):
-            if not cap:
+        means, sqs, folded = list(self._mean), list(self._sq), 0
+        for i, cap in enumerate(self._captured):
+            parts = [cap.popleft() for _ in range(len(cap))]  # oldest first; later appends wait for the next call
+            if not parts:
                 continue
-            x = torch.cat(cap) if len(cap) > 1 else cap[0]  # (N, C, ...) in arrival order
-            cap.clear()
-            dims = [d for d in range(2, x.dim())]
+            x = torch.cat(parts) if len(parts) > 1 else parts[0]  # (N, C, ...) in arrival order
+            dims = list(range(2, x.dim()))
             mean = x.mean(dims) if dims else x  # per-sample moments (N, C)
             sq = (x * x).mean(dims) if dims else x * x
             # Per-sample EMA over the N samples in one step: sample k (0 = oldest) weighs
             # m (1-m)^(N-1-k), the old estimate (1-m)^N.
             n, keep = len(x), 1.0 - self.momentum
             w = self.momentum * keep ** torch.arange(n - 1, -1, -1, dtype=x.dtype, device=x.device)
-            self._mean[i].mul_(keep ** n).add_(w @ mean)
-            self._sq[i].mul_(keep ** n).add_(w @ sq)
-            layer.running_mean.copy_(self._mean[i])
-            layer.running_var.copy_((self._sq[i] - self._mean[i] ** 2).clamp_min(layer.eps))
-            if i == 0:
-                self._samples += n
+            means[i] = means[i].to(x.device) * keep ** n + w @ mean
+            sqs[i] = sqs[i].to(x.device) * keep ** n + w @ sq
+            folded = max(folded, n)
+        self._mean, self._sq = means, sqs  # one reference swap each: apply() sees old or new, never half
+        self._at_source = False
+        self._samples += folded
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        means, sqs = self._mean, self._sq
+        if means is self._applied:
+            return
+        if self._at_source:  # var + mu^2 - mu^2 is not var in floating point: copy the source itself
+            for layer, (mu, var) in zip(self._layers, self._source):
+                layer.running_mean.copy_(mu)
+                layer.running_var.copy_(var)
+        else:
+            for layer, mu, sq in zip(self._layers, means, sqs):
+                layer.running_mean.copy_(mu)
+                layer.running_var.copy_((sq - mu ** 2).clamp_min(layer.eps))
+        self._applied = means
 
     def load_state_dict(self, state: dict) -> None:
         """As StateMixin, with the moments moved to their layers' device (snapshots load on the CPU)."""
         super().load_state_dict(state)
+        self._at_source = False
         self._mean = [m.to(layer.running_mean.device) for m, layer in zip(self._mean, self._layers)]
         self._sq = [q.to(layer.running_mean.device) for q, layer in zip(self._sq, self._layers)]
+        self._applied = None
         self._sync_hooks()
 
+    def moments(self) -> dict:
+        """The adapted statistics, for a learner that trains with what serving normalises with."""
+        return {"active": self._active, "mean": [m.cpu() for m in self._mean], "sq": [q.cpu() for q in self._sq]}
+
     def reset(self) -> None:
-        """Restore the source statistics exactly and stop adapting."""
+        """Restore the source statistics exactly and stop adapting (takes effect at `apply`)."""
         self._reset()
         self._sync_hooks()
-        for layer, (mu, var) in zip(self._layers, self._source):
-            layer.running_mean.copy_(mu)
-            layer.running_var.copy_(var)
 
     def status(self) -> dict:
         return {"layers": len(self._layers), "active": self._active, "samples": self._samples}

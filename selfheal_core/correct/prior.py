@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from selfheal_core.state import StateMixin
+from selfheal_core.correct.base import Corrector, Observation
 
 
-class PriorCorrector(StateMixin):
+class PriorCorrector(Corrector):
     """Online EM estimate of class priors; `adjust(logits)` applies them.
 
     >>> src = torch.full((3,), 1 / 3)
     >>> pc = PriorCorrector(src, momentum=0.05)
     >>> probs = torch.tensor([[0.8, 0.1, 0.1]]).repeat(200, 1)  # traffic now mostly class 0
     >>> for i in range(0, 200, 8):
-    ...     pc.observe(probs[i:i + 8])
+    ...     pc.observe(Observation(raw=probs[i:i + 8].log(), probs=probs[i:i + 8]))
     >>> pc.activate()
     >>> [round(v, 2) for v in pc.prior.tolist()]
     [0.97, 0.02, 0.02]
@@ -30,6 +30,7 @@ class PriorCorrector(StateMixin):
     0
     """
 
+    name = "prior"
     _state_keys = ("_prior", "_active", "_samples")
 
     def __init__(self, source_prior: torch.Tensor, momentum: float = 0.01, pseudo_count: float = 0.002) -> None:
@@ -37,6 +38,7 @@ class PriorCorrector(StateMixin):
             raise ValueError("source_prior must be a 1-D tensor of positive class probabilities")
         if not 0 < momentum <= 1 or pseudo_count < 0:
             raise ValueError(f"need 0 < momentum <= 1 and pseudo_count >= 0, got {momentum}, {pseudo_count}")
+        super().__init__()
         self.momentum = momentum  # per-sample weight of new evidence: memory of ~1/momentum samples
         self.pseudo_count = pseudo_count  # per-sample pull back towards the source prior
         self._source = (source_prior / source_prior.sum()).double().cpu()
@@ -44,7 +46,7 @@ class PriorCorrector(StateMixin):
 
     def _reset(self) -> None:
         self._prior = self._source.clone()  # replaced (never changed in place) by each estimate
-        self._shift: tuple | None = None  # (prior identity, device, dtype) -> log-prior shift, cached
+        self._shift: torch.Tensor | None = None  # log-prior shift of the current estimate, cached
         self._active = False
         self._samples = 0
 
@@ -52,41 +54,33 @@ class PriorCorrector(StateMixin):
     def prior(self) -> torch.Tensor:
         return self._prior.clone()
 
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    def activate(self) -> None:
-        self._active = True
-
-    def deactivate(self) -> None:
-        """Stop correcting; the estimate keeps running."""
-        self._active = False
-
-    def observe(self, probs: torch.Tensor) -> None:
+    def observe(self, obs: Observation) -> None:
         """One online EM step from the source model's probabilities (B, C)."""
-        p = probs.detach().double().cpu()
-        w = p * (self._prior / self._source)  # E-step: posteriors under the current prior
+        p = obs.probs.detach().double().cpu()
+        prior = self._prior
+        w = p * (prior / self._source)  # E-step: posteriors under the current prior
         w = w / w.sum(1, keepdim=True)
         keep = (1 - self.momentum) ** len(p)
-        target = w.mean(0)
-        self._prior = keep * self._prior + (1 - keep) * target  # M-step, folded in with momentum
+        prior = keep * prior + (1 - keep) * w.mean(0)  # M-step, folded in with momentum
         pull = 1 - (1 - self.pseudo_count) ** len(p)
-        self._prior = (1 - pull) * self._prior + pull * self._source
+        prior = (1 - pull) * prior + pull * self._source
+        self._shift = (prior.clamp_min(1e-6).log() - self._source.log()).float()
+        self._prior = prior
         self._samples += len(p)
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits re-weighted to the estimated priors (unchanged while inactive)."""
-        if not self._active:
+        """Logits (B, C) re-weighted to the estimated priors (unchanged while inactive)."""
+        shift = self._shift
+        if not self._active or shift is None:
             return logits
-        key = (self._prior.data_ptr(), logits.device, logits.dtype)
-        if self._shift is None or self._shift[0] != key:  # per prior estimate, not per request
-            self._shift = (key, (self._prior.clamp_min(1e-6).log() - self._source.log()).to(logits.device,
-                                                                                          logits.dtype))
-        return logits + self._shift[1]
+        return logits + shift.to(logits.device, logits.dtype)
 
     def reset(self) -> None:
         self._reset()
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._shift = (self._prior.clamp_min(1e-6).log() - self._source.log()).float()
 
     def status(self) -> dict:
         top = torch.topk(self._prior, min(3, len(self._prior)))

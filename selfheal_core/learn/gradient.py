@@ -4,40 +4,36 @@ The set is chosen by size: a small model trains every weight (on the digits
 CNN, 100 rotated labels lift accuracy to 0.81 with all weights but to 0.47 with
 norm affine + last layer: a geometric shift must be learned in the features);
 a large one trains the affine parameters of its normalisation layers and its
-last Linear layer, which learn fast from few labels and cannot wreck the
-features. An L2 anchor pulls the trained weights towards the source weights so
-that sparse, noisy labels cannot drag the model far, and every update is
+output layer, which learn fast from few labels and cannot wreck the features.
+An L2 anchor pulls the trained weights towards the source weights so that
+sparse, noisy labels cannot drag the model far, and every update is
 validated by the guard.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from selfheal_core.config import LearnConfig, ParamSet
 from selfheal_core.learn.replay import ReplayBuffer
+from selfheal_core.task import Task
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The last nn.Linear in module order: the output layer of a classifier."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise ValueError("model has no nn.Linear layer to adapt")
-    return found[-1]
-
-
-def select_parameters(model: nn.Module, which: ParamSet, auto_max_params: int = 200_000) -> dict[str, nn.Parameter]:
+def select_parameters(model: nn.Module, which: ParamSet, head_name: str | None,
+                      auto_max_params: int = 200_000) -> dict[str, nn.Parameter]:
     """Named parameters of the chosen set, in a stable order."""
     if which == "auto":
         total = sum(p.numel() for p in model.parameters())
-        which = "all" if total <= auto_max_params else "norm_and_last"
+        which = "all" if total <= auto_max_params or head_name is None else "norm_and_last"
     if which == "all":
         return dict(sorted(model.named_parameters()))
-    name, layer = last_linear(model)
-    chosen = {f"{name}.{p}": q for p, q in layer.named_parameters()}
+    if head_name is None:
+        raise ValueError(f"learn.params={which!r} needs an output nn.Linear layer; this model has none "
+                         "(use params: all)")
+    layer = model.get_submodule(head_name)
+    chosen = {f"{head_name}.{p}": q for p, q in layer.named_parameters()}
     if which == "norm_and_last":
         for mname, m in model.named_modules():
             if isinstance(m, _NORMS):
@@ -48,11 +44,12 @@ def select_parameters(model: nn.Module, which: ParamSet, auto_max_params: int = 
 class GradientLearner:
     """Buffers labelled pairs and, every `update_every` labels, takes `steps` Adam steps."""
 
-    def __init__(self, model: nn.Module, config: LearnConfig = LearnConfig(),
+    def __init__(self, model: nn.Module, config: LearnConfig, task: Task, head_name: str | None,
                  reference: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> None:
         self.config = config
         self.model = model
-        self.params = select_parameters(model, config.params, config.auto_max_params)
+        self.task = task
+        self.params = select_parameters(model, config.params, head_name, config.auto_max_params)
         for p in model.parameters():  # gradients only for the chosen set: cheaper backward
             p.requires_grad_(False)
         for p in self.params.values():
@@ -94,7 +91,7 @@ class GradientLearner:
         if n_ref:
             rx, ry = self._reference
             idx = torch.randint(0, len(ry), (n_ref,), generator=self._gen)
-            x, y = torch.cat([x, rx[idx].cpu()]), torch.cat([y, ry[idx].cpu()])
+            x, y = torch.cat([x, rx[idx].cpu().to(x.dtype)]), torch.cat([y, ry[idx].cpu().to(y.dtype)])
         return x.to(device), y.to(device)
 
     @torch.enable_grad()
@@ -105,11 +102,10 @@ class GradientLearner:
         loss = torch.zeros(())
         for _ in range(self.config.steps):
             x, y = self._minibatch(device)
-            loss = F.cross_entropy(self.model(x), y)
+            loss = self.task.loss(self.model(x), y)
             if self.config.anchor:
                 loss = loss + self.config.anchor * sum(
-                    ((p - self._source[k]) ** 2).sum() for k, p in self.params.items()
-                )
+                    ((p - self._source[k]) ** 2).sum() for k, p in self.params.items())
             self._opt.zero_grad(set_to_none=True)
             loss.backward()
             self._opt.step()

@@ -5,10 +5,11 @@ from collections import deque
 
 import torch
 
+
 class ReplayBuffer:
     """`recent_size` newest (x, y) pairs; pairs pushed out of `recent` enter a uniform
     reservoir of `reservoir_size` (Vitter's algorithm R), so memory is fixed while
-    old domains stay represented.
+    old domains stay represented. Targets are class labels or value vectors alike.
     """
 
     def __init__(self, recent_size: int, reservoir_size: int, seed: int = 0) -> None:
@@ -20,8 +21,8 @@ class ReplayBuffer:
         self._reset()
 
     def _reset(self) -> None:
-        self._recent: deque[tuple[torch.Tensor, int]] = deque()
-        self._reservoir: list[tuple[torch.Tensor, int]] = []
+        self._recent: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
+        self._reservoir: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen = 0  # pairs that have left `recent`
         self._gen = torch.Generator().manual_seed(self.seed)
 
@@ -29,13 +30,13 @@ class ReplayBuffer:
         return len(self._recent) + len(self._reservoir)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Append a batch x (B, ...) with labels y (B,)."""
-        for xi, yi in zip(x.detach().cpu(), y.tolist()):
-            self._recent.append((xi.clone(), int(yi)))
+        """Append a batch x (B, ...) with targets y (B, ...)."""
+        for xi, yi in zip(x.detach().cpu(), y.detach().cpu()):
+            self._recent.append((xi.clone(), yi.clone()))
             if len(self._recent) > self.recent_size:
                 self._to_reservoir(self._recent.popleft())
 
-    def _to_reservoir(self, item: tuple[torch.Tensor, int]) -> None:
+    def _to_reservoir(self, item: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._seen += 1
         if len(self._reservoir) < self.reservoir_size:
             self._reservoir.append(item)
@@ -44,20 +45,24 @@ class ReplayBuffer:
             if j < self.reservoir_size:
                 self._reservoir[j] = item
 
+    @staticmethod
+    def _stack(items) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
     def sample(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k pairs drawn uniformly with replacement from recent and reservoir."""
         items = list(self._recent) + self._reservoir
         if not items:
             raise ValueError("replay buffer is empty")
         idx = torch.randint(0, len(items), (k,), generator=self._gen).tolist()
-        return torch.stack([items[i][0] for i in idx]), torch.tensor([items[i][1] for i in idx])
+        return self._stack([items[i] for i in idx])
 
     def newest(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most recently added pairs (at most `recent_size`), oldest first."""
         items = list(self._recent)[-k:] if k > 0 else []
         if not items:
             raise ValueError("no recent pairs")
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+        return self._stack(items)
 
     def clear(self) -> None:
         self._reset()
@@ -66,9 +71,7 @@ class ReplayBuffer:
         """Stacked tensors, so snapshots load with torch.load(weights_only=True)."""
 
         def stack(items):
-            if not items:
-                return torch.empty(0), torch.empty(0, dtype=torch.long)
-            return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+            return self._stack(items) if items else (torch.empty(0), torch.empty(0))
 
         (rx, ry), (sx, sy) = stack(self._recent), stack(self._reservoir)
         return {"recent_x": rx, "recent_y": ry, "reservoir_x": sx, "reservoir_y": sy,
@@ -78,8 +81,8 @@ class ReplayBuffer:
         keys = {"recent_x", "recent_y", "reservoir_x", "reservoir_y", "seen", "rng_state"}
         if set(state) != keys:
             raise ValueError(f"ReplayBuffer state keys {sorted(state)} != {sorted(keys)}")
-        recent = list(zip(list(state["recent_x"]), state["recent_y"].tolist()))
-        reservoir = list(zip(list(state["reservoir_x"]), state["reservoir_y"].tolist()))
+        recent = list(zip(list(state["recent_x"]), list(state["recent_y"])))
+        reservoir = list(zip(list(state["reservoir_x"]), list(state["reservoir_y"])))
         self._recent = deque(recent[-self.recent_size:])
         self._reservoir = reservoir[: self.reservoir_size]
         self._seen = int(state["seen"])

@@ -4,9 +4,11 @@ One protocol for all: `update(values) -> self`, `drift_detected` (did the last
 update alarm), a continuous `score` (statistic over threshold, >= 1 at an
 alarm), `reset()`, `state_dict()` / `load_state_dict()`.
 
-Two charts, each O(1) state and a few vectorised operations per batch:
+Three charts, each O(1) state and a few vectorised operations per batch:
 - `CusumDetector`: one-sided CUSUM on scalar per-sample increments, the
   optimal detector of a persistent mean increase;
+- `RankCusumDetector`: a CUSUM on the normal scores of each value's rank
+  among reference values (distribution-free: the null is known exactly);
 - `MewmaDetector`: multivariate EWMA (Lowry et al. 1992) on whitened vectors,
   sensitive to small persistent mean shifts in any direction.
 
@@ -169,6 +171,65 @@ class CusumDetector(Detector):
             start += int(hit[0]) + 1
         self._n += len(z)
         return self
+
+
+class RankCusumDetector(CusumDetector):
+    """CUSUM on z = Phi^-1(u) - slack, u a value's mid-rank among the R reference values in (0, 1).
+
+    Without drift a new value's rank is uniform over the R + 1 gaps, so z is known exactly,
+    bounded (|z| < 3 for R = 300) and the threshold calibration is distribution-free: raw
+    standardised values (entropies, squared errors) are heavy-tailed, and a few unusual
+    clean inputs would trip a CUSUM on them. Alarms on a rise of the values.
+    """
+
+    _state_keys = CusumDetector._state_keys + ("_ref",)
+    min_reference = 20
+
+    def __init__(self, expected_run_time: int = 10_000, slack: float = 0.5, paths: int = 200, seed: int = 0) -> None:
+        if slack <= 0:
+            raise ValueError(f"slack must be > 0, got {slack}")
+        self.slack = slack
+        self._ref = torch.zeros(0, dtype=torch.float64)  # sorted reference values
+        super().__init__(expected_run_time, paths, seed)
+
+    def _reference(self, values, what: str) -> torch.Tensor:
+        ref = torch.as_tensor(values).detach().to("cpu", torch.float64).flatten()
+        if len(ref) < self.min_reference:
+            raise ValueError(f"{type(self).__name__} needs at least {self.min_reference} reference {what}, "
+                             f"got {len(ref)}")
+        if not torch.isfinite(ref).all():
+            raise ValueError(f"{type(self).__name__}: reference {what} contain NaN or inf")
+        return ref.sort().values
+
+    def calibrate(self, reference_values, what: str = "values") -> "RankCusumDetector":
+        """Keep the sorted reference values and set the threshold for the null rank distribution."""
+        self._ref = self._reference(reference_values, what)
+        n = len(self._ref)
+        z_null = self._scores(np.arange(n + 1) + 0.5, n)  # a new value falls in each gap equally often
+        self.threshold = calibrate_threshold(
+            lambda rng, shape: rng.choice(z_null, size=shape) - self.slack, self.expected_run_time, self.paths,
+            self.seed,
+        )
+        self._reset()
+        return self
+
+    def rebase(self, reference_values) -> "RankCusumDetector":
+        """New reference values (the same inputs through updated weights); the threshold is
+        distribution-free and stays, and so does the running CUSUM."""
+        ref = torch.as_tensor(reference_values).detach().to("cpu", torch.float64).flatten()
+        if len(ref) != len(self._ref) or not torch.isfinite(ref).all():
+            raise ValueError(f"rebase needs {len(self._ref)} finite reference values")
+        self._ref = ref.sort().values
+        return self
+
+    @staticmethod
+    def _scores(position: np.ndarray, n: int) -> np.ndarray:
+        return torch.special.ndtri(torch.as_tensor(position / (n + 1), dtype=torch.float64)).numpy()
+
+    def _increments(self, values: np.ndarray) -> np.ndarray:
+        ref = self._ref.numpy()
+        mid = (np.searchsorted(ref, values, "left") + np.searchsorted(ref, values, "right")) / 2 + 0.5
+        return self._scores(mid, len(ref)) - self.slack
 
 
 class MewmaDetector(Detector):

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from selfheal_core.monitor.base import CusumDetector, calibrate_threshold
+from selfheal_core.monitor.base import RankCusumDetector
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -15,14 +14,8 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(p * p.log()).sum(dim=1) / math.log(probs.shape[1])  # (B,)
 
 
-class ConfidenceDetector(CusumDetector):
+class ConfidenceDetector(RankCusumDetector):
     """CUSUM on the rank of each prediction's entropy among reference entropies.
-
-    Each value v is scored z = Phi^-1(u), u its mid-rank among the R reference
-    entropies in (0, 1). Without drift a new value's rank is uniform over the
-    R + 1 gaps, so z is known exactly, bounded (|z| < 3 for R = 300) and the
-    threshold calibration is distribution-free. Raw standardised entropy is
-    heavy-tailed: a few confusing clean inputs would trip the CUSUM.
 
     >>> import torch
     >>> g = torch.Generator().manual_seed(3)
@@ -37,44 +30,5 @@ class ConfidenceDetector(CusumDetector):
     drift detected after 3 shifted samples
     """
 
-    _state_keys = CusumDetector._state_keys + ("_ref",)
-
-    def __init__(self, expected_run_time: int = 10_000, slack: float = 0.5, paths: int = 200, seed: int = 0) -> None:
-        if slack <= 0:
-            raise ValueError(f"slack must be > 0, got {slack}")
-        self.slack = slack
-        self._ref = torch.zeros(0, dtype=torch.float64)  # sorted reference entropies
-        super().__init__(expected_run_time, paths, seed)
-
-    def calibrate(self, reference_entropy) -> "ConfidenceDetector":
-        """Keep the sorted reference entropies and set the threshold for the null rank distribution."""
-        ref = torch.as_tensor(reference_entropy).detach().to("cpu", torch.float64).flatten()
-        if len(ref) < 20 or not torch.isfinite(ref).all():
-            raise ValueError("calibration needs at least 20 finite reference values")
-        self._ref = ref.sort().values
-        n = len(ref)
-        z_null = self._scores(np.arange(n + 1) + 0.5, n)  # a new value falls in each gap equally often
-        self.threshold = calibrate_threshold(
-            lambda rng, shape: rng.choice(z_null, size=shape) - self.slack, self.expected_run_time, self.paths,
-            self.seed,
-        )
-        self._reset()
-        return self
-
-    def rebase(self, reference_entropy) -> "ConfidenceDetector":
-        """New reference entropies (the same inputs through updated weights); the threshold is
-        distribution-free and stays, and so does the running CUSUM."""
-        ref = torch.as_tensor(reference_entropy).detach().to("cpu", torch.float64).flatten()
-        if len(ref) != len(self._ref) or not torch.isfinite(ref).all():
-            raise ValueError(f"rebase needs {len(self._ref)} finite reference values")
-        self._ref = ref.sort().values
-        return self
-
-    @staticmethod
-    def _scores(position: np.ndarray, n: int) -> np.ndarray:
-        return torch.special.ndtri(torch.as_tensor(position / (n + 1), dtype=torch.float64)).numpy()
-
-    def _increments(self, values: np.ndarray) -> np.ndarray:
-        ref = self._ref.numpy()
-        mid = (np.searchsorted(ref, values, "left") + np.searchsorted(ref, values, "right")) / 2 + 0.5
-        return self._scores(mid, len(ref)) - self.slack
+    def calibrate(self, reference_entropy, what: str = "entropies") -> "ConfidenceDetector":
+        return super().calibrate(reference_entropy, what)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfheal_core.monitor import ClassShiftDetector, ConfidenceDetector, ErrorRateDetector, FeatureShiftDetector
+from selfheal_core.monitor import (ClassShiftDetector, ConfidenceDetector, ErrorRateDetector, FeatureShiftDetector,
+                                   ResidualDetector)
 
 
 def confidence(ert=2_000, seed=0):
@@ -43,7 +44,16 @@ def class_shift(ert=2_000, seed=0):
     return det, clean, shifted
 
 
-DETECTORS = [confidence, error_rate, feature_shift, class_shift]
+def residual(ert=2_000, seed=0):
+    """Squared errors of a regression model: chi-square-like, heavy right tail."""
+    rng = np.random.default_rng(seed)
+    det = ResidualDetector(expected_run_time=ert, paths=100).calibrate(rng.standard_normal(300) ** 2)
+    clean = lambda r, n: r.standard_normal(n) ** 2  # noqa: E731
+    shifted = lambda r, n: (2.5 * r.standard_normal(n)) ** 2  # noqa: E731
+    return det, clean, shifted
+
+
+DETECTORS = [confidence, error_rate, feature_shift, class_shift, residual]
 
 
 def feed(det, values, batch=16):

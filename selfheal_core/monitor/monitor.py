@@ -1,0 +1,259 @@
+"""Drift monitor: the task's calibrated online detectors combined into one DriftState."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Callable
+
+import torch
+
+from selfheal_core.config import MonitorConfig
+from selfheal_core.monitor.base import Detector
+from selfheal_core.monitor.class_shift import ClassShiftDetector
+from selfheal_core.monitor.confidence import ConfidenceDetector, normalized_entropy
+from selfheal_core.monitor.error_rate import ErrorRateDetector
+from selfheal_core.monitor.feature_shift import FeatureShiftDetector
+from selfheal_core.monitor.residual import ResidualDetector
+from selfheal_core.state import StateMixin
+from selfheal_core.task import Task
+
+
+class DetectorName(str, Enum):
+    CONFIDENCE = "confidence"  # classifiers: the model is less sure (entropy ranks)
+    FEATURE_SHIFT = "feature_shift"  # penultimate features (or inputs) moved
+    CLASS_SHIFT = "class_shift"  # classifiers: predicted classes moved (label shift)
+    OUTPUT_SHIFT = "output_shift"  # regression: predicted values moved
+    ERROR_RATE = "error_rate"  # classifiers: feedback says the model errs more
+    RESIDUAL = "residual"  # regression: feedback errors grew
+
+
+LABEL_FREE = frozenset({DetectorName.CONFIDENCE, DetectorName.FEATURE_SHIFT, DetectorName.CLASS_SHIFT,
+                        DetectorName.OUTPUT_SHIFT})
+ON_FEEDBACK = frozenset({DetectorName.ERROR_RATE, DetectorName.RESIDUAL})
+INPUT_SHIFT = frozenset({DetectorName.CONFIDENCE, DetectorName.FEATURE_SHIFT})  # the inputs themselves moved
+
+
+@dataclass(frozen=True)
+class ReferenceView:
+    """The model's view of its reference sample: what detectors are calibrated on."""
+
+    probs: torch.Tensor | None = None  # (R, C) classifiers
+    features: torch.Tensor | None = None  # (R, F) float64: penultimate features or pooled inputs
+    values: torch.Tensor | None = None  # (R, D) regression outputs
+    errors: torch.Tensor | None = None  # (R,) per-sample errors against reference labels (None: no labels)
+
+
+@dataclass
+class DriftState:
+    """What the monitor believes now: JSON-able through `as_dict()`."""
+
+    detected: bool = False  # an alarm was raised and has not settled yet
+    firing: list[str] = field(default_factory=list)  # detectors that alarmed in this episode
+    scores: dict[str, float] = field(default_factory=dict)  # statistic / threshold per detector
+    since: int | None = None  # sample count at the first alarm of this episode
+    episodes: int = 0  # drift episodes so far
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_drift(*states: dict) -> dict:
+    """One drift summary from several monitors' `DriftState.as_dict()` (serving and feedback)."""
+    out = {"detected": any(s.get("detected") for s in states), "firing": [], "scores": {},
+           "since": None, "episodes": sum(s.get("episodes", 0) for s in states)}
+    for s in states:
+        out["firing"] += [f for f in s.get("firing", []) if f not in out["firing"]]
+        out["scores"].update(s.get("scores", {}))
+        if s.get("since") is not None:
+            out["since"] = s["since"] if out["since"] is None else min(out["since"], s["since"])
+    return out
+
+
+class Monitor(StateMixin):
+    """Label-free detectors on every prediction and/or error detectors on feedback.
+
+    Which detectors exist follows the task (`kinds` picks the label-free ones, the feedback
+    ones, or both); a detector whose data the model or reference cannot give (features of a
+    model without a head: inputs instead; errors without reference labels: a floor for
+    classifiers, none for regression) is left out and says so in `missing`. Each is
+    calibrated on the reference to `expected_run_time` samples between false alarms. A
+    drift episode starts at the first alarm of any detector and ends after `settle_samples`
+    samples with no new alarm.
+    """
+
+    _state_keys = ("_samples", "_since", "_last_alarm", "_episodes", "_firing")
+
+    def __init__(self, config: MonitorConfig, task: Task, kinds: frozenset[DetectorName] = LABEL_FREE) -> None:
+        self.config = c = config
+        self.task = task
+        wanted = {DetectorName.CONFIDENCE, DetectorName.CLASS_SHIFT, DetectorName.ERROR_RATE} if task.is_classifier \
+            else {DetectorName.OUTPUT_SHIFT, DetectorName.RESIDUAL}
+        wanted = (wanted | {DetectorName.FEATURE_SHIFT}) & set(kinds)
+        make: dict[DetectorName, Callable[[], Detector]] = {
+            DetectorName.CONFIDENCE: lambda: ConfidenceDetector(c.expected_run_time, c.cusum_slack,
+                                                                c.calibration_paths, c.seed),
+            DetectorName.FEATURE_SHIFT: lambda: FeatureShiftDetector(c.expected_run_time, c.feature_dims, c.ewma_lambda,
+                                                                     c.calibration_margin, c.calibration_paths, c.seed),
+            DetectorName.OUTPUT_SHIFT: lambda: FeatureShiftDetector(c.expected_run_time, c.feature_dims, c.ewma_lambda,
+                                                                    c.calibration_margin, c.calibration_paths, c.seed),
+            DetectorName.CLASS_SHIFT: lambda: ClassShiftDetector(c.expected_run_time, c.ewma_lambda, c.calibration_margin,
+                                                                 c.calibration_paths, c.seed),
+            DetectorName.ERROR_RATE: lambda: ErrorRateDetector(c.expected_run_time, c.error_rate_shift,
+                                                               c.error_rate_floor, c.calibration_paths, c.seed),
+            DetectorName.RESIDUAL: lambda: ResidualDetector(c.expected_run_time, c.cusum_slack, c.calibration_paths,
+                                                            c.seed),
+        }
+        self.detectors: dict[DetectorName, Detector] = {name: make[name]() for name in DetectorName if name in wanted}
+        self.missing: dict[str, str] = {}  # detector -> why it is not watching
+        self._reset()
+
+    def _reset(self) -> None:
+        self._samples = 0  # predictions (or labels) observed
+        self._since: int | None = None
+        self._last_alarm = -1
+        self._episodes = 0
+        self._firing: list[str] = []
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, ref: ReferenceView) -> "Monitor":
+        """Calibrate every detector the reference can feed; drop (and name) the others."""
+        d, D = self.detectors, DetectorName
+        if D.CONFIDENCE in d:
+            d[D.CONFIDENCE].calibrate(normalized_entropy(ref.probs))
+        if D.CLASS_SHIFT in d:
+            d[D.CLASS_SHIFT].calibrate(ref.probs.argmax(1), ref.probs.shape[1])
+        if D.OUTPUT_SHIFT in d:
+            d[D.OUTPUT_SHIFT].calibrate(ref.values.double())
+        if D.FEATURE_SHIFT in d:
+            if ref.features is None:
+                self._drop(D.FEATURE_SHIFT, "no features: the model has no output Linear to tap and no inputs were given")
+            else:
+                d[D.FEATURE_SHIFT].calibrate(ref.features)
+        if D.ERROR_RATE in d:
+            d[D.ERROR_RATE].calibrate(float(ref.errors.mean()) if ref.errors is not None else 0.0)
+        if D.RESIDUAL in d:
+            if ref.errors is None:
+                self._drop(D.RESIDUAL, "no reference targets: give labelled reference data to watch feedback errors")
+            else:
+                d[D.RESIDUAL].calibrate(ref.errors)
+        return self
+
+    def _drop(self, name: DetectorName, why: str) -> None:
+        del self.detectors[name]
+        self.missing[name.value] = why
+
+    def fit_rebase(self, ref: ReferenceView) -> dict[str, dict[str, torch.Tensor]]:
+        """After a labelled update: the reference statistics seen through the new weights,
+        fitted on copies (the slow part: an eigendecomposition), as {detector: {attr: value}}.
+        `install_rebase` puts them in (fast), here or in another process, so the update itself
+        is not reported as drift. Thresholds stay: they depend only on sizes."""
+        import copy
+
+        d, D = self.detectors, DetectorName
+        fitted: dict[DetectorName, tuple[Detector, tuple[str, ...]]] = {}
+        if D.CONFIDENCE in d and ref.probs is not None:
+            fitted[D.CONFIDENCE] = (copy.copy(d[D.CONFIDENCE]).rebase(normalized_entropy(ref.probs)), ("_ref",))
+        if D.FEATURE_SHIFT in d and ref.features is not None and d[D.FEATURE_SHIFT].calibrated:
+            fitted[D.FEATURE_SHIFT] = (copy.copy(d[D.FEATURE_SHIFT]).rebase(ref.features), ("_center", "_proj"))
+        if D.OUTPUT_SHIFT in d and ref.values is not None and d[D.OUTPUT_SHIFT].calibrated:
+            fitted[D.OUTPUT_SHIFT] = (copy.copy(d[D.OUTPUT_SHIFT]).rebase(ref.values.double()), ("_center", "_proj"))
+        return {name.value: {attr: getattr(det, attr) for attr in attrs} for name, (det, attrs) in fitted.items()}
+
+    def install_rebase(self, values: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Install reference statistics fitted elsewhere (by a learner): {detector: {attr: value}}."""
+        for name, attrs in values.items():
+            det = self.detectors.get(DetectorName(name))
+            if det is None:
+                continue
+            for attr, value in attrs.items():
+                setattr(det, attr, value)
+
+    # ------------------------------------------------------------------ observation
+    def observe_predictions(self, probs: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                            values: torch.Tensor | None = None) -> list[str]:
+        """Feed one batch of predictions: probabilities (B, C) or values (B, D), and features (B, F).
+        Returns the detectors that alarmed, in the order of their first alarm within the batch."""
+        d, D = self.detectors, DetectorName
+        names: list[DetectorName] = []
+        if probs is not None:
+            n = probs.shape[0]
+            for name, arg in ((D.CONFIDENCE, normalized_entropy(probs)), (D.CLASS_SHIFT, probs.argmax(1))):
+                if name in d:
+                    d[name].update(arg)
+                    names.append(name)
+        if values is not None:
+            n = values.shape[0]
+            if D.OUTPUT_SHIFT in d:
+                d[D.OUTPUT_SHIFT].update(values.double())
+                names.append(D.OUTPUT_SHIFT)
+        if features is not None and D.FEATURE_SHIFT in d:
+            n = features.shape[0]
+            d[D.FEATURE_SHIFT].update(features)
+            names.append(D.FEATURE_SHIFT)
+        if not names:
+            return []
+        self._samples += n
+        return self._after_update(names)
+
+    def observe_errors(self, errors: torch.Tensor) -> list[str]:
+        """Feed per-label errors (B,): 0/1 mistakes (classifiers) or squared errors (regression)."""
+        names = [n for n in ON_FEEDBACK if n in self.detectors]
+        for name in names:
+            self.detectors[name].update(errors.to(torch.float64))
+        if not names:
+            return []
+        self._samples += errors.shape[0]
+        return self._after_update(names)
+
+    def _after_update(self, names: list[DetectorName]) -> list[str]:
+        # In order of each detector's first alarm within the batch (ties: in `names` order), so a
+        # batch tells what a sample-by-sample stream would have told first.
+        fired = [n.value for n in sorted((n for n in names if self.detectors[n].drift_detected),
+                                         key=lambda n: self.detectors[n].first_alarm)]
+        if fired:
+            if self._since is None:
+                self._since, self._episodes = self._samples, self._episodes + 1
+            self._firing += [n for n in fired if n not in self._firing]
+            self._last_alarm = self._samples
+        elif self._since is not None and self._samples - self._last_alarm >= self.config.settle_samples:
+            self._since, self._firing = None, []  # settled: end of the episode
+        return fired
+
+    # ------------------------------------------------------------------ state
+    @property
+    def drift_detected(self) -> bool:
+        return self._since is not None
+
+    @property
+    def state(self) -> DriftState:
+        return DriftState(detected=self.drift_detected, firing=list(self._firing),
+                          scores={name.value: round(det.score, 4) for name, det in self.detectors.items()},
+                          since=self._since, episodes=self._episodes)
+
+    def reset(self) -> None:
+        """Forget running statistics and episodes; keep calibration."""
+        for det in self.detectors.values():
+            det.reset()
+        self._reset()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["detectors"] = {name.value: det.state_dict() for name, det in self.detectors.items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        dets = state.pop("detectors", None)
+        mine = {n.value for n in self.detectors}
+        if not isinstance(dets, dict) or set(dets) != mine:
+            raise ValueError(f"Monitor state needs detector states for {sorted(mine)}")
+        backup = self.state_dict()
+        try:
+            super().load_state_dict(state)
+            for name, det in self.detectors.items():
+                det.load_state_dict(dets[name.value])
+        except Exception:
+            super().load_state_dict({k: v for k, v in backup.items() if k != "detectors"})
+            for name, det in self.detectors.items():
+                det.load_state_dict(backup["detectors"][name.value])
+            raise

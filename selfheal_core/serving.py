@@ -1,0 +1,346 @@
+"""The serving side: what every worker runs. Forward, label-free correction, monitoring, new versions.
+
+Two threads may use a `ServingModel`, each owning what it writes:
+- the serving thread calls `predict`: it runs the forward and queues the
+  outputs, and it alone writes the model's tensors (`_apply_pending` copies
+  in what the other thread prepared: adapted statistics, published weights);
+- a background thread (or the same thread, without `defer`) calls `drain`:
+  monitoring and label-free correction on everything queued, in one
+  vectorised pass, and `install`, which prepares a published version.
+They meet only through a thread-safe deque and reference swaps, so no lock is
+shared and a forward never waits for the monitor. Labelled learning is not
+here at all: a `Learner` (another process in a server) publishes versions.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from selfheal_core.config import HealConfig
+from selfheal_core.correct import LabelFreeCorrector, Observation
+from selfheal_core.model_parts import FeatureTap, ModelParts, detached_copy, find_parts, pool_inputs
+from selfheal_core.monitor import INPUT_SHIFT, LABEL_FREE, Monitor, ReferenceView
+from selfheal_core.reference import ReferenceReport, check_reference
+from selfheal_core.task import Task
+
+log = logging.getLogger(__name__)
+
+MIN_REFERENCE = 30  # the feature chart needs 30 vectors; fewer cannot calibrate a false-alarm rate
+
+
+def validate_reference(reference: Any) -> None:
+    if not isinstance(reference, torch.Tensor) or reference.dim() < 2:
+        raise ValueError("reference must be a tensor (R, ...) of held-out in-distribution inputs")
+    if len(reference) < MIN_REFERENCE:
+        raise ValueError(f"reference holds {len(reference)} inputs; selfheal needs at least {MIN_REFERENCE} (a few "
+                         "hundred is better) held-out inputs to calibrate its detectors: build one with "
+                         "`selfheal reference`")
+    if reference.is_floating_point() and not torch.isfinite(reference).all():
+        raise ValueError("reference contains NaN or inf")
+
+
+@torch.no_grad()
+def reference_outputs(model: nn.Module, reference: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The model's raw outputs on the reference, in batches (a large reference fits any memory)."""
+    device = model_device(model)
+    outs = [model(reference[i:i + batch].to(device)) for i in range(0, len(reference), batch)]
+    return torch.cat(outs).cpu()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    if p is None:
+        b = next(model.buffers(), None)
+        return b.device if b is not None else torch.device("cpu")
+    return p.device
+
+
+def check_inputs(x: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 max_batch: int) -> torch.Tensor:
+    """x as a validated (B, *shape) tensor of `dtype` on `device`; ValueError naming the problem."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"inputs must be a tensor, got {type(x).__name__}")
+    if x.is_complex() or (x.dtype == torch.bool and dtype != torch.bool):
+        raise ValueError(f"inputs must be numeric, got dtype {x.dtype}")
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"inputs must have shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    if len(x) == 0:
+        raise ValueError("empty batch")
+    if len(x) > max_batch:
+        raise ValueError(f"batch of {len(x)} exceeds the limit of {max_batch}")
+    if not dtype.is_floating_point and x.is_floating_point():
+        raise ValueError(f"inputs must be integers ({dtype}), got {x.dtype}")
+    x = x.to(device, dtype)
+    # A finite sum proves every element finite (NaN and inf propagate); only a sum that
+    # overflowed from large finite values needs the elementwise check.
+    if dtype.is_floating_point and not math.isfinite(float(x.sum())) and not torch.isfinite(x).all():
+        raise ValueError("inputs contain NaN or inf")
+    return x
+
+
+@dataclass(frozen=True)
+class Published:
+    """A version made by a learner, as a worker installs it."""
+
+    version: int
+    weights: dict[str, torch.Tensor]  # parameter name -> value
+    reference: ReferenceView | None = None  # the reference through these weights: detectors re-read it
+
+
+class ServingModel:
+    """Serve `model`, watch its inputs and outputs, correct it without labels, install versions.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    >>> serving = ServingModel(model, torch.randn(200, 4))
+    >>> serving.predict(torch.randn(5, 4)).shape
+    torch.Size([5, 3])
+    >>> serving.status()["drift"]["detected"], serving.status()["label_free"]["available"]
+    (False, 'norm_stats, prior')
+    """
+
+    def __init__(self, model: nn.Module, reference: torch.Tensor, config: HealConfig = HealConfig(),
+                 task: str | Task = "classification", reference_targets: torch.Tensor | None = None) -> None:
+        validate_reference(reference)
+        self.config = config
+        self.model = model.eval()
+        self.device = model_device(model)
+        self.input_shape = tuple(reference.shape[1:])
+        self.input_dtype = reference.dtype
+        raw = reference_outputs(model, reference)
+        self.task = task if isinstance(task, Task) else Task.from_outputs(task, raw)
+        if self.task.outputs != max(1, math.prod(raw.shape[1:])):
+            raise ValueError(f"the model returns {tuple(raw.shape[1:])} per input, the task expects {self.task.outputs}")
+        self.parts: ModelParts = find_parts(model, self.task.outputs)
+        targets = self.task.check_targets(reference_targets, len(reference)) if reference_targets is not None else None
+        self.reference_report: ReferenceReport = check_reference(self.task, raw, targets)
+        self.mode = self._mode()
+        self._source = {k: v.detach().clone() for k, v in model.named_parameters()}
+        trainee = detached_copy(model) if (self.mode == "heal" and self.parts.affine_norms) else None
+        self._tap: FeatureTap | None = None
+        self.corrector: LabelFreeCorrector | None = None
+        try:  # from here on hooks go onto the user's model: a failure removes them again
+            if self.parts.head is not None:
+                self._tap = FeatureTap(self.parts.head)
+            view = self.view(reference, targets)
+            self.monitor = Monitor(config.monitor, self.task, LABEL_FREE).calibrate(view)
+            if self.mode == "heal":
+                self.corrector = LabelFreeCorrector(model, self.parts, self.task, view.probs, config.correct, trainee)
+        except BaseException:
+            self.close()
+            raise
+        self.version = 0  # the published version these weights come from (0: the source model)
+        self.counters = {"predictions": 0, "shed": 0, "drains": 0}
+        self._queue: deque[tuple] = deque()  # (raw, features, inputs) per forward, oldest first
+        self._queued = 0
+        self._pending: Published | None = None  # a version prepared by install(), applied by the serving thread
+        self._reset_pending = False
+        self._drift = self._drift_summary()
+
+    def _mode(self) -> str:
+        if not self.config.adapt:
+            return "monitor"
+        if self.parts.scripted:
+            log.warning("the model is TorchScript: it takes no hooks and no gradient steps, so it is served "
+                        "monitor-only (drift detection and accuracy estimates, no correction)")
+            return "monitor"
+        return "heal"
+
+    def close(self) -> None:
+        """Remove every hook selfheal put on the user's model."""
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
+        if self.corrector is not None:
+            for part in self.corrector.inputs:
+                if hasattr(part, "remove"):
+                    part.remove()
+            norm = self.corrector.norm_stats()
+            if norm is not None:
+                norm.deactivate()
+                norm._sync_hooks()
+
+    # ------------------------------------------------------------------ reference view
+    @torch.no_grad()
+    def view(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> ReferenceView:
+        """Probabilities / values, features and errors of inputs x through the current weights."""
+        raws, feats = [], []
+        for i in range(0, len(x), 256):
+            xb = x[i:i + 256].to(self.device)
+            raws.append(self.model(xb).cpu())
+            feats.append(self._features(xb))
+        raw = torch.cat(raws)
+        features = None if any(f is None for f in feats) else torch.cat(feats)
+        errors = self.task.errors(raw, targets) if targets is not None else None
+        return ReferenceView(probs=self.task.probs(raw), features=features,
+                             values=None if self.task.is_classifier else self.task.values(raw), errors=errors)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Features of the forward just run on x: the head's input, or the pooled inputs."""
+        if self._tap is not None:
+            f = self._tap.take()
+            return None if f is None else f.to("cpu", torch.float64)
+        return pool_inputs(x) if x.is_floating_point() else None
+
+    # ------------------------------------------------------------------ validation
+    def check_input(self, x: Any) -> torch.Tensor:
+        """Validated input tensor on the model's device; ValueError naming the problem."""
+        return check_inputs(x, self.input_shape, self.input_dtype, self.device, self.config.max_batch)
+
+    # ------------------------------------------------------------------ serving thread
+    def predict(self, x: torch.Tensor, defer: bool = False, checked: bool = False) -> torch.Tensor:
+        """Corrected outputs for x; observed (monitored, adapted on) afterwards.
+
+        `defer`: leave the observation to a background thread calling `drain()`; else it runs
+        here once `observe_every` samples are queued. `checked`: x already passed `check_input`.
+        """
+        x = x.to(self.device) if checked else self.check_input(x)
+        self._apply_pending()
+        norm = self.corrector.norm_stats() if self.corrector else None
+        # inference_mode, cheaper than no_grad: what the forward leaves is only read later,
+        # outside it, where results are normal tensors again.
+        with torch.inference_mode():
+            if norm is not None and norm.active:
+                with norm.recording():
+                    raw = self.model(x)
+            else:
+                raw = self.model(x)
+            out = self.corrector.adjust(raw) if self.corrector else raw
+        feats = self._features(x)
+        keep_inputs = self.corrector is not None and self.corrector.needs_inputs and any(
+            p.active for p in self.corrector.inputs if p.needs_inputs)
+        self._queue.append((raw, feats, x if keep_inputs else None))
+        self._queued += len(x)
+        while self._queued > self.config.max_queued and len(self._queue) > 1:
+            self._queued -= len(self._queue.popleft()[0])
+            self.counters["shed"] += 1
+        self.counters["predictions"] += len(x)
+        if not defer and self._queued >= self.config.observe_every:
+            self.drain()
+            self._apply_pending()
+        return out.clone()  # a normal tensor: callers may use it in autograd (e.g. as a teacher)
+
+    def _apply_pending(self) -> None:
+        """Serving thread: copy prepared values into the model (a version, adapted statistics)."""
+        if self._reset_pending:
+            self._reset_pending = False
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    p.copy_(self._source[name])
+            if self.corrector is not None:
+                self.corrector.rebase(self._source)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    if name in pending.weights:
+                        p.copy_(pending.weights[name])
+            if self.corrector is not None:
+                self.corrector.rebase(pending.weights)
+            self.version = pending.version
+        if self.corrector is not None:
+            self.corrector.apply()
+
+    # ------------------------------------------------------------------ background thread
+    def drain(self) -> int:
+        """Monitor and adapt on everything queued; returns the samples observed."""
+        items = [self._queue.popleft() for _ in range(len(self._queue))]
+        if not items:
+            return 0
+        n = sum(len(r) for r, _, _ in items)
+        self._queued = max(self._queued - n, 0)
+        with torch.no_grad():
+            raw = torch.cat([r for r, _, _ in items]).cpu()
+            feats = [f for _, f, _ in items]
+            features = torch.cat(feats) if all(f is not None for f in feats) else None
+            inputs = [i for _, _, i in items]
+            probs = self.task.probs(raw)
+            values = None if self.task.is_classifier else self.task.values(raw)
+            fired = self.monitor.observe_predictions(probs, features, values)
+            if self.corrector is not None:
+                obs = Observation(raw=raw, probs=probs, features=features, fired=fired,
+                                  inputs=torch.cat(inputs) if all(i is not None for i in inputs) else None)
+                started = self.corrector.observe(obs)
+                if started:
+                    log.info("%s drift after %d predictions: started %s", "+".join(fired),
+                             self.counters["predictions"], ", ".join(started))
+        self.counters["drains"] += 1
+        self._drift = self._drift_summary()
+        return n
+
+    def install(self, published: Published) -> None:
+        """Prepare a published version: the monitor re-reads its reference now, the weights are
+        copied in by the serving thread before its next forward."""
+        if published.reference is not None:
+            self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
+        self._pending = published
+
+    def reset(self) -> None:
+        """Back to the source weights; forget adaptation and drift state (weights at the next forward)."""
+        self._queue.clear()
+        self._queued = 0
+        self._pending = None
+        self._reset_pending = True
+        if self.corrector is not None:
+            self.corrector.reset()
+        self.monitor.reset()
+        self.version = 0
+        self._drift = self._drift_summary()
+
+    # ------------------------------------------------------------------ what others read
+    def _drift_summary(self) -> dict:
+        state = self.monitor.state
+        return {"detected": state.detected, "firing": state.firing, "scores": state.scores}
+
+    @property
+    def pending_version(self) -> int:
+        """The version served after the next forward: installed but maybe not yet applied."""
+        pending = self._pending
+        return pending.version if pending is not None else self.version
+
+    @property
+    def drift(self) -> dict:
+        """The drift state after the last drain (an immutable snapshot: safe from any thread)."""
+        return self._drift
+
+    def context(self) -> dict:
+        """What the learner needs to know of serving: adapted statistics and whether inputs drifted."""
+        norm = self.corrector.norm_stats() if self.corrector else None
+        return {"norm": norm.moments() if norm is not None else None,
+                "inputs_drifted": bool(set(self._drift["firing"]) & {n.value for n in INPUT_SHIFT}),
+                "drift": self._drift}
+
+    def status(self) -> dict:
+        return {
+            "version": self.version,
+            "task": self.task.kind.value,
+            "mode": self.mode,
+            "drift": self.monitor.state.as_dict(),
+            "monitor": {"missing": dict(self.monitor.missing)},
+            "label_free": (self.corrector.status() if self.corrector
+                           else {"available": "off: monitor-only mode"}),
+            "model": self.parts.describe(),
+            "reference": self.reference_report.as_dict(),
+            "counters": dict(self.counters),
+        }
+
+    def state_dict(self) -> dict:
+        """The serving state (monitor and corrector), for resuming exactly in one process."""
+        return {"monitor": self.monitor.state_dict(),
+                "corrector": self.corrector.state_dict() if self.corrector else None,
+                "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.monitor.load_state_dict(state["monitor"])
+        if self.corrector is not None and state.get("corrector") is not None:
+            self.corrector.load_state_dict(state["corrector"])
+        self.counters.update(state.get("counters", {}))
+        self._drift = self._drift_summary()

@@ -1,0 +1,209 @@
+"""Files backends: snapshots, the learner lease and status records in a directory of the model store.
+
+Snapshots: `<dir>/snapshot-<version:08d>.pt`, each a SHA-256 hex digest line
+followed by a `torch.save` payload, written to a temp file, fsynced, then
+hard-linked to its final name: `os.link` fails if the name exists, so two
+writers never overwrite each other's version; the loser takes the next
+number. Readers skip files whose digest or payload is bad. Temp files of a
+writer killed mid-save are swept at the next save.
+
+The lease is an `flock` on `<dir>/<name>.lock`, released by the kernel when
+its holder dies. Status records are `<dir>/status/<member>.pt`, replaced
+atomically. Everything is created 0600.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfheal_core.storage.base import Lease, SnapshotStore, StatusBoard, StorageFull, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^snapshot-(\d{8})\.pt$")
+_TMP = ".tmp-snapshot-"
+_STALE_TMP_S = 600.0  # temp files older than this belong to a writer that died
+
+
+def _write_atomic(path: Path, data: bytes, prefix: str) -> Path:
+    """Write `data` to a fsynced 0600 temp file next to `path`; returns the temp path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        os.unlink(tmp)
+        if exc.errno == 28:  # ENOSPC
+            raise StorageFull(f"no space left in {path.parent}: {exc.strerror}") from exc
+        raise
+    return Path(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    payload = io.BytesIO()
+    torch.save(obj, payload)
+    data = payload.getvalue()
+    return hashlib.sha256(data).hexdigest().encode() + b"\n" + data
+
+
+def unpack(blob: bytes, what: str) -> dict[str, Any]:
+    digest, sep, data = blob.partition(b"\n")
+    if not sep or hashlib.sha256(data).hexdigest().encode() != digest:
+        raise ValueError(f"{what}: checksum mismatch")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # unpickling failure of a checksummed file: treat as corrupt
+        raise ValueError(f"{what}: unreadable payload ({exc})") from exc
+
+
+class FileSnapshotStore(SnapshotStore):
+    """Versions as files in `directory`; keeps the newest `keep`."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 5) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.location = str(self.directory)
+        self.keep = keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[int]:
+        found = (_NAME.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def path(self, version: int) -> Path:
+        return self.directory / f"snapshot-{version:08d}.pt"
+
+    def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None) -> int:
+        parent = self.latest_version()
+        blob = pack({"state": state, "meta": dict(meta or {}, parent=parent, created=time.time())})
+        self._sweep()
+        tmp = _write_atomic(self.path(parent + 1), blob, _TMP)
+        try:
+            version = parent + 1
+            while True:
+                try:
+                    os.link(tmp, self.path(version))  # atomic, never overwrites
+                    break
+                except FileExistsError:
+                    version += 1
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(self.directory)
+        self._prune()
+        log.info("snapshot %d written to %s", version, self.directory)
+        return version
+
+    def load(self, version: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        obj = unpack(self.path(version).read_bytes(), f"snapshot {version}")
+        return obj["state"], dict(obj["meta"], version=version)
+
+    def _prune(self) -> None:
+        for version in self.versions()[: -self.keep]:
+            try:
+                self.path(version).unlink()
+            except FileNotFoundError:
+                pass  # another writer pruned it first
+
+    def _sweep(self) -> None:
+        """Remove temp files left by writers killed mid-save (old enough not to be in use)."""
+        now = time.time()
+        for p in self.directory.glob(f"{_TMP}*"):
+            try:
+                if now - p.stat().st_mtime > _STALE_TMP_S:
+                    p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class FileLease(Lease):
+    """An `flock` on `<directory>/<name>.lock`."""
+
+    def __init__(self, directory: str | os.PathLike, name: str) -> None:
+        self.path = Path(directory) / f"{name}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the fd drops the flock
+            self._fd = None
+
+
+class FileStatusBoard(StatusBoard):
+    """Status records as files in `<directory>/status/`."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory) / "status"
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, member: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", member):
+            raise ValueError(f"bad status member name {member!r}")
+        return self.directory / f"{member}.pt"
+
+    def put(self, member: str, payload: dict[str, Any]) -> None:
+        path = self._path(member)
+        tmp = _write_atomic(path, pack({"time": time.time(), "payload": payload}), ".tmp-status-")
+        os.replace(tmp, path)
+
+    def read(self, max_age_s: float | None = None) -> dict[str, dict[str, Any]]:
+        out, now = {}, time.time()
+        for path in self.directory.glob("*.pt"):
+            try:
+                obj = unpack(path.read_bytes(), str(path))
+            except (OSError, ValueError):
+                continue  # being replaced, or damaged: the next write fixes it
+            if max_age_s is None or now - obj["time"] <= max_age_s:
+                out[path.stem] = dict(obj["payload"], _time=obj["time"])
+        return out
+
+    def remove(self, member: str) -> None:
+        try:
+            self._path(member).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def check_writable(directory: Path) -> None:
+    """StorageUnavailable naming the directory if it cannot hold snapshots."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageUnavailable(f"cannot create {directory}: {exc.strerror}") from exc

@@ -1,0 +1,236 @@
+"""SQLite backends: the feedback log and the prediction record in files next to the snapshots.
+
+Every worker, learner and TorchServe instance on one machine that shares the
+snapshot directory shares them. WAL mode, so readers and one writer work at
+once across processes. The log commits with `FULL` synchronous (fsynced: an
+acknowledged label survives a crash of the process or the machine); the
+record with `NORMAL` (survives a process crash, no fsync per flush). Files
+are created 0600: they hold inputs and labels.
+
+Failures become `StorageUnavailable` (corrupt or unreadable file: the message
+names the path and the cause) or `StorageFull` (disk full), so a server can
+answer 503 or 507 for the request that hit it and keep serving.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from selfheal_core.storage.base import (DuplicateFeedback, FeedbackLog, PredictionRecord, StorageFull,
+                                        StorageUnavailable)
+
+_LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    pid        TEXT UNIQUE,          -- prediction id answered; NULL for feedback given with its input
+    target     TEXT NOT NULL,        -- JSON: a class label or a list of values
+    served     TEXT,                 -- JSON: what the model served, if known
+    confidence REAL,                 -- classifiers: the served class's probability, if known
+    source     TEXT NOT NULL,
+    status     TEXT NOT NULL,        -- new, learned, held, quarantined, discarded
+    time       REAL NOT NULL,        -- when it was acknowledged
+    shape      TEXT NOT NULL,        -- JSON {"dtype", "shape"} of the input
+    input      BLOB NOT NULL
+)"""
+# Schema 1 (before tasks): label/served INTEGER columns, status learn|quarantine, float32 inputs.
+_MIGRATE_1 = """
+INSERT INTO feedback (seq, pid, target, served, confidence, source, status, time, shape, input)
+SELECT seq, pid, CAST(label AS TEXT), CAST(served AS TEXT), NULL, source,
+       CASE status WHEN 'quarantine' THEN 'quarantined' ELSE 'learned' END, time, shape, input
+FROM feedback_v1"""
+
+_RECORD_SCHEMA = ["""
+CREATE TABLE IF NOT EXISTS predictions (
+    n          INTEGER PRIMARY KEY AUTOINCREMENT,
+    pid        TEXT UNIQUE NOT NULL,
+    served     BLOB NOT NULL,        -- float32: the label, or the values
+    confidence REAL,
+    time       REAL NOT NULL,
+    shape      TEXT NOT NULL,
+    input      BLOB NOT NULL
+)""", """
+CREATE TABLE IF NOT EXISTS writers (
+    prefix  TEXT PRIMARY KEY,        -- one per PredictionRecord object (worker)
+    written INTEGER NOT NULL,        -- highest id counter written
+    time    REAL NOT NULL
+)"""]
+
+
+def _fail(path: str, exc: sqlite3.Error) -> Exception:
+    text = str(exc)
+    if "full" in text:
+        return StorageFull(f"no space left for {path}: {text}")
+    return StorageUnavailable(f"{path}: {text}")
+
+
+@contextlib.contextmanager
+def translated(path: str) -> Iterator[None]:
+    """sqlite3 errors as StorageUnavailable / StorageFull naming `path`."""
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.Error as exc:
+        raise _fail(path, exc) from exc
+
+
+def connect(path: str | Path, synchronous: str) -> sqlite3.Connection:
+    """A SQLite connection in WAL mode (file databases), usable across threads; the file is 0600."""
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # sqlite would create it 0644 (umask)
+    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    if str(path) != ":memory:":
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    return conn
+
+
+class SQLiteFeedbackLog(FeedbackLog):
+    """The log in a SQLite file (':memory:' for a throwaway log)."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        with translated(self.path):
+            self._conn = connect(path, "FULL")
+            self._migrate()
+
+    def _migrate(self) -> None:
+        cols = [r[1] for r in self._conn.execute("PRAGMA table_info(feedback)").fetchall()]
+        if "label" in cols:  # schema 1
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("ALTER TABLE feedback RENAME TO feedback_v1")
+            self._conn.execute(_LOG_SCHEMA)
+            self._conn.execute(_MIGRATE_1)
+            self._conn.execute("DROP TABLE feedback_v1")
+            self._conn.execute("COMMIT")
+        self._conn.execute(_LOG_SCHEMA)
+
+    def answered(self, pids: list[str]) -> list[str]:
+        if not pids:
+            return []
+        marks = ",".join("?" * len(pids))
+        with self._lock, translated(self.path):
+            rows = self._conn.execute(f"SELECT pid FROM feedback WHERE pid IN ({marks})", pids).fetchall()
+        return [r[0] for r in rows]
+
+    def _insert(self, rows: list[tuple]) -> list[int]:
+        with self._lock, translated(self.path):
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                seqs = [self._conn.execute(
+                    "INSERT INTO feedback (pid, target, served, confidence, source, status, time, shape, input) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+                self._conn.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                self._conn.execute("ROLLBACK")
+                raise DuplicateFeedback([r[0] for r in rows if r[0] is not None]) from None
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        return seqs
+
+    _COLUMNS = "seq, time, target, served, confidence, status, pid, shape, input"
+
+    def _rows_after(self, after: int, batch: int) -> Sequence[tuple]:
+        with self._lock, translated(self.path):
+            return self._conn.execute(f"SELECT {self._COLUMNS} FROM feedback WHERE seq > ? ORDER BY seq LIMIT ?",
+                                      (after, batch)).fetchall()
+
+    def _rows_by_seq(self, seqs: list[int]) -> Sequence[tuple]:
+        marks = ",".join("?" * len(seqs))
+        with self._lock, translated(self.path):
+            return self._conn.execute(f"SELECT {self._COLUMNS} FROM feedback WHERE seq IN ({marks})",
+                                      seqs).fetchall()
+
+    def set_status(self, seqs: list[int], status: str) -> None:
+        if not seqs:
+            return
+        with self._lock, translated(self.path):
+            self._conn.executemany("UPDATE feedback SET status = ? WHERE seq = ?", [(status, s) for s in seqs])
+
+    def _counts(self) -> tuple[dict[str, int], int, float | None]:
+        with self._lock, translated(self.path):
+            counts = dict(self._conn.execute("SELECT status, COUNT(*) FROM feedback GROUP BY status").fetchall())
+            seq, last = self._conn.execute("SELECT COALESCE(MAX(seq), 0), MAX(time) FROM feedback").fetchone()
+        return counts, int(seq), last
+
+    def check(self) -> None:
+        """Read every page (PRAGMA quick_check): StorageUnavailable naming the damage, if any."""
+        with self._lock, translated(self.path):
+            result = self._conn.execute("PRAGMA quick_check").fetchall()
+        if result != [("ok",)]:
+            raise StorageUnavailable(f"{self.path}: integrity check failed: {result[:3]}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class SQLitePredictionRecord(PredictionRecord):
+    """The record in a SQLite file (':memory:' for a throwaway record)."""
+
+    def __init__(self, path: str | Path = ":memory:", capacity: int = 10_000) -> None:
+        super().__init__(capacity)
+        self.path = str(path)
+        self._db_lock = threading.Lock()
+        with translated(self.path):
+            self._conn = connect(path, "NORMAL")
+            if "label" in [r[1] for r in self._conn.execute("PRAGMA table_info(predictions)").fetchall()]:
+                self._conn.execute("DROP TABLE predictions")  # schema 1: recent ids only, nothing to keep
+            for statement in _RECORD_SCHEMA:
+                self._conn.execute(statement)
+
+    def _write(self, rows: list[tuple], prefix: str, last: int) -> None:
+        import time
+
+        with self._db_lock, translated(self.path):
+            try:
+                self._conn.execute("BEGIN")
+                if rows:
+                    self._conn.executemany("INSERT INTO predictions (pid, served, confidence, time, shape, input) "
+                                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._conn.execute("INSERT INTO writers (prefix, written, time) VALUES (?, ?, ?) ON CONFLICT(prefix) "
+                                   "DO UPDATE SET written = MAX(written, excluded.written), time = excluded.time",
+                                   (prefix, last, time.time()))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def _fetch(self, pids: list[str]) -> Sequence[tuple]:
+        marks = ",".join("?" * len(pids))
+        with self._db_lock, translated(self.path):
+            return self._conn.execute(f"SELECT pid, served, confidence, shape, input FROM predictions "
+                                      f"WHERE pid IN ({marks})", pids).fetchall()
+
+    def _written(self, prefixes: list[str]) -> dict[str, int]:
+        marks = ",".join("?" * len(prefixes))
+        with self._db_lock, translated(self.path):
+            return dict(self._conn.execute(f"SELECT prefix, written FROM writers WHERE prefix IN ({marks})",
+                                           prefixes).fetchall())
+
+    def _delete_beyond(self, capacity: int) -> None:
+        import time
+
+        with self._db_lock, translated(self.path):
+            self._conn.execute("DELETE FROM predictions WHERE n <= (SELECT MAX(n) FROM predictions) - ?", (capacity,))
+            self._conn.execute("DELETE FROM writers WHERE time < ?", (time.time() - 7 * 86400,))
+
+    def _count(self) -> int:
+        with self._db_lock, translated(self.path):
+            return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            with self._db_lock:
+                self._conn.close()

@@ -1,0 +1,317 @@
+"""The `selfheal` command line: archive a model for TorchServe, build and check a reference, run a learner.
+
+    selfheal reference --inputs val.npz --labels val_labels.npy --out reference.pt [--model-file ... ]
+    selfheal archive --name mymodel --model-file model.py --weights weights.pt --reference reference.pt
+    selfheal learn --mar model_store/mymodel.mar          # a learner of its own (PostgreSQL deployments)
+    selfheal replay --url http://127.0.0.1:8080 --model mymodel --stream stream.npz
+
+Exit status 2 with a message naming the problem for anything a user can fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+log = logging.getLogger("selfheal")
+
+STOCK_HANDLER = "selfheal_torchserve.handler"
+# torch-model-archiver copies a handler file into every .mar (it does not take a module name), so
+# the stock handler goes in as this stub; the code itself comes from the installed package.
+STOCK_STUB = '''"""selfheal's stock JSON-array handler (installed with selfheal; TorchServe loads the one class here)."""
+from selfheal_torchserve.handler import SelfHealHandler as _Stock
+
+
+class SelfHealHandler(_Stock):
+    pass
+'''
+
+
+class UsageError(Exception):
+    """A problem the user can fix: printed, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- data files
+def read_array(path: Path, column: str | None = None) -> torch.Tensor:
+    """A tensor from .pt (tensor or {"inputs"}), .npy, .npz (first array, or `column`), or .csv (numbers)."""
+    import numpy as np
+
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if suffix == ".pt":
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = obj.get(column or "inputs") if isinstance(obj, dict) else obj
+        if not isinstance(obj, torch.Tensor):
+            raise UsageError(f"{path}: expected a tensor (or a dict with {column or 'inputs'!r})")
+        return obj
+    if suffix == ".npy":
+        return torch.from_numpy(np.load(path))
+    if suffix == ".npz":
+        data = np.load(path)
+        key = column or data.files[0]
+        if key not in data.files:
+            raise UsageError(f"{path}: no array {key!r}; arrays: {data.files}")
+        return torch.from_numpy(data[key])
+    if suffix == ".csv":
+        return torch.from_numpy(read_csv(path)[0])
+    raise UsageError(f"{path}: use .pt, .npy, .npz or .csv")
+
+
+def read_csv(path: Path, label_column: str | None = None) -> tuple[Any, Any]:
+    """(features float32 (N, F), labels or None) from a CSV with a header row of column names."""
+    import csv
+
+    import numpy as np
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise UsageError(f"{path}: needs a header row and data rows")
+    header, body = rows[0], rows[1:]
+    label_idx = None
+    if label_column is not None:
+        if label_column not in header:
+            raise UsageError(f"{path}: no column {label_column!r}; columns: {header}")
+        label_idx = header.index(label_column)
+    try:
+        table = np.array([[float(v) for v in r] for r in body], dtype=np.float64)
+    except ValueError as exc:
+        raise UsageError(f"{path}: every cell must be a number ({exc})") from None
+    if label_idx is None:
+        return table.astype(np.float32), None
+    labels = table[:, label_idx]
+    return np.delete(table, label_idx, axis=1).astype(np.float32), labels
+
+
+# ---------------------------------------------------------------------------- the model
+def model_settings(args) -> dict:
+    """The handler-section keys the model arguments stand for."""
+    out: dict[str, Any] = {"task": args.task}
+    if getattr(args, "model_class", None):
+        out["model_class"] = args.model_class
+    if getattr(args, "model_kwargs", None):
+        try:
+            out["model_kwargs"] = json.loads(args.model_kwargs)
+        except ValueError as exc:
+            raise UsageError(f"--model-kwargs must be a JSON object: {exc}") from None
+        if not isinstance(out["model_kwargs"], dict):
+            raise UsageError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
+    if getattr(args, "model_factory", None):
+        out["model_factory"] = args.model_factory
+    return out
+
+
+def load_model(args) -> torch.nn.Module:
+    """The model the arguments describe: eager (model file + state_dict) or TorchScript (weights only)."""
+    from selfheal_torchserve.loading import build_model
+    from selfheal_torchserve.settings import HandlerSettings
+
+    weights = Path(args.weights)
+    if not weights.exists():
+        raise UsageError(f"--weights {weights}: no such file")
+    if not args.model_file:
+        try:
+            return torch.jit.load(str(weights), map_location="cpu").eval()
+        except RuntimeError as exc:
+            raise UsageError(f"{weights} is not TorchScript; give --model-file for eager weights ({exc})") from None
+    model_file = Path(args.model_file)
+    if not model_file.exists():
+        raise UsageError(f"--model-file {model_file}: no such file")
+    sys.path.insert(0, str(model_file.parent.resolve()))
+    settings = HandlerSettings(**{k: v for k, v in model_settings(args).items() if k != "task"})
+    try:
+        return build_model(model_file.parent, model_file.name, str(weights), settings)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_reference(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None, task: str) -> dict:
+    """The reference report of `model` on a reference, as a dict (UsageError if they do not fit)."""
+    from selfheal_core.reference import check_reference as check
+    from selfheal_core.serving import reference_outputs
+    from selfheal_core.task import Task
+
+    try:
+        raw = reference_outputs(model, inputs)
+        t = Task.from_outputs(task, raw)
+        y = t.check_targets(targets, len(inputs)) if targets is not None else None
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"the model and the reference do not fit: {exc}") from None
+    return check(t, raw, y).as_dict()
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_reference(args) -> int:
+    """Build reference.pt from held-out data (and labels), and check it against the model if given."""
+    labels = None
+    if Path(args.inputs).suffix.lower() == ".csv":
+        x_np, y_np = read_csv(Path(args.inputs), args.label_column)
+        inputs = torch.from_numpy(x_np)
+        labels = None if y_np is None else torch.from_numpy(y_np)
+    else:
+        inputs = read_array(Path(args.inputs), args.inputs_key)
+    if args.labels:
+        labels = read_array(Path(args.labels), args.labels_key)
+    if labels is not None:
+        if len(labels) != len(inputs):
+            raise UsageError(f"{len(labels)} labels for {len(inputs)} inputs")
+        labels = labels.long() if args.task != "regression" else labels.float()
+    if inputs.is_floating_point():
+        inputs = inputs.float()
+    if len(inputs) > args.size:
+        idx = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(args.seed))[: args.size]
+        inputs = inputs[idx]
+        labels = labels[idx] if labels is not None else None
+    if len(inputs) < 30:
+        raise UsageError(f"{len(inputs)} inputs: a reference needs at least 30 (a few hundred is better)")
+    report = None
+    if args.weights:
+        report = check_reference(load_model(args), inputs, labels, args.task)
+        for w in report["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+        if report["looks_fitted"] and not args.allow_fitted:
+            raise UsageError("refusing a reference that looks like training data (see the warning); pass held-out "
+                             "data, or --allow-fitted to write it anyway")
+    key = "targets" if args.task == "regression" else "labels"
+    obj = {"inputs": inputs, **({key: labels} if labels is not None else {})}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, args.out)
+    print(json.dumps({"out": str(args.out), "size": len(inputs), "input_shape": list(inputs.shape[1:]),
+                      "labelled": labels is not None, "report": report}))
+    return 0
+
+
+def cmd_archive(args) -> int:
+    """torch-model-archiver with the selfheal handler, the reference and a model-config."""
+    reference = Path(args.reference)
+    if not reference.exists():
+        raise UsageError(f"--reference {reference}: no such file (build one with `selfheal reference`)")
+    from selfheal_torchserve.loading import load_reference
+
+    inputs, targets = load_reference(reference)
+    report = check_reference(load_model(args), inputs, targets, args.task)
+    for w in report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    if report["looks_fitted"] and not args.allow_fitted:
+        raise UsageError("refusing a reference that looks like training data (see the warning); build one from "
+                         "held-out data, or pass --allow-fitted")
+    config: dict[str, Any] = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    config.setdefault("minWorkers", 1)
+    config.setdefault("maxWorkers", 1)
+    handler_section = dict(config.get("handler") or {})
+    handler_section.update(model_settings(args))
+    handler_section["reference_file"] = reference.name
+    if args.monitor_only:
+        handler_section["heal"] = False
+    config["handler"] = handler_section
+    archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
+    export = Path(args.export_path)
+    export.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "model-config.yaml"
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        extra = [str(reference)] + [f for f in (args.extra_files or "").split(",") if f]
+        handler = args.handler
+        if handler == STOCK_HANDLER:
+            handler = str(Path(tmp) / "selfheal_handler.py")
+            Path(handler).write_text(STOCK_STUB)
+        elif not Path(handler.split(":")[0]).exists():
+            raise UsageError(f"--handler {handler}: no such file (give your handler file, or {STOCK_HANDLER})")
+        cmd = [archiver, "--model-name", args.name, "--version", args.version, "--serialized-file", args.weights,
+               "--handler", handler, "--extra-files", ",".join(extra), "--config-file", str(cfg),
+               "--export-path", str(export), "--force"]
+        if args.model_file:
+            cmd += ["--model-file", args.model_file]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise UsageError(f"torch-model-archiver failed: {run.stderr.strip()[-2000:]}")
+    print(json.dumps({"mar": str(export / f"{args.name}.mar"), "handler": args.handler, "task": args.task,
+                      "reference": report}))
+    return 0
+
+
+def cmd_learn(args) -> int:
+    """Run a model's learner on its own, from its .mar (e.g. in a container of its own)."""
+    from selfheal_torchserve import learner_service
+
+    mar = Path(args.mar)
+    if not mar.exists():
+        raise UsageError(f"{mar}: no such file")
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(mar) as z:
+            z.extractall(tmp)
+        manifest = json.loads((Path(tmp) / "MAR-INF" / "MANIFEST.json").read_text())
+        name = args.model_name or manifest["model"]["modelName"]
+        handler = manifest["model"]["handler"]
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = ["--model-dir", tmp, "--handler", handler, "--model-name", name, "--workdir", str(workdir),
+                "--threads", str(args.threads), "--nice", str(args.nice)]
+        return learner_service.main(argv)
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--weights", required=required, help="a state_dict (with --model-file) or a TorchScript .pt")
+    p.add_argument("--model-file", help="the Python file defining the model class (eager models)")
+    p.add_argument("--model-class", help="the class to build, when the file defines several")
+    p.add_argument("--model-kwargs", help="constructor arguments as a JSON object")
+    p.add_argument("--model-factory", help="module:function building the model (instead of a class)")
+    p.add_argument("--task", default="classification", choices=["classification", "binary", "regression"])
+    p.add_argument("--allow-fitted", action="store_true", help="accept a reference that looks like training data")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="selfheal", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("reference", help="build reference.pt from held-out data and check it")
+    ref.add_argument("--inputs", required=True, help=".pt/.npy/.npz/.csv of held-out inputs (already preprocessed)")
+    ref.add_argument("--inputs-key", help="array name in an .npz or key in a .pt dict")
+    ref.add_argument("--labels", help="labels (or regression targets) for the inputs")
+    ref.add_argument("--labels-key", help="array name in an .npz or key in a .pt dict")
+    ref.add_argument("--label-column", help="CSV inputs: the column holding labels or targets")
+    ref.add_argument("--size", type=int, default=500, help="keep at most this many (a random subset)")
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--out", default="reference.pt")
+    add_model_args(ref, required=False)
+    ref.set_defaults(func=cmd_reference)
+    arc = sub.add_parser("archive", help="build a .mar with the selfheal handler")
+    arc.add_argument("--name", required=True)
+    arc.add_argument("--version", default="1.0")
+    arc.add_argument("--reference", required=True, help="reference.pt (selfheal reference)")
+    arc.add_argument("--handler", default=STOCK_HANDLER, help=f"your handler file, or {STOCK_HANDLER} (JSON arrays)")
+    arc.add_argument("--config", help="a model-config.yaml to start from (workers, batching, handler settings)")
+    arc.add_argument("--extra-files", help="more files for the .mar, comma-separated")
+    arc.add_argument("--export-path", default="model_store")
+    arc.add_argument("--monitor-only", action="store_true", help="heal: false (watch and estimate, never change)")
+    add_model_args(arc, required=True)
+    arc.set_defaults(func=cmd_archive)
+    lrn = sub.add_parser("learn", help="run a model's learner process on its own")
+    lrn.add_argument("--mar", required=True)
+    lrn.add_argument("--model-name")
+    lrn.add_argument("--workdir", default=".", help="where selfheal/<model>.json and relative snapshot dirs live")
+    lrn.add_argument("--threads", type=int, default=1)
+    lrn.add_argument("--nice", type=int, default=0)
+    lrn.set_defaults(func=cmd_learn)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"selfheal {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

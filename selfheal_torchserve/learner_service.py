@@ -1,0 +1,391 @@
+"""The learner process of a model: feedback intake, and (while it holds the lease) learning.
+
+Started by a worker (`selfheal_torchserve.supervisor`) with the unpacked .mar,
+or on its own by `selfheal learn --mar model.mar` (a container or deployment
+of its own, with the log and snapshots in PostgreSQL). It builds the user's
+handler class in the learner role: the same model loading and the same
+`preprocess` as the workers, so feedback given with inputs is read exactly as
+inference requests are.
+
+Two threads, one owner each:
+- HTTP threads (loopback, a random port, a secret from the announcement file)
+  take feedback: validate, resolve ids, one durable append, answer. They read
+  the learner's status only as the snapshot the loop publishes.
+- The loop owns the `Learner`. While this process holds the model's learner
+  lease (one per machine with files, one per deployment with PostgreSQL) it
+  consumes the log in order (woken by each append), updates, and publishes
+  versions; otherwise it stands by (intake only) and retries the lease.
+
+It exits when the TorchServe frontend that started it is gone, when the .mar
+it was given disappears, or on SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import importlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfheal_core import Learner
+from selfheal_core.intake import Intake, IntakeError
+from selfheal_core.storage import StorageError, open_storage
+from selfheal_torchserve.errors import ERROR_TYPES, RequestError
+from selfheal_torchserve.mixin import ROLE_ENV
+from selfheal_torchserve.parsing import decode_b64, parse_json
+from selfheal_torchserve.settings import HandlerSettings
+from selfheal_torchserve.supervisor import announcement
+
+log = logging.getLogger("selfheal.learner")
+
+SECRET_HEADER = "X-Selfheal-Secret"
+STATUS_EVERY_S = 1.0
+CONTEXT_MAX_AGE_S = 30.0
+POLL_S = 0.25  # rows appended elsewhere (other machines' intake) are found within this
+
+
+def build_handler(model_dir: Path, handler: str, model_name: str):
+    """The user's handler class, initialised in the learner role from an unpacked .mar."""
+    from ts.context import Context, RequestProcessor
+
+    os.environ[ROLE_ENV] = "learner"
+    sys.path.insert(0, str(model_dir))
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    config = {}
+    config_file = manifest.get("model", {}).get("configFile")
+    if config_file:
+        import yaml
+
+        config = yaml.safe_load((model_dir / config_file).read_text()) or {}
+    module_name, _, qualname = handler.removesuffix(".py").partition(":")
+    obj: Any = importlib.import_module(module_name.split("/")[-1])
+    if not qualname:  # as TorchServe does: the one class the handler module defines
+        from ts.utils.util import list_classes_from_module
+
+        classes = list_classes_from_module(obj)
+        if len(classes) != 1:
+            raise RuntimeError(f"handler module {module_name} must define one class, found {classes}")
+        qualname = classes[0].__qualname__
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    context = Context(model_name, str(model_dir), manifest, 1, None, "selfheal-learner", model_yaml_config=config)
+    context.request_processor = [RequestProcessor({})]
+    instance = obj()
+    instance.initialize(context)
+    instance.context = context
+    return instance
+
+
+def handler_preprocess(handler, learner: Learner):
+    """Feedback instances -> validated inputs, through the handler's own preprocess."""
+    lock = threading.Lock()  # a user's preprocess need not be thread-safe
+
+    def preprocess(instances: list) -> torch.Tensor:
+        xs = []
+        for k, inst in enumerate(instances):
+            try:
+                body = decode_b64(inst) if isinstance(inst, dict) and "b64" in inst else inst
+                with lock:
+                    x = handler.preprocess([{"body": body}])
+                xs.append(learner.check_input(x))
+            except RequestError as err:
+                raise IntakeError(err.code, f"instance {k}: {err.message}") from None
+            except ValueError as exc:
+                raise IntakeError(400, f"instance {k}: bad inputs: {exc}") from None
+            except Exception as exc:
+                raise IntakeError(400, f"instance {k} could not be read: {type(exc).__name__}: {exc}") from None
+        return torch.cat(xs)
+
+    return preprocess
+
+
+class LearnerService:
+    """The loop that owns the Learner, plus the status the HTTP threads read."""
+
+    def __init__(self, learner: Learner, settings: HandlerSettings, storage, member: str, learn: bool) -> None:
+        self.learner = learner
+        self.settings = settings
+        self.storage = storage
+        self.member = member
+        self.learn = learn and learner.learns
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.active = False
+        self.resumed = False
+        self.warnings: list[str] = []
+        self.log_error: str | None = None
+        self._last_publish = 0.0
+        self._context: tuple[float, dict | None] = (0.0, None)
+        self.snapshot_status: dict = {}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        next_status = 0.0
+        while not self.stop.is_set():
+            worked = False
+            try:
+                if self.learn:
+                    self.active = self.storage.lease("learner").try_acquire()
+                    if self.active:
+                        if not self.resumed:
+                            self._resume()
+                        worked = self._step()
+                self.log_error = None
+            except StorageError as exc:
+                self.log_error = exc.message
+                log.warning("learning paused: %s", exc.message)
+            except Exception:
+                log.exception("learning step failed")
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_EVERY_S
+                self._publish_status()
+            if not worked:
+                self.wake.wait(POLL_S)
+                self.wake.clear()
+
+    def _resume(self) -> None:
+        """Start from the newest published version and check it against the log."""
+        loaded = self.storage.snapshots.load_latest()
+        if loaded is not None:
+            state, meta = loaded
+            self.learner.load_state_dict(state["learner"])
+            self.learner.version = int(meta["version"])
+            log.info("resumed from version %d (log absorbed to %d)", self.learner.version, self.learner.absorbed)
+        last = self.storage.log.stats()["last_seq"]
+        if self.learner.absorbed > last:
+            msg = (f"the newest snapshot absorbed feedback-log row {self.learner.absorbed} but the log ends at {last}: "
+                   f"the log was lost or replaced ({self.storage.log.path}); re-based at row 0, so new labels are "
+                   "learned (weights kept)")
+            log.warning("%s", msg)
+            self.warnings.append(msg)
+            self.learner.absorbed = 0
+        self.resumed = True
+
+    def _serving_context(self) -> dict | None:
+        """What serving normalises with now: the freshest worker status record (cached ~1 s)."""
+        at, ctx = self._context
+        if time.monotonic() - at < 1.0:
+            return ctx
+        records = self.storage.status.read(CONTEXT_MAX_AGE_S)
+        workers = sorted((r for r in records.values() if r.get("role") == "worker"), key=lambda r: r.get("_time", 0))
+        ctx = workers[-1].get("context") if workers else None
+        self._context = (time.monotonic(), ctx)
+        return ctx
+
+    def _step(self) -> bool:
+        """Absorb the next rows, update when due, publish when due; True if there was work."""
+        learner = self.learner
+        context = self._serving_context()
+        rows = next(self.storage.log.entries(after=learner.absorbed, batch=self.settings.heal.learn.max_labels_per_update),
+                    None)
+        if rows is not None:
+            learner.absorb_entries(rows, context, self.storage.log)
+        if learner.update_due:
+            learner.update(context)
+        if learner.dirty and time.monotonic() - self._last_publish >= self.settings.heal.snapshot_interval_s:
+            self._publish()
+        return rows is not None
+
+    def _publish(self) -> None:
+        state, meta = self.learner.snapshot()
+        version = self.storage.snapshots.save(state, meta)
+        self.learner.mark_published(version)
+        self._last_publish = time.monotonic()
+        log.info("published version %d (log absorbed to %d)", version, self.learner.absorbed)
+
+    def _publish_status(self) -> None:
+        status = self.learner.status()
+        try:
+            log_stats = self.storage.log.stats()
+            self.log_error = None if self.log_error is None or self.active else self.log_error
+        except StorageError as exc:
+            log_stats, self.log_error = None, exc.message
+        lag = (log_stats["last_seq"] - self.learner.absorbed) if log_stats and self.active else None
+        payload = {"role": "learner", "pid": os.getpid(), "host": socket.gethostname(), "active": self.active,
+                   "learning": self.learn, "log": log_stats, "lag": lag, "log_error": self.log_error,
+                   "warnings": list(self.warnings), **status}
+        self.snapshot_status = payload
+        try:
+            self.storage.status.put(self.member, payload)
+        except StorageError as exc:
+            log.warning("status record: %s", exc.message)
+
+
+class IntakeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, service: LearnerService, intake: Intake, model: str, secret: str,
+                 settings: HandlerSettings) -> None:
+        self.service, self.intake, self.model, self.secret, self.settings = service, intake, model, secret, settings
+        self.lock = threading.Lock()  # one intake at a time: appends are serialised by the log anyway
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: IntakeServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args) -> None:  # the access log goes to debug, not stderr
+        log.debug(fmt, *args)
+
+    def _send(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, code: int, message: str) -> None:
+        err = RequestError(code, message)
+        self._send(code, err.body())
+
+    def _route(self) -> str | None:
+        given = self.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.server.secret.encode()):
+            self._error(403, "feedback reaches the learner only through the management API")
+            return None
+        path = self.path.split("?", 1)[0].rstrip("/")
+        prefix = f"/feedback/{self.server.model}"
+        if path == prefix:
+            return "feedback"
+        if path == f"{prefix}/quarantine":
+            return "quarantine"
+        self._error(404, f"no route {path[:80]}")
+        return None
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's names)
+        if self._route() == "feedback":
+            status = dict(self.server.service.snapshot_status)
+            status["intake"] = dict(self.server.intake.counters)
+            status["model"] = self.server.model
+            self._send(200, status)
+
+    def do_POST(self) -> None:  # noqa: N802
+        route = self._route()
+        if route is None:
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        limit = self.server.settings.max_body_bytes
+        if length > limit:
+            self._error(413, f"feedback body of {length} bytes exceeds the limit of {limit}")
+            return
+        raw = self.rfile.read(length)
+        try:
+            body = parse_json(raw, self.server.settings.json_limits, limit) if raw else None
+        except RequestError as err:
+            self._send(err.code, err.body())
+            return
+        if body is None:
+            self._error(400, 'empty body: send {"feedback": [{"id": ..., "label": k}]} or {"instances": [...], '
+                             '"labels": [...]}')
+            return
+        if route == "quarantine":
+            self._error(501, "quarantine decisions are not available in this version")
+            return
+        try:
+            with self.server.lock:
+                result = self.server.intake.submit(body)
+        except IntakeError as err:
+            self._send(err.code, {"code": err.code, "type": ERROR_TYPES.get(err.code, "Error"),
+                                  "message": err.message})
+            return
+        result["model_version"] = self.server.service.learner.version
+        self._send(200, result)
+
+
+def write_announcement(path: Path, info: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="selfheal learner process (started by the TorchServe workers)")
+    ap.add_argument("--model-dir", type=Path, required=True, help="the unpacked .mar")
+    ap.add_argument("--handler", required=True, help="module:Class of the handler")
+    ap.add_argument("--model-name", required=True)
+    ap.add_argument("--workdir", type=Path, required=True, help="TorchServe's working directory")
+    ap.add_argument("--frontend-pid", type=int, default=0, help="exit when this process is gone")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--intake-only", action="store_true", help="take feedback, never learn (learner: external)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.nice:
+        os.nice(args.nice)
+    torch.set_num_threads(args.threads)
+    handler = build_handler(args.model_dir, args.handler, args.model_name)
+    settings: HandlerSettings = handler.selfheal_settings
+    model, inputs, targets = handler.selfheal_parts
+    from selfheal_torchserve.worker import snapshot_root
+
+    storage = open_storage(args.model_name, snapshot_root(settings, args.workdir) / args.model_name,
+                           settings.log_url or None, settings.snapshot_keep, settings.recent_predictions)
+    learner = Learner(model, inputs, settings.heal, settings.task, targets)
+    member = f"learner-{socket.gethostname()}-{os.getpid()}"
+    service = LearnerService(learner, settings, storage, member, learn=not args.intake_only)
+    intake = Intake(learner.task, lambda: storage.log, lambda: storage.predictions,
+                    handler_preprocess(handler, learner), settings.max_instances, settings.feedback_wait_s,
+                    on_append=lambda _seqs: service.wake.set())
+    server = IntakeServer(service, intake, args.model_name, secrets.token_hex(32), settings)
+    threading.Thread(target=server.serve_forever, name="intake", daemon=True).start()
+    path = announcement(args.workdir, args.model_name)
+    write_announcement(path, {"pid": os.getpid(), "port": server.server_address[1], "secret": server.secret,
+                              "started": time.time(), "model": args.model_name})
+    log.info("learner for %s: intake on 127.0.0.1:%d, learning %s", args.model_name, server.server_address[1],
+             "off (intake only)" if args.intake_only else "when this process holds the lease")
+
+    def stop(*_a) -> None:
+        service.stop.set()
+        service.wake.set()
+
+    signal.signal(signal.SIGTERM, stop)
+
+    def watch() -> None:  # the frontend and the unpacked .mar outlive us, not the other way round
+        while not service.stop.wait(1.0):
+            gone = args.frontend_pid and not _pid_exists(args.frontend_pid)
+            if gone or not args.model_dir.exists():
+                log.info("TorchServe or the model is gone: stopping")
+                stop()
+
+    threading.Thread(target=watch, name="watch", daemon=True).start()
+    service.run()
+    server.shutdown()
+    info = {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    if info.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
+    storage.close()
+    return 0
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

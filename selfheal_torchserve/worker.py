@@ -1,0 +1,219 @@
+"""What selfheal runs inside each TorchServe worker: serve, monitor, record, follow published versions.
+
+The request thread serves (`predict`, `record`, `respond`). One background
+thread per worker does the rest, every `drain_interval_s`: monitoring and
+label-free correction on what was served (`ServingModel.drain`), writing
+prediction ids to the shared record, and every `sync_interval_s` installing a
+newer published version, writing this worker's status record, and keeping
+the model's learner process alive. Workers never train.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfheal_core import ServingModel
+from selfheal_core.learner import published_from_snapshot
+from selfheal_core.monitor import merge_drift
+from selfheal_core.storage import StorageError, open_storage
+from selfheal_torchserve.errors import RequestError
+from selfheal_torchserve.settings import HandlerSettings
+
+log = logging.getLogger(__name__)
+
+HEADER_IDS = "X-Selfheal-Prediction-Ids"
+HEADER_VERSION = "X-Selfheal-Model-Version"
+HEADER_DRIFT = "X-Selfheal-Drift"
+HEADER_FIRING = "X-Selfheal-Drift-Detectors"
+STATUS_MAX_AGE_S = 30.0  # status records older than this belong to members that are gone
+
+
+def server_workdir() -> Path:
+    """The TorchServe frontend's working directory (a worker runs in the unpacked .mar)."""
+    try:
+        return Path(os.readlink(f"/proc/{os.getppid()}/cwd"))
+    except OSError:
+        return Path(os.environ.get("PWD", os.getcwd()))
+
+
+def snapshot_root(settings: HandlerSettings, workdir: Path) -> Path:
+    root = Path(settings.snapshot_dir)
+    return root if root.is_absolute() else workdir / root
+
+
+class WorkerRuntime:
+    """One worker's selfheal: a ServingModel, the shared storage, a background thread."""
+
+    def __init__(self, context, settings: HandlerSettings, model: torch.nn.Module, inputs: torch.Tensor,
+                 targets: torch.Tensor | None, handler: Any) -> None:
+        self.settings = settings
+        self.model_name = context.model_name
+        self.workdir = server_workdir()
+        self.storage = open_storage(self.model_name, snapshot_root(settings, self.workdir) / self.model_name,
+                                    settings.log_url or None, settings.snapshot_keep, settings.recent_predictions)
+        self.serving = ServingModel(model, inputs, settings.heal, settings.task, targets)
+        self.member = f"worker-{socket.gethostname()}-{os.getpid()}"
+        for warning in self.serving.reference_report.warnings:
+            log.warning("reference: %s", warning)
+        try:
+            self.storage.open_record()  # announce this writer before handing out ids
+        except StorageError as exc:
+            log.warning("prediction record: %s (feedback by id waits until it can be written)", exc.message)
+        self._failed_version = 0  # a published version that could not be loaded (not retried)
+        self._install_latest()
+        self._apply = self.serving._apply_pending
+        self._apply()
+        self._stop = threading.Event()
+        self._warned: dict[str, float] = {}
+        self.supervisor = None
+        if settings.learner != "off":
+            from selfheal_torchserve.supervisor import LearnerSupervisor
+
+            self.supervisor = LearnerSupervisor(self.workdir, self.model_name, context, type(handler), settings)
+            self.supervisor.tick()
+            self.supervisor.wait_ready(60.0)
+        self._thread = threading.Thread(target=self._loop, name=f"selfheal-{self.model_name}", daemon=True)
+        self._thread.start()
+        log.info("selfheal ready: model %s (%s, %s), version %d, label-free: %s, storage %s, learner %s",
+                 self.model_name, self.serving.task.kind.value, self.serving.mode, self.serving.version,
+                 self.serving.corrector.summary if self.serving.corrector else "off (monitor-only)",
+                 self.storage.describe(), settings.learner)
+
+    # ------------------------------------------------------------------ request thread
+    def check(self, x: Any) -> torch.Tensor:
+        """The base's preprocessed batch, validated against the reference's shape and dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise RequestError(400, f"preprocess returned {type(x).__name__}, selfheal needs a tensor batch")
+        if len(x) > self.settings.max_instances:
+            raise RequestError(413, f"{len(x)} inputs exceed the limit of {self.settings.max_instances}")
+        try:
+            return self.serving.check_input(x)
+        except ValueError as exc:
+            raise RequestError(400, f"bad inputs: {exc}") from None
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.serving.predict(x, defer=True, checked=True)
+
+    def record(self, x: torch.Tensor, outputs: torch.Tensor) -> list[str]:
+        """Prediction ids, one per input, resolvable by feedback once the record is flushed."""
+        served, confidence = self.serving.task.served(outputs.detach())
+        return self.storage.predictions.add(x, served, confidence)
+
+    @property
+    def version(self) -> int:
+        return self.serving.version
+
+    @property
+    def drift(self) -> dict:
+        return self.serving.drift
+
+    def respond(self, context, idx: int, answer: Any, ids: list[str], version: int, drift: dict) -> Any:
+        if self.settings.envelope:
+            return {"response": answer, "selfheal": {"ids": ids, "model_version": version, "drift": drift}}
+        context.set_response_header(idx, HEADER_IDS, ",".join(ids))
+        context.set_response_header(idx, HEADER_VERSION, str(version))
+        context.set_response_header(idx, HEADER_DRIFT, "true" if drift["detected"] else "false")
+        if drift["firing"]:
+            context.set_response_header(idx, HEADER_FIRING, ",".join(drift["firing"]))
+        return answer
+
+    @staticmethod
+    def refuse(context, idx: int, err: RequestError) -> dict:
+        context.set_response_status(err.code, err.phrase, idx)
+        return err.body()
+
+    # ------------------------------------------------------------------ background thread
+    def _loop(self) -> None:
+        next_sync = 0.0
+        while not self._stop.wait(self.settings.drain_interval_s):
+            try:
+                self.serving.drain()
+                self._flush()
+                if time.monotonic() >= next_sync:
+                    next_sync = time.monotonic() + self.settings.sync_interval_s
+                    self._install_latest()
+                    self._write_status()
+                    if self.supervisor is not None:
+                        self.supervisor.tick()
+            except Exception:  # keep serving; the next round retries
+                log.exception("selfheal background step failed")
+
+    def _flush(self) -> None:
+        try:
+            self.storage.predictions.flush()
+        except StorageError as exc:  # kept in memory and retried: ids handed out stay resolvable
+            self._warn("record", f"prediction record: {exc.message}")
+
+    def _warn(self, key: str, message: str, every_s: float = 60.0) -> None:
+        if time.monotonic() - self._warned.get(key, -every_s) >= every_s:
+            self._warned[key] = time.monotonic()
+            log.warning("%s", message)
+
+    def _install_latest(self) -> None:
+        """Prepare the newest published version, if newer than the one served."""
+        try:
+            store = self.storage.snapshots
+            latest = store.latest_version()
+            if latest <= max(self.serving.pending_version, self._failed_version):
+                return
+            loaded = store.load_latest()
+        except StorageError as exc:
+            self._warn("snapshots", f"snapshot store: {exc.message}")
+            return
+        if loaded is None or int(loaded[1]["version"]) <= self.serving.pending_version:
+            self._failed_version = latest
+            return
+        try:
+            self.serving.install(published_from_snapshot(*loaded))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            self._failed_version = int(loaded[1]["version"])
+            self._warn("install", f"cannot install version {loaded[1]['version']}: {exc}")
+            return
+        log.info("installing published version %d", loaded[1]["version"])
+
+    def _write_status(self) -> None:
+        payload = {"role": "worker", "pid": os.getpid(), "version": self.serving.version,
+                   "drift": self.serving.drift, "context": self.serving.context(),
+                   "counters": dict(self.serving.counters)}
+        try:
+            self.storage.status.put(self.member, payload)
+        except StorageError as exc:
+            self._warn("status", f"status records: {exc.message}")
+
+    # ------------------------------------------------------------------ status
+    def learner_status(self) -> dict | None:
+        """The model's learner, as its status record tells (the active one first)."""
+        try:
+            records = self.storage.status.read(STATUS_MAX_AGE_S)
+        except StorageError as exc:
+            return {"error": exc.message}
+        learners = [r for r in records.values() if r.get("role") == "learner"]
+        learners.sort(key=lambda r: (not r.get("active"), -r.get("_time", 0)))
+        return learners[0] if learners else None
+
+    def describe(self) -> dict:
+        self._apply()  # a version prepared since the last request is what is served now
+        status = self.serving.status()
+        learner = self.learner_status()
+        if learner and isinstance(learner.get("errors"), dict):
+            status["drift"] = merge_drift(status["drift"], learner["errors"])
+        status["learner"] = learner
+        status["handler"] = {"worker": self.member, "storage": self.storage.describe(),
+                             "learner_mode": self.settings.learner, "envelope": self.settings.envelope}
+        return status
+
+    def close(self) -> None:
+        """Stop the background thread (tests; TorchServe ends workers by killing them)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.supervisor is not None:
+            self.supervisor.close()
+        self.serving.close()
+        self.storage.close()

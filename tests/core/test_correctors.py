@@ -1,0 +1,245 @@
+"""Label-free correctors: one shared suite over every corrector, then each one's own behaviour."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from selfheal_core.config import CorrectConfig
+from selfheal_core.correct import (AffineNormAdapter, Corrector, EntropyAdapter, LabelFreeCorrector,
+                                   NormStatsAdapter, Observation, PriorCorrector)
+from selfheal_core.model_parts import find_parts
+from selfheal_core.task import Task, TaskKind
+
+TASK4 = Task(TaskKind.CLASSIFICATION, 4)
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 16, 4)).eval()
+
+
+def ln_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[3].weight.mul_(8)  # confident predictions: entropy minimisation only uses reliable samples
+    return model
+
+
+@dataclass
+class Case:
+    corrector: Corrector
+    model: nn.Module
+    x: torch.Tensor  # shifted inputs to adapt on
+    owned: Callable[[str], bool]  # which model state entries the corrector may change
+
+    def serve(self, x: torch.Tensor, steps: int = 8) -> None:
+        """Forward in requests of 4 as serving does, observing after each, then apply."""
+        for i in range(0, min(len(x), 4 * steps), 4):
+            xb = x[i:i + 4]
+            norm = self.corrector if isinstance(self.corrector, NormStatsAdapter) else None
+            with torch.no_grad():
+                if norm is not None:
+                    with norm.recording():
+                        raw = self.model(xb)
+                else:
+                    raw = self.model(xb)
+            feats = self.model[:3](xb).flatten(1).double() if isinstance(self.model[-1], nn.Linear) else None
+            self.corrector.observe(Observation(raw=raw, probs=torch.softmax(raw, 1), features=feats, inputs=xb))
+            self.corrector.apply()
+
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            raw = self.model(x)
+        return self.corrector.adjust(raw) if isinstance(self.corrector, PriorCorrector) else raw
+
+
+def norm_stats() -> Case:
+    model = bn_model()
+    return Case(NormStatsAdapter(find_parts(model, 4).batchnorms, momentum=0.05), model,
+                torch.randn(64, 1, 4, 4) * 3 + 5, lambda k: "running" in k)
+
+
+def norm_affine() -> Case:
+    model = ln_model()
+    return Case(AffineNormAdapter(model, copy.deepcopy(model), ["1"], TASK4, lr=0.05, step_every=8),
+                model, torch.randn(64, 6) + 1.0, lambda k: k.startswith("1."))
+
+
+def entropy() -> Case:
+    model = ln_model()
+    return Case(EntropyAdapter(model[3], lr=0.05, step_every=8), model, torch.randn(64, 6) + 1.0,
+                lambda k: False)
+
+
+def prior() -> Case:
+    model = ln_model()
+    with torch.no_grad():
+        ref = torch.softmax(model(torch.randn(200, 6)), 1)
+    return Case(PriorCorrector(ref.mean(0), momentum=0.05), model, torch.randn(64, 6) + 3.0, lambda k: False)
+
+
+CASES = [norm_stats, norm_affine, entropy, prior]
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_inactive_corrector_changes_nothing(make):
+    case = make()
+    before = case.outputs(case.x)
+    case.serve(case.x)
+    assert torch.equal(case.outputs(case.x), before)
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_active_corrector_adapts_only_what_it_owns_and_reset_restores_the_source(make):
+    case = make()
+    source_state = copy.deepcopy(case.model.state_dict())
+    before = case.outputs(case.x)
+    case.corrector.activate()
+    case.serve(case.x)
+    assert not torch.allclose(case.outputs(case.x), before), "an active corrector changes the outputs"
+    changed = {k for k, v in case.model.state_dict().items() if not torch.equal(v, source_state[k])}
+    assert all(case.owned(k) for k in changed), f"changed beyond its own: {changed}"
+    case.corrector.reset()
+    case.corrector.apply()
+    assert torch.equal(case.outputs(case.x), before) and not case.corrector.active
+    assert all(torch.equal(v, source_state[k]) for k, v in case.model.state_dict().items())
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_state_round_trip_gives_identical_outputs(make):
+    case, other = make(), make()
+    case.corrector.activate()
+    case.serve(case.x)
+    other.corrector.load_state_dict(case.corrector.state_dict())
+    other.corrector.apply()
+    assert torch.equal(other.outputs(case.x), case.outputs(case.x))
+    assert other.corrector.status() == case.corrector.status()
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_bad_state_is_refused(make):
+    case = make()
+    with pytest.raises(ValueError, match="mismatch"):
+        case.corrector.load_state_dict({"nope": 1})
+
+
+def test_prior_corrector_reverts_when_shift_ends():
+    pc = PriorCorrector(torch.full((4,), 0.25), momentum=0.05, pseudo_count=0.01)
+    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(8, 1)
+    for _ in range(40):
+        pc.observe(Observation(raw=skewed.log(), probs=skewed))
+    assert pc.prior[0] > 0.6
+    flat = torch.full((8, 4), 0.25)
+    for _ in range(200):
+        pc.observe(Observation(raw=flat.log(), probs=flat))
+    assert abs(float(pc.prior[0]) - 0.25) < 0.05
+    assert torch.equal(pc.adjust(torch.ones(2, 4)), torch.ones(2, 4)), "inactive: logits unchanged"
+
+
+def lf_corrector(model, config: CorrectConfig, trainee=None) -> LabelFreeCorrector:
+    with torch.no_grad():
+        ref_probs = torch.softmax(model(torch.randn(100, *model_in(model))), 1)
+    return LabelFreeCorrector(model, find_parts(model, 4), TASK4, ref_probs, config, trainee)
+
+
+def model_in(model) -> tuple:
+    return (1, 4, 4) if isinstance(model[0], nn.Conv2d) else (6,)
+
+
+def obs(fired, n=10, width=4):
+    probs = torch.full((n, width), 1 / width)
+    return Observation(raw=probs.log(), probs=probs, features=torch.randn(n, 16, dtype=torch.float64),
+                       inputs=torch.randn(n, 6), fired=fired)
+
+
+def test_activation_rules_label_shift_versus_input_shift():
+    model = ln_model()
+    lf = lf_corrector(model, CorrectConfig(prior_quiet=50, entropy=True), copy.deepcopy(model))
+    assert lf.summary == "norm_affine, entropy, prior"
+    assert lf.observe(obs(["class_shift"])) == ["prior"], "classes moved, model sure: label shift"
+    assert lf.observe(obs(["confidence"])) == [], "within prior_quiet of a label-shift alarm"
+    for _ in range(5):
+        lf.observe(obs([]))
+    assert lf.observe(obs(["confidence"])) == ["norm_affine", "entropy"], "no BatchNorm: no norm stats"
+    assert not lf.prior.active, "a confidence alarm switches the prior correction off"
+    assert lf.observe(obs(["class_shift"])) == [], "within prior_quiet of a confidence alarm"
+    state = lf.state_dict()
+    lf.reset()
+    assert not lf.active
+    lf.load_state_dict(state)
+    assert lf.inputs[1].active
+    both = lf_corrector(model, CorrectConfig(prior_quiet=50, entropy=True), copy.deepcopy(model))
+    assert both.observe(obs(["confidence", "class_shift"])) == ["norm_affine", "entropy"], "input shift moves both"
+
+
+def test_when_always_starts_at_once_and_after_reset():
+    lf = lf_corrector(bn_model(), CorrectConfig(when="always"))
+    assert lf.active and lf.norm_stats().active and lf.prior.active
+    lf.reset()
+    assert lf.norm_stats().active and lf.prior.active, "reset returns to the configured state"
+
+
+def test_nothing_to_adapt_is_said():
+    model = nn.Sequential(nn.Linear(6, 4)).eval()
+    lf = lf_corrector(model, CorrectConfig(prior=False))
+    assert lf.summary == "nothing to adapt; labelled feedback only" and lf.status()["available"] == lf.summary
+
+
+def test_collapse_resets_adaptation():
+    model = ln_model()
+    lf = lf_corrector(model, CorrectConfig(collapse_window=50, entropy=True), copy.deepcopy(model))
+    lf.observe(obs(["confidence"], n=1))
+    one_class = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).repeat(16, 1)
+    for _ in range(20):
+        lf.observe(Observation(raw=one_class.log(), probs=one_class, features=torch.randn(16, 16).double(),
+                               inputs=torch.randn(16, 6)))
+    assert lf.collapses >= 1 and not any(p.active for p in lf.inputs)
+
+
+def test_norm_stats_folding_many_forwards_at_once_equals_one_at_a_time():
+    """observe() after 30 forwards gives what observe() after each would (the EMA is per sample)."""
+    def adapter(model):
+        ad = NormStatsAdapter(find_parts(model, 4).batchnorms, momentum=0.05)
+        ad.activate()
+        return ad
+
+    one, many, ref = bn_model(), bn_model(), bn_model()
+    a, b, c = adapter(one), adapter(many), adapter(ref)
+    x = torch.randn(30, 1, 4, 4) * 2 + 1
+    with torch.no_grad():
+        for i in range(0, 30, 3):
+            with a.recording():
+                one(x[i:i + 3])
+            a.observe()
+            with b.recording():
+                many(x[i:i + 3])
+        b.observe()
+        for i in range(30):
+            with c.recording():
+                ref(x[i:i + 1])
+            c.observe()
+    for ad in (a, b, c):
+        ad.apply()
+    assert torch.allclose(many[1].running_mean, ref[1].running_mean, atol=1e-5)
+    assert torch.allclose(many[1].running_var, ref[1].running_var, atol=1e-5)
+    assert torch.allclose(one[1].running_mean, ref[1].running_mean, atol=1e-5)
+
+
+def test_norm_stats_pending_forwards_are_bounded():
+    model = bn_model()
+    ad = NormStatsAdapter(find_parts(model, 4).batchnorms, max_pending=4)
+    ad.activate()
+    with torch.no_grad():
+        for _ in range(10):
+            with ad.recording():
+                model(torch.randn(2, 1, 4, 4))
+    assert len(ad._captured[0]) == 4
+    ad.observe()
+    assert ad.status()["samples"] == 8 and not ad._captured[0]

@@ -1,0 +1,166 @@
+"""Learning parts: replay buffer, gradient learner, Bayesian last layer, guard, quarantine."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfheal_core.config import GuardConfig, LearnConfig
+from selfheal_core.guard import Guard
+from selfheal_core.learn import BayesianLastLayer, GradientLearner, ReplayBuffer, select_parameters
+from selfheal_core.quarantine import Quarantine
+from selfheal_core.task import Task, TaskKind
+
+CLS3 = Task(TaskKind.CLASSIFICATION, 3)
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 16, 3)).eval()
+
+
+def test_replay_buffer_is_bounded_and_round_trips():
+    buf = ReplayBuffer(recent_size=10, reservoir_size=5, seed=0)
+    for i in range(100):
+        buf.add(torch.full((1, 2), float(i)), torch.tensor([i % 3]))
+    assert len(buf) == 15
+    x, y = buf.sample(7)
+    assert x.shape == (7, 2) and y.shape == (7,)
+    other = ReplayBuffer(10, 5, seed=1)
+    other.load_state_dict(buf.state_dict())
+    assert torch.equal(other.sample(5)[0], buf.sample(5)[0])  # same contents, same generator state
+
+
+def test_replay_buffer_holds_regression_targets():
+    buf = ReplayBuffer(4, 2)
+    buf.add(torch.randn(6, 3), torch.randn(6, 2))
+    x, y = buf.sample(5)
+    assert y.shape == (5, 2) and y.dtype == torch.float32
+
+
+def test_gradient_learner_changes_only_chosen_parameters_and_learns():
+    model = bn_model()
+    before = copy.deepcopy(model.state_dict())
+    learner = GradientLearner(model, LearnConfig(params="last_layer", lr=0.05, steps=20, update_every=16), CLS3, "4")
+    assert set(learner.params) == {"4.weight", "4.bias"}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 4, 4, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()  # learnable from the features
+    loss0 = F.cross_entropy(model(x), y).item()
+    assert learner.add(x, y)
+    learner.step()
+    assert F.cross_entropy(model(x), y).item() < loss0
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"4.weight", "4.bias"}
+    learner.reset()
+    assert all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_gradient_learner_regression_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
+    task = Task(TaskKind.REGRESSION, 1)
+    learner = GradientLearner(model, LearnConfig(lr=0.01, steps=50, update_every=8, anchor=0.0), task, "2")
+    x = torch.randn(64, 3)
+    y = (x[:, :1] * 3 + 1)
+    loss0 = F.mse_loss(model(x), y).item()
+    learner.add(x, y)
+    learner.step()
+    assert F.mse_loss(model(x), y).item() < loss0 * 0.7
+
+
+def test_parameter_sets():
+    assert set(select_parameters(bn_model(), "norm_and_last", "4")) == {"1.weight", "1.bias", "4.weight", "4.bias"}
+    with pytest.raises(ValueError, match="needs an output nn.Linear"):
+        select_parameters(nn.Sequential(nn.Conv2d(1, 1, 1)), "last_layer", None)
+    assert len(select_parameters(nn.Sequential(nn.Conv2d(1, 1, 1)), "auto", None)) == 2, "auto without a head: all"
+
+
+@pytest.mark.parametrize("kind, targets", [
+    (TaskKind.CLASSIFICATION, lambda f: (f[:, 0] > 0).long() + (f[:, 1] > 1).long()),
+    (TaskKind.BINARY, lambda f: (f[:, 0] > 0).long()),
+    (TaskKind.REGRESSION, lambda f: f[:, :1] * 2 - f[:, 1:2]),
+])
+def test_bayes_layer_learns_per_task(kind, targets):
+    torch.manual_seed(0)
+    outputs = {TaskKind.CLASSIFICATION: 3, TaskKind.BINARY: 1, TaskKind.REGRESSION: 1}[kind]
+    task = Task(kind, outputs)
+    layer = nn.Linear(6, outputs)
+    bayes = BayesianLastLayer(layer, task, prior_var=0.5, forgetting=1.0)
+    feats = torch.randn(80, 6)
+    y = targets(feats)
+    with torch.no_grad():
+        before = task.loss(layer(feats), y)
+    for i in range(0, 80, 4):
+        bayes.update(feats[i:i + 4], y[i:i + 4])
+    with torch.no_grad():
+        assert task.loss(layer(feats), y) < before * 0.7
+    state = bayes.state_dict()
+    bayes.reset()
+    assert bayes.updates == 0
+    bayes.load_state_dict(state)
+    assert bayes.updates == 80
+
+
+def test_bayes_layer_without_bias():
+    layer = nn.Linear(4, 2, bias=False)
+    BayesianLastLayer(layer, Task(TaskKind.CLASSIFICATION, 2)).update(torch.randn(3, 4), torch.tensor([0, 1, 1]))
+    assert layer.bias is None
+
+
+def test_guard_holds_back_every_kth_and_judges():
+    guard = Guard(GuardConfig(holdout_every=2, holdout_size=3, min_holdout=2), CLS3)
+    x, y = torch.randn(10, 1, 4, 4), torch.arange(10) % 3
+    tx, ty = guard.admit(x, y)
+    assert guard.holdout_size == 3 and len(ty) == 7  # 5 held back, 2 of them pushed out to training
+    assert guard.judge((0.5, 0.2), (0.5, 0.2)) and not guard.judge((0.5, 0.2), (0.6, 0.2))
+    assert (guard.accepted, guard.rolled_back) == (1, 1)
+    loss, err = guard.evaluate(bn_model())
+    assert loss > 0 and 0 <= err <= 1 and guard.ready
+    other = Guard(GuardConfig(holdout_every=2, holdout_size=3, min_holdout=2), CLS3)
+    other.load_state_dict(guard.state_dict())
+    assert other.evaluate(bn_model()) == guard.evaluate(bn_model())
+    assert not Guard(GuardConfig(min_holdout=50), CLS3).ready and Guard(GuardConfig(), CLS3).evaluate(bn_model()) is None
+
+
+def screen_all(q, pairs, conf=0.99, drifted=False):
+    served = torch.tensor([s for s, _ in pairs])
+    given = torch.tensor([g for _, g in pairs])
+    return q.screen(served, given, torch.full((len(pairs),), conf), drifted)
+
+
+def test_quarantine_catches_a_burst_into_one_class_from_many():
+    q = Quarantine(GuardConfig())
+    honest = [(k % 10, k % 10) for k in range(100)]
+    assert not screen_all(q, honest).any()
+    attack = [(k % 9 if k % 9 != 7 else 8, 7) for k in range(60)]  # confident inputs of 8 classes, all called 7
+    held = screen_all(q, attack)
+    assert held[20:].all() and q.status()["active"] and q.status()["classes"] == [7]
+    assert q.quarantined > 0
+    other = Quarantine(GuardConfig())
+    other.load_state_dict(q.state_dict())
+    assert other.status() == q.status()
+
+
+def test_concept_change_is_learned_after_corroboration_and_noise_is_held():
+    q = Quarantine(GuardConfig(corroborate=3))
+    swap = screen_all(q, [(1, 7), (7, 1)] * 10)
+    assert swap[:4].all() and not swap[4:].any() and not q.status()["active"]
+    q = Quarantine(GuardConfig(corroborate=3))
+    noise = [(k % 10, (k * 3 + 1) % 10) for k in range(10)]  # ten different pairs
+    assert screen_all(q, noise).all()
+    assert not screen_all(q, noise, conf=0.5).any(), "unsure predictions are never held"
+    assert not screen_all(Quarantine(GuardConfig()), noise, drifted=True).any(), "inputs drifted: learn"
+
+
+def test_quarantine_window_is_bounded_and_counts_stay_exact():
+    q = Quarantine(GuardConfig(quarantine_window=50))
+    pairs = [(k % 10, (k + 1) % 10) for k in range(500)]
+    screen_all(q, pairs)
+    assert q.status()["window"] == 50 and q.status()["confident_disagreements"] == 50
+    assert sum(q._pairs.values()) == 50

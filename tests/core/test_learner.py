@@ -1,0 +1,94 @@
+"""Learner: the learning side alone, fed from a feedback log as the learner process feeds it."""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from selfheal_bench.data import corrupt, resample
+from selfheal_core import HealConfig, Learner
+from selfheal_core.learner import published_from_snapshot
+from selfheal_core.storage import FileSnapshotStore, SQLiteFeedbackLog, encode_target
+
+
+def log_labels(log, x, y, served=None):
+    return log.append(x, [encode_target(t) for t in y],
+                      [None] * len(y) if served is None else [encode_target(s) for s in served],
+                      [None] * len(y))
+
+
+def test_learner_consumes_the_log_in_order_and_marks_rows(demo_model, reference, digits):
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    x, y = resample(x_te, y_te, 60, seed=1)
+    x = corrupt(x, "rotate", 4, seed=1)
+    log = SQLiteFeedbackLog()
+    log_labels(log, x, y)
+    learner = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    rows = next(log.entries(after=learner.absorbed, batch=40))
+    learner.absorb_entries(rows, None, log)
+    assert learner.absorbed == 40 and learner.update_due
+    result = learner.update()
+    assert result.updated or result.rolled_back
+    statuses = log.stats()["by_status"]
+    assert statuses.get("new") == 20 and sum(statuses.values()) == 60
+    learner.absorb_entries(next(log.entries(after=learner.absorbed)), None, log)
+    assert learner.absorbed == 60 and "new" not in log.stats()["by_status"]
+
+
+def test_a_published_snapshot_resumes_the_learner_and_feeds_workers(demo_model, reference, digits, tmp_path):
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    x, y = resample(x_te, y_te, 80, seed=2)
+    x = corrupt(x, "rotate", 4, seed=2)
+    store = FileSnapshotStore(tmp_path)
+    learner = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    t0 = time.time()
+    for i in range(0, 80, 8):
+        learner.absorb(x[i:i + 8], y[i:i + 8], seqs=list(range(i + 1, i + 9)), times=[t0] * 8)
+        learner.update()
+    state, meta = learner.snapshot()
+    version = store.save(state, meta)
+    learner.mark_published(version)
+    delays = learner.status()["label_delay"]
+    assert delays["labels"] == 80 and delays["p99_s"] >= delays["p50_s"] >= 0
+    again = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    loaded_state, loaded_meta = store.load_latest()
+    again.load_state_dict(loaded_state["learner"])
+    assert again.absorbed == 80 and again.counters["feedback"] == 80
+    with torch.no_grad():
+        assert torch.equal(again.model(x), learner.model(x))
+    published = published_from_snapshot(loaded_state, loaded_meta)
+    assert published.version == version and set(published.weights) == {k for k, _ in demo_model.named_parameters()}
+    assert published.reference.probs.shape == (len(x_ref), 10) and published.reference.features is not None
+
+
+def test_a_monitor_only_learner_watches_errors_and_trains_nothing(demo_model, reference, digits):
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    x, y = resample(x_te, y_te, 200, seed=3)
+    x = corrupt(x, "rotate", 4, seed=3)
+    before = copy.deepcopy(demo_model.state_dict())
+    learner = Learner(demo_model, x_ref, HealConfig(adapt=False), reference_targets=y_ref)
+    for i in range(0, 200, 20):
+        learner.absorb(x[i:i + 20], y[i:i + 20])
+        assert not learner.update_due and not learner.update().updated
+    st = learner.status()
+    assert st["errors"]["detected"] and "error_rate" in st["errors"]["firing"]
+    assert "monitor-only" in st["learner"]["learning"]
+    assert all(torch.equal(v, before[k]) for k, v in demo_model.state_dict().items())
+
+
+def test_serving_statistics_reach_the_learner(demo_model, reference):
+    x_ref, y_ref = reference
+    learner = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    bn = learner.parts.batchnorms[0]
+    source = bn.running_mean.clone()
+    moments = {"active": True, "mean": [torch.full_like(m.running_mean, 0.5) for m in learner.parts.batchnorms],
+               "sq": [torch.full_like(m.running_mean, 1.25) for m in learner.parts.batchnorms]}
+    learner.use_context({"norm": moments})
+    assert torch.allclose(bn.running_mean, torch.full_like(source, 0.5)) and torch.allclose(
+        bn.running_var, torch.ones_like(source))
+    learner.use_context(None)
+    assert torch.equal(bn.running_mean, source)

@@ -1,0 +1,227 @@
+"""Storage on one machine: the feedback log, the prediction record, snapshots, leases, status records."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+import time
+
+import pytest
+import torch
+
+from selfheal_core.storage import (DuplicateFeedback, FileLease, FileSnapshotStore, FileStatusBoard,
+                                   SQLiteFeedbackLog, SQLitePredictionRecord, StorageUnavailable, decode_targets,
+                                   encode_target, open_storage)
+
+
+def state(v: float) -> dict:
+    return {"w": torch.full((3,), v), "n": int(v)}
+
+
+def append(log, x, labels, served=None, pids=None):
+    return log.append(x, [encode_target(torch.tensor(v)) for v in labels],
+                      [None if s is None else encode_target(torch.tensor(s)) for s in (served or [None] * len(labels))],
+                      [None] * len(labels), pids)
+
+
+# ---------------------------------------------------------------------- feedback log
+def test_log_round_trip_survives_reopen(tmp_path):
+    path = tmp_path / "fb.sqlite"
+    log = SQLiteFeedbackLog(path)
+    x = torch.randn(5, 1, 8, 8)
+    seqs = append(log, x, [0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [f"id{i}" for i in range(5)])
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    log.set_status(seqs[-1:], "quarantined")
+    log.close()
+    reopened = SQLiteFeedbackLog(path)
+    [rows] = list(reopened.entries(after=0))
+    assert torch.equal(rows.x, x) and decode_targets(rows.target, True).tolist() == [0, 1, 2, 3, 4]
+    assert rows.seq == seqs and rows.status == ["new"] * 4 + ["quarantined"] and rows.served[1] == "1"
+    assert [len(r.seq) for r in reopened.entries(after=seqs[1], batch=2)] == [2, 1]
+    assert reopened.stats()["by_status"] == {"new": 4, "quarantined": 1} and reopened.stats()["last_seq"] == seqs[-1]
+    assert reopened.by_seq([seqs[2], seqs[0]]).seq == [seqs[0], seqs[2]]
+
+
+def test_log_holds_regression_targets_and_integer_inputs():
+    log = SQLiteFeedbackLog()
+    log.append(torch.tensor([[1, 2, 3]], dtype=torch.int64), [encode_target(torch.tensor([1.5, -2.0]))], [None], [None])
+    [rows] = list(log.entries())
+    assert rows.x.dtype == torch.int64 and rows.x.tolist() == [[1, 2, 3]]
+    assert decode_targets(rows.target, False).tolist() == [[1.5, -2.0]]
+
+
+def test_log_duplicate_id_writes_nothing():
+    log = SQLiteFeedbackLog()
+    append(log, torch.zeros(1, 3), [1], pids=["a"])
+    with pytest.raises(DuplicateFeedback, match="already"):
+        append(log, torch.zeros(2, 3), [1, 2], pids=["b", "a"])
+    assert log.stats()["entries"] == 1 and log.answered(["a", "b"]) == ["a"]
+
+
+def test_schema_1_logs_are_migrated(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE feedback (seq INTEGER PRIMARY KEY AUTOINCREMENT, pid TEXT UNIQUE, label INTEGER NOT NULL,"
+               " served INTEGER, source TEXT NOT NULL, status TEXT NOT NULL, time REAL NOT NULL, shape TEXT NOT NULL,"
+               " input BLOB NOT NULL)")
+    db.execute("INSERT INTO feedback VALUES (7, 'p', 3, 2, 'api', 'quarantine', 1.0, '[2]', ?)",
+               (torch.tensor([1.0, 2.0]).numpy().tobytes(),))
+    db.commit()
+    db.close()
+    [rows] = list(SQLiteFeedbackLog(path).entries())
+    assert rows.seq == [7] and rows.target == ["3"] and rows.served == ["2"] and rows.status == ["quarantined"]
+    assert rows.x.tolist() == [[1.0, 2.0]]
+
+
+def test_files_holding_inputs_and_labels_are_private(tmp_path):
+    storage = open_storage("m", tmp_path)
+    append(storage.log, torch.zeros(1, 2), [1])
+    storage.predictions.add(torch.zeros(1, 2), torch.tensor([1]), torch.tensor([0.5]))
+    storage.predictions.flush()
+    storage.snapshots.save(state(1))
+    storage.status.put("w", {"x": 1})
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and not path.name.endswith(".lock"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+@pytest.mark.parametrize("damage", ["header", "page"])
+def test_a_damaged_log_is_reported_not_crashed_on(tmp_path, damage):
+    path = tmp_path / "fb.sqlite"
+    log = SQLiteFeedbackLog(path)
+    for i in range(200):
+        append(log, torch.randn(4, 64), [1, 2, 3, 4])
+    log.close()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"fb.sqlite{suffix}").unlink(missing_ok=True)
+    blob = bytearray(path.read_bytes())
+    if damage == "header":
+        blob[:16] = b"not a database!!"
+    else:
+        blob[4096 * 3:4096 * 3 + 512] = os.urandom(512)
+    path.write_bytes(bytes(blob))
+    with pytest.raises(StorageUnavailable, match="fb.sqlite"):
+        broken = SQLiteFeedbackLog(path)
+        list(broken.entries())
+        broken.check()
+
+
+# ---------------------------------------------------------------------- prediction record
+def test_prediction_record_is_bounded_and_durable(tmp_path):
+    rec = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=300)
+    x = torch.randn(600, 2, 3)
+    ids = rec.add(x, torch.arange(600) % 10, torch.full((600,), 0.5))
+    assert len(rec) == 300  # pruned every 256 inserts
+    assert rec.get(ids[:1]) == {}
+    reopened = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=300)
+    got = reopened.get([ids[-1]])[ids[-1]]
+    assert torch.equal(got[0], x[-1]) and int(got[1]) == 599 % 10 and got[2] == 0.5
+
+
+def test_lookup_waits_for_ids_on_their_way_but_not_for_unknown_ones(tmp_path):
+    writer = SQLitePredictionRecord(tmp_path / "p.sqlite")
+    writer.register()
+    reader = SQLitePredictionRecord(tmp_path / "p.sqlite")
+    ids = writer.add(torch.randn(2, 3), torch.tensor([1, 2]), torch.tensor([0.9, 0.8]))
+    threading.Timer(0.3, writer.flush).start()  # the worker's background flush, a moment later
+    start = time.monotonic()
+    found, unknown = reader.lookup(ids, wait_s=10)
+    assert set(found) == set(ids) and not unknown and time.monotonic() - start < 5
+    start = time.monotonic()
+    found, unknown = reader.lookup(["nope", "0" * 32], wait_s=10)
+    assert unknown == ["nope", "0" * 32] and time.monotonic() - start < 5, "never handed out: no wait"
+    start = time.monotonic()
+    found, unknown = reader.lookup([ids[0][:20] + "f" * 12], wait_s=0.5)
+    assert unknown and time.monotonic() - start >= 0.5, "a registered writer's next id is waited for"
+
+
+def test_regression_predictions_are_recorded_as_values(tmp_path):
+    rec = SQLitePredictionRecord(tmp_path / "p.sqlite")
+    [pid] = rec.add(torch.randn(1, 4), torch.tensor([[1.5, 2.5]]), None)
+    x, served, conf = rec.get([pid])[pid]
+    assert served.tolist() == [1.5, 2.5] and conf is None
+
+
+# ---------------------------------------------------------------------- snapshots
+def test_versions_increase_and_round_trip(tmp_path):
+    store = FileSnapshotStore(tmp_path, keep=10)
+    assert store.load_latest() is None
+    assert [store.save(state(i), {"feedback": i}) for i in range(3)] == [1, 2, 3]
+    loaded, meta = store.load_latest()
+    assert torch.equal(loaded["w"], torch.full((3,), 2.0)) and meta["version"] == 3
+    assert meta["parent"] == 2 and meta["feedback"] == 2
+
+
+def test_keeps_newest_k(tmp_path):
+    store = FileSnapshotStore(tmp_path, keep=2)
+    for i in range(5):
+        store.save(state(i))
+    assert store.versions() == [4, 5]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_corrupt_latest_falls_back_to_previous(tmp_path, damage):
+    store = FileSnapshotStore(tmp_path)
+    store.save(state(1))
+    store.save(state(2))
+    path = store.path(2)
+    blob = path.read_bytes()
+    path.write_bytes({"flip": blob[:-5] + b"XXXXX", "truncate": blob[: len(blob) // 2], "empty": b""}[damage])
+    loaded, meta = store.load_latest()
+    assert meta["version"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+    with pytest.raises(ValueError, match="checksum"):
+        store.load(2)
+
+
+def test_stale_temp_files_are_swept_and_keep_is_checked(tmp_path):
+    store = FileSnapshotStore(tmp_path)
+    stale = tmp_path / ".tmp-snapshot-dead"
+    stale.write_bytes(b"x")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    fresh = tmp_path / ".tmp-snapshot-writing"
+    fresh.write_bytes(b"x")
+    store.save(state(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-snapshot-writing", "snapshot-00000001.pt"]
+    with pytest.raises(ValueError):
+        FileSnapshotStore(tmp_path, keep=0)
+
+
+def test_concurrent_writers_get_distinct_versions(tmp_path):
+    stores = [FileSnapshotStore(tmp_path, keep=100) for _ in range(4)]
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def write(s):
+        for i in range(5):
+            v = s.save(state(i))
+            with lock:
+                got.append(v)
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(1, 21))
+    assert all(stores[0].load(v) for v in got)
+
+
+# ---------------------------------------------------------------------- lease and status
+def test_lease_is_exclusive_and_released(tmp_path):
+    a, b = FileLease(tmp_path, "learner"), FileLease(tmp_path, "learner")
+    assert a.try_acquire() and a.held and not b.try_acquire() and not b.is_free()
+    a.release()
+    assert b.is_free() and b.try_acquire()
+
+
+def test_status_records_round_trip_and_age_out(tmp_path):
+    board = FileStatusBoard(tmp_path)
+    board.put("worker-1", {"drift": {"detected": True}, "norm": [torch.ones(2)]})
+    got = board.read()["worker-1"]
+    assert got["drift"]["detected"] and torch.equal(got["norm"][0], torch.ones(2))
+    assert board.read(max_age_s=-1) == {}
+    board.remove("worker-1")
+    assert board.read() == {}
+    with pytest.raises(ValueError, match="member"):
+        board.put("../x", {})
