@@ -86,6 +86,7 @@ class Learner:
         self._tap = FeatureTap(self.parts.head) if self.learns and self.parts.head is not None else None
         self.gradient: GradientLearner | None = None
         self.bayes: BayesianLastLayer | None = None
+        self.bayes_off: str | None = "learning is off"
         try:
             ref_errors = self.task.errors(raw, targets) if targets is not None else None
             self.errors = Monitor(config.monitor, self.task, ON_FEEDBACK).calibrate(ReferenceView(errors=ref_errors))
@@ -94,7 +95,8 @@ class Learner:
                 self.gradient = GradientLearner(model, config.learn, self.task, self.parts.head_name, labelled,
                                                 seed=config.monitor.seed)
                 noise = float(ref_errors.mean()) if ref_errors is not None and not self.task.is_classifier else 1.0
-                if config.learn.bayes and self.parts.head is not None:
+                self.bayes_off = self._bayes_unsupported(raw)
+                if config.learn.bayes and self.bayes_off is None:
                     self.bayes = BayesianLastLayer(self.parts.head, self.task, config.learn.bayes_prior_var,
                                                    config.learn.bayes_forgetting, max(noise, 1e-6))
         except BaseException:
@@ -114,6 +116,27 @@ class Learner:
         self._last_update: float | None = None
         self._delays: deque[float] = deque(maxlen=DELAYS_KEPT)  # label acknowledged -> published, seconds
         self._unpublished: list[float] = []  # acknowledgement times of labels absorbed since the last publish
+
+    @torch.no_grad()
+    def _bayes_unsupported(self, raw: torch.Tensor) -> str | None:
+        """Why the Bayesian last layer cannot run on this model (None if it can): its update
+        assumes the head's outputs are the model's outputs (no scaling or squashing after it)."""
+        head = self.parts.head
+        if head is None:
+            return "no output nn.Linear layer"
+        seen: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().cpu()))
+        try:
+            out = self.model(self._reference[:64]).cpu()
+        finally:
+            handle.remove()
+            if self._tap is not None:
+                self._tap.take()
+        if not seen or seen[-1].numel() != out.numel() or not torch.allclose(seen[-1].reshape(out.shape), out,
+                                                                              rtol=1e-4, atol=1e-5):
+            return (f"the model transforms the output of its last Linear ({self.parts.head_name}) before returning "
+                    "it, so that layer's outputs are not the model's: gradient steps only")
+        return None
 
     def close(self) -> None:
         if self._tap is not None:
@@ -339,12 +362,14 @@ class Learner:
         return {
             "version": self.version,
             "absorbed": self.absorbed,
+            "unpublished": self._dirty,  # absorbed or learned since the last published version
             "counters": dict(self.counters),
             "errors": self.errors.state.as_dict(),
             "guard": self.guard.status(),
             "quarantine": self.quarantine.status() if self.quarantine else None,
             "learner": ({"buffer": len(self.gradient.buffer), "params": len(self.gradient.params),
-                         "pending": self.gradient.pending, "bayes": self.bayes.status() if self.bayes else None,
+                         "pending": self.gradient.pending,
+                         "bayes": self.bayes.status() if self.bayes else {"off": self.bayes_off or "disabled"},
                          "last_update": self._last_update} if self.gradient
                         else {"learning": "off: monitor-only, labels are logged and watched"}),
             "label_delay": self.delay_percentiles(),

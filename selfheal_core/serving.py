@@ -108,7 +108,8 @@ class ServingModel:
     """
 
     def __init__(self, model: nn.Module, reference: torch.Tensor, config: HealConfig = HealConfig(),
-                 task: str | Task = "classification", reference_targets: torch.Tensor | None = None) -> None:
+                 task: str | Task = "classification", reference_targets: torch.Tensor | None = None,
+                 calibration: dict | None = None) -> None:
         validate_reference(reference)
         self.config = config
         self.model = model.eval()
@@ -131,7 +132,9 @@ class ServingModel:
             if self.parts.head is not None:
                 self._tap = FeatureTap(self.parts.head)
             view = self.view(reference, targets)
-            self.monitor = Monitor(config.monitor, self.task, LABEL_FREE).calibrate(view)
+            self.monitor = Monitor(config.monitor, self.task, LABEL_FREE).calibrate(view, calibration)
+            if calibration and self.monitor.calibrated_from != "given thresholds":
+                log.info("the calibration given does not fit this model, reference or settings: simulated afresh")
             if self.mode == "heal":
                 self.corrector = LabelFreeCorrector(model, self.parts, self.task, view.probs, config.correct, trainee)
         except BaseException:
@@ -324,7 +327,7 @@ class ServingModel:
             "task": self.task.kind.value,
             "mode": self.mode,
             "drift": self.monitor.state.as_dict(),
-            "monitor": {"missing": dict(self.monitor.missing)},
+            "monitor": {"missing": dict(self.monitor.missing), "calibrated_from": self.monitor.calibrated_from},
             "label_free": (self.corrector.status() if self.corrector
                            else {"available": "off: monitor-only mode"}),
             "model": self.parts.describe(),

@@ -26,6 +26,7 @@ import yaml
 log = logging.getLogger("selfheal")
 
 STOCK_HANDLER = "selfheal_torchserve.handler"
+CALIBRATION_FILE = "selfheal_calibration.pt"  # read by selfheal_torchserve.worker
 # torch-model-archiver copies a handler file into every .mar (it does not take a module name), so
 # the stock handler goes in as this stub; the code itself comes from the installed package.
 STOCK_STUB = '''"""selfheal's stock JSON-array handler (installed with selfheal; TorchServe loads the one class here)."""
@@ -192,6 +193,21 @@ def cmd_reference(args) -> int:
     return 0
 
 
+def calibrate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None, section: dict) -> dict:
+    """The detectors' thresholds for this model, reference and settings, computed once here so that
+    every worker starts without simulating them (it checks the key and simulates if it differs)."""
+    from selfheal_core import ServingModel
+    from selfheal_torchserve.settings import HandlerSettings
+
+    try:
+        settings = HandlerSettings.from_yaml(section)
+    except ValueError as exc:
+        raise UsageError(f"the handler section of the model-config: {exc}") from None
+    serving = ServingModel(model, inputs, settings.heal, settings.task, targets)
+    serving.close()
+    return serving.monitor.calibration()
+
+
 def cmd_archive(args) -> int:
     """torch-model-archiver with the selfheal handler, the reference and a model-config."""
     reference = Path(args.reference)
@@ -200,7 +216,8 @@ def cmd_archive(args) -> int:
     from selfheal_torchserve.loading import load_reference
 
     inputs, targets = load_reference(reference)
-    report = check_reference(load_model(args), inputs, targets, args.task)
+    model = load_model(args)
+    report = check_reference(model, inputs, targets, args.task)
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     if report["looks_fitted"] and not args.allow_fitted:
@@ -215,13 +232,16 @@ def cmd_archive(args) -> int:
     if args.monitor_only:
         handler_section["heal"] = False
     config["handler"] = handler_section
+    calibration = calibrate(model, inputs, targets, handler_section)
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
     export = Path(args.export_path)
     export.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "model-config.yaml"
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-        extra = [str(reference)] + [f for f in (args.extra_files or "").split(",") if f]
+        torch.save(calibration, Path(tmp) / CALIBRATION_FILE)
+        extra = [str(reference), str(Path(tmp) / CALIBRATION_FILE)] + [f for f in (args.extra_files or "").split(",")
+                                                                       if f]
         handler = args.handler
         if handler == STOCK_HANDLER:
             handler = str(Path(tmp) / "selfheal_handler.py")

@@ -43,6 +43,10 @@ class JSONArrayHandler(BaseHandler):
     def _inputs(self, row: dict) -> torch.Tensor:
         s = self.settings
         body = json_body(row, s.json_limits, s.max_body_bytes)
+        if isinstance(body, dict) and {"feedback", "labels", "targets"} & set(body):
+            model = getattr(self.context, "model_name", "{model}")
+            raise RequestError(403, f"feedback is taken on the management API: POST /feedback/{model} on the "
+                                    "management port, with the management key")
         if isinstance(body, dict):
             if "instances" in body:
                 instances = body["instances"]

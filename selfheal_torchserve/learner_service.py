@@ -119,7 +119,7 @@ class LearnerService:
         self.settings = settings
         self.storage = storage
         self.member = member
-        self.learn = learn and learner.learns
+        self.learn = learn  # consume the log (learning too, unless the model is served monitor-only)
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.active = False
@@ -148,9 +148,10 @@ class LearnerService:
                 log.warning("learning paused: %s", exc.message)
             except Exception:
                 log.exception("learning step failed")
-            if time.monotonic() >= next_status:
-                next_status = time.monotonic() + STATUS_EVERY_S
-                self._publish_status()
+            board = time.monotonic() >= next_status
+            if board or worked:
+                self._publish_status(board)
+                next_status = time.monotonic() + STATUS_EVERY_S if board else next_status
             if not worked:
                 self.wake.wait(POLL_S)
                 self.wake.clear()
@@ -205,7 +206,8 @@ class LearnerService:
         self._last_publish = time.monotonic()
         log.info("published version %d (log absorbed to %d)", version, self.learner.absorbed)
 
-    def _publish_status(self) -> None:
+    def _publish_status(self, board: bool = True) -> None:
+        """Refresh the status the HTTP threads read; write it to the status board when `board`."""
         status = self.learner.status()
         try:
             log_stats = self.storage.log.stats()
@@ -217,10 +219,23 @@ class LearnerService:
                    "learning": self.learn, "log": log_stats, "lag": lag, "log_error": self.log_error,
                    "warnings": list(self.warnings), **status}
         self.snapshot_status = payload
+        if not board:
+            return
         try:
             self.storage.status.put(self.member, payload)
         except StorageError as exc:
             log.warning("status record: %s", exc.message)
+
+    def current_status(self) -> dict:
+        """The learner's status with the log read now (appends since the last step show as lag)."""
+        status = dict(self.snapshot_status)
+        try:
+            status["log"] = self.storage.log.stats()
+            if self.active:
+                status["lag"] = status["log"]["last_seq"] - int(status.get("absorbed", 0))
+        except StorageError as exc:
+            status["log"], status["log_error"] = None, exc.message
+        return status
 
 
 class IntakeServer(ThreadingHTTPServer):
@@ -268,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's names)
         if self._route() == "feedback":
-            status = dict(self.server.service.snapshot_status)
+            status = self.server.service.current_status()
             status["intake"] = dict(self.server.intake.counters)
             status["model"] = self.server.model
             self._send(200, status)
@@ -342,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     intake = Intake(learner.task, lambda: storage.log, lambda: storage.predictions,
                     handler_preprocess(handler, learner), settings.max_instances, settings.feedback_wait_s,
                     on_append=lambda _seqs: service.wake.set())
+    service._publish_status(board=False)  # the HTTP threads answer from this until the loop runs
     server = IntakeServer(service, intake, args.model_name, secrets.token_hex(32), settings)
     threading.Thread(target=server.serve_forever, name="intake", daemon=True).start()
     path = announcement(args.workdir, args.model_name)

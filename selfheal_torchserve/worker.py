@@ -43,6 +43,37 @@ def server_workdir() -> Path:
         return Path(os.environ.get("PWD", os.getcwd()))
 
 
+CALIBRATION_FILE = "selfheal_calibration.pt"  # detector thresholds computed by `selfheal archive`
+
+
+def load_calibration(model_dir: Path) -> dict | None:
+    path = model_dir / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file only costs the simulation it was meant to save
+        log.warning("ignoring %s: %s", path.name, exc)
+        return None
+
+
+class StepCounter:
+    """Optimizer steps taken in this process: a worker takes them only for label-free adaptation
+    (LayerNorm/GroupNorm affine, feature adapter), never for labelled learning."""
+
+    steps = 0
+    _handle = None
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._handle is None:
+            def count(*_args) -> None:
+                cls.steps += 1
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            cls._handle = register_optimizer_step_post_hook(count)
+
+
 def snapshot_root(settings: HandlerSettings, workdir: Path) -> Path:
     root = Path(settings.snapshot_dir)
     return root if root.is_absolute() else workdir / root
@@ -58,8 +89,10 @@ class WorkerRuntime:
         self.workdir = server_workdir()
         self.storage = open_storage(self.model_name, snapshot_root(settings, self.workdir) / self.model_name,
                                     settings.log_url or None, settings.snapshot_keep, settings.recent_predictions)
-        self.serving = ServingModel(model, inputs, settings.heal, settings.task, targets)
+        calibration = load_calibration(Path(context.system_properties["model_dir"]))
+        self.serving = ServingModel(model, inputs, settings.heal, settings.task, targets, calibration)
         self.member = f"worker-{socket.gethostname()}-{os.getpid()}"
+        StepCounter.install()
         for warning in self.serving.reference_report.warnings:
             log.warning("reference: %s", warning)
         try:
@@ -67,6 +100,8 @@ class WorkerRuntime:
         except StorageError as exc:
             log.warning("prediction record: %s (feedback by id waits until it can be written)", exc.message)
         self._failed_version = 0  # a published version that could not be loaded (not retried)
+        self._learner_errors: dict | None = None  # the learner's feedback-error detectors, from its status
+        self._drift = self.serving.drift
         self._install_latest()
         self._apply = self.serving._apply_pending
         self._apply()
@@ -112,7 +147,8 @@ class WorkerRuntime:
 
     @property
     def drift(self) -> dict:
-        return self.serving.drift
+        """Label-free drift seen here, merged with the feedback errors the learner watches."""
+        return self._drift
 
     def respond(self, context, idx: int, answer: Any, ids: list[str], version: int, drift: dict) -> Any:
         if self.settings.envelope:
@@ -127,6 +163,7 @@ class WorkerRuntime:
     @staticmethod
     def refuse(context, idx: int, err: RequestError) -> dict:
         context.set_response_status(err.code, err.phrase, idx)
+        context.set_response_content_type(idx, "application/json")
         return err.body()
 
     # ------------------------------------------------------------------ background thread
@@ -140,8 +177,12 @@ class WorkerRuntime:
                     next_sync = time.monotonic() + self.settings.sync_interval_s
                     self._install_latest()
                     self._write_status()
+                    learner = self.learner_status()
+                    self._learner_errors = learner.get("errors") if learner else None
                     if self.supervisor is not None:
                         self.supervisor.tick()
+                serving = self.serving.drift
+                self._drift = merge_drift(serving, self._learner_errors) if self._learner_errors else serving
             except Exception:  # keep serving; the next round retries
                 log.exception("selfheal background step failed")
 
@@ -181,7 +222,7 @@ class WorkerRuntime:
     def _write_status(self) -> None:
         payload = {"role": "worker", "pid": os.getpid(), "version": self.serving.version,
                    "drift": self.serving.drift, "context": self.serving.context(),
-                   "counters": dict(self.serving.counters)}
+                   "counters": dict(self.serving.counters), "optimizer_steps": StepCounter.steps}
         try:
             self.storage.status.put(self.member, payload)
         except StorageError as exc:
@@ -205,7 +246,8 @@ class WorkerRuntime:
         if learner and isinstance(learner.get("errors"), dict):
             status["drift"] = merge_drift(status["drift"], learner["errors"])
         status["learner"] = learner
-        status["handler"] = {"worker": self.member, "storage": self.storage.describe(),
+        status["handler"] = {"worker": self.member, "pid": os.getpid(), "optimizer_steps": StepCounter.steps,
+                             "storage": self.storage.describe(),
                              "learner_mode": self.settings.learner, "envelope": self.settings.envelope}
         return status
 

@@ -201,12 +201,13 @@ class RankCusumDetector(CusumDetector):
             raise ValueError(f"{type(self).__name__}: reference {what} contain NaN or inf")
         return ref.sort().values
 
-    def calibrate(self, reference_values, what: str = "values") -> "RankCusumDetector":
-        """Keep the sorted reference values and set the threshold for the null rank distribution."""
+    def calibrate(self, reference_values, what: str = "values", threshold: float | None = None) -> "RankCusumDetector":
+        """Keep the sorted reference values and set the threshold for the null rank distribution
+        (or take `threshold`, one computed before for the same reference and settings)."""
         self._ref = self._reference(reference_values, what)
         n = len(self._ref)
         z_null = self._scores(np.arange(n + 1) + 0.5, n)  # a new value falls in each gap equally often
-        self.threshold = calibrate_threshold(
+        self.threshold = threshold if threshold is not None else calibrate_threshold(
             lambda rng, shape: rng.choice(z_null, size=shape) - self.slack, self.expected_run_time, self.paths,
             self.seed,
         )
@@ -269,13 +270,18 @@ class MewmaDetector(Detector):
         raise NotImplementedError
 
     def _calibrate(self, draw: Callable[[np.random.Generator, int, int], np.ndarray], dim: int,
-                   expected_run_time: int, paths: int, seed: int, groups: int = 1) -> None:
+                   expected_run_time: int, paths: int, seed: int, groups: int = 1,
+                   threshold: float | None = None) -> None:
         """Threshold from `paths` simulated streams; `draw(rng, paths, steps)` gives whitened
         vectors (paths, steps, dim). Consecutive blocks of paths/groups paths share stream
         parameters (see `ert_threshold`). Time runs in blocks of _CHUNK steps, each a
         batched matrix product, so 2*ERT steps cost a fraction of a second.
         """
         self._dim = dim
+        if threshold is not None:  # computed before for the same reference and settings
+            self.threshold = threshold
+            self._reset()
+            return
         rng = np.random.default_rng(seed)
         length, a = 2 * expected_run_time, 1.0 - self.lam
         steps = np.arange(_CHUNK)

@@ -45,7 +45,7 @@ class ClassShiftDetector(MewmaDetector):
         keep = np.argsort(evals)[1:]  # drop the all-ones direction, which has zero variance
         return freq, evecs[:, keep] / np.sqrt(evals[keep])
 
-    def calibrate(self, reference_classes, num_classes: int) -> "ClassShiftDetector":
+    def calibrate(self, reference_classes, num_classes: int, threshold: float | None = None) -> "ClassShiftDetector":
         """Fit frequencies on reference predicted classes (R,) and set the threshold.
 
         Bootstrap calibration: each group of simulated paths refits the
@@ -59,6 +59,9 @@ class ClassShiftDetector(MewmaDetector):
             raise ValueError(f"need >= 20 reference classes in [0, {num_classes}) and num_classes >= 2")
         freq, proj = self._fit(cls, num_classes)
         self._freq, self._proj = torch.from_numpy(freq), torch.from_numpy(proj)
+        if threshold is not None:
+            self._calibrate(None, proj.shape[1], self.expected_run_time, self.paths, self.seed, threshold=threshold)
+            return self
         n, boot, eye = len(cls), np.random.default_rng(self.seed + 1), np.eye(num_classes)
         groups = max(self.paths // REPLICAS, 1)
         size = max(int(n * self.margin), 1)

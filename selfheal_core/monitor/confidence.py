@@ -30,5 +30,5 @@ class ConfidenceDetector(RankCusumDetector):
     drift detected after 3 shifted samples
     """
 
-    def calibrate(self, reference_entropy, what: str = "entropies") -> "ConfidenceDetector":
-        return super().calibrate(reference_entropy, what)
+    def calibrate(self, reference_entropy, what: str = "entropies", threshold: float | None = None) -> "ConfidenceDetector":
+        return super().calibrate(reference_entropy, what, threshold)

@@ -39,14 +39,14 @@ class ErrorRateDetector(CusumDetector):
         self._p0, self._p1 = floor, min(floor + shift, 0.99)
         super().__init__(expected_run_time, paths, seed)
 
-    def calibrate(self, baseline_error: float) -> "ErrorRateDetector":
+    def calibrate(self, baseline_error: float, threshold: float | None = None) -> "ErrorRateDetector":
         """Set the in-control error rate (floored) and the threshold for it."""
         if not 0 <= baseline_error <= 1:
             raise ValueError(f"baseline_error must be in [0, 1], got {baseline_error}")
         self._p0 = min(max(baseline_error, self.floor), 0.9)
         self._p1 = min(self._p0 + self.shift, 0.99)
         p0 = self._p0
-        self.threshold = calibrate_threshold(
+        self.threshold = threshold if threshold is not None else calibrate_threshold(
             lambda rng, shape: self._increments((rng.random(shape) < p0).astype(np.float64)),
             self.expected_run_time, self.paths, self.seed,
         )

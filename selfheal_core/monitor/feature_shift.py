@@ -40,7 +40,7 @@ class FeatureShiftDetector(MewmaDetector):
         self._proj = torch.zeros(0, 0, dtype=torch.float64)  # (D, k) whitening projection
         super().__init__(expected_run_time, lam, margin, paths, seed)
 
-    def calibrate(self, reference) -> "FeatureShiftDetector":
+    def calibrate(self, reference, threshold: float | None = None) -> "FeatureShiftDetector":
         """Fit centre and whitening on reference vectors (R, D) and set the threshold.
 
         The axes are the top principal directions of a third of the reference;
@@ -65,6 +65,9 @@ class FeatureShiftDetector(MewmaDetector):
         ref = as_array(reference, "FeatureShiftDetector.calibrate", 2)
         n = len(ref)
         k, m = self._fit(ref)
+        if threshold is not None:
+            self._calibrate(None, k, self.expected_run_time, self.paths, self.seed, threshold=threshold)
+            return self
         rng, groups = np.random.default_rng(self.seed + 1), max(self.paths // REPLICAS, 1)
         m_eff, n_eff = max(int(m * self.margin), k + 2), max(int(n * self.margin), 1)
         factors, offsets = [], []

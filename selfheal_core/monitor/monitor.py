@@ -59,6 +59,7 @@ class DriftState:
 
 def merge_drift(*states: dict) -> dict:
     """One drift summary from several monitors' `DriftState.as_dict()` (serving and feedback)."""
+    states = tuple(s for s in states if s)
     out = {"detected": any(s.get("detected") for s in states), "firing": [], "scores": {},
            "since": None, "episodes": sum(s.get("episodes", 0) for s in states)}
     for s in states:
@@ -105,6 +106,8 @@ class Monitor(StateMixin):
         }
         self.detectors: dict[DetectorName, Detector] = {name: make[name]() for name in DetectorName if name in wanted}
         self.missing: dict[str, str] = {}  # detector -> why it is not watching
+        self.calibrated_from = "not calibrated"
+        self._key = ""
         self._reset()
 
     def _reset(self) -> None:
@@ -115,28 +118,55 @@ class Monitor(StateMixin):
         self._firing: list[str] = []
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, ref: ReferenceView) -> "Monitor":
-        """Calibrate every detector the reference can feed; drop (and name) the others."""
+    def calibrate(self, ref: ReferenceView, thresholds: dict | None = None) -> "Monitor":
+        """Calibrate every detector the reference can feed; drop (and name) the others.
+
+        `thresholds` ({"key", "thresholds": {detector: value}}, from `calibration()` of a monitor
+        with the same settings on the same reference view) skips the simulations when its key
+        matches: a worker starts in milliseconds instead of seconds.
+        """
         d, D = self.detectors, DetectorName
+        given = thresholds["thresholds"] if thresholds and thresholds.get("key") == self.key(ref) else {}
+        t = lambda name: given.get(name.value)  # noqa: E731
         if D.CONFIDENCE in d:
-            d[D.CONFIDENCE].calibrate(normalized_entropy(ref.probs))
+            d[D.CONFIDENCE].calibrate(normalized_entropy(ref.probs), threshold=t(D.CONFIDENCE))
         if D.CLASS_SHIFT in d:
-            d[D.CLASS_SHIFT].calibrate(ref.probs.argmax(1), ref.probs.shape[1])
+            d[D.CLASS_SHIFT].calibrate(ref.probs.argmax(1), ref.probs.shape[1], threshold=t(D.CLASS_SHIFT))
         if D.OUTPUT_SHIFT in d:
-            d[D.OUTPUT_SHIFT].calibrate(ref.values.double())
+            d[D.OUTPUT_SHIFT].calibrate(ref.values.double(), threshold=t(D.OUTPUT_SHIFT))
         if D.FEATURE_SHIFT in d:
             if ref.features is None:
                 self._drop(D.FEATURE_SHIFT, "no features: the model has no output Linear to tap and no inputs were given")
             else:
-                d[D.FEATURE_SHIFT].calibrate(ref.features)
+                d[D.FEATURE_SHIFT].calibrate(ref.features, threshold=t(D.FEATURE_SHIFT))
         if D.ERROR_RATE in d:
-            d[D.ERROR_RATE].calibrate(float(ref.errors.mean()) if ref.errors is not None else 0.0)
+            d[D.ERROR_RATE].calibrate(float(ref.errors.mean()) if ref.errors is not None else 0.0,
+                                      threshold=t(D.ERROR_RATE))
         if D.RESIDUAL in d:
             if ref.errors is None:
                 self._drop(D.RESIDUAL, "no reference targets: give labelled reference data to watch feedback errors")
             else:
-                d[D.RESIDUAL].calibrate(ref.errors)
+                d[D.RESIDUAL].calibrate(ref.errors, threshold=t(D.RESIDUAL))
+        self.calibrated_from = "given thresholds" if given else "simulation"
+        self._key = self.key(ref)
         return self
+
+    def key(self, ref: ReferenceView) -> str:
+        """What the thresholds depend on: settings, task, detectors and the reference view."""
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        h = hashlib.sha256(json.dumps([asdict(self.config), self.task.kind.value, self.task.outputs,
+                                       sorted(n.value for n in self.detectors)]).encode())
+        for name in ("probs", "features", "values", "errors"):
+            v = getattr(ref, name)
+            h.update(name.encode() + (b"-" if v is None else v.detach().cpu().double().contiguous().numpy().tobytes()))
+        return h.hexdigest()
+
+    def calibration(self) -> dict:
+        """The thresholds and the key they hold for: give them to `calibrate` to skip simulating."""
+        return {"key": self._key, "thresholds": {n.value: float(d.threshold) for n, d in self.detectors.items()}}
 
     def _drop(self, name: DetectorName, why: str) -> None:
         del self.detectors[name]

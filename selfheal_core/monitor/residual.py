@@ -27,5 +27,6 @@ class ResidualDetector(RankCusumDetector):
     drift detected after 19 labels
     """
 
-    def calibrate(self, reference_errors, what: str = "squared errors (the labelled reference)") -> "ResidualDetector":
-        return super().calibrate(reference_errors, what)
+    def calibrate(self, reference_errors, what: str = "squared errors (the labelled reference)",
+                  threshold: float | None = None) -> "ResidualDetector":
+        return super().calibrate(reference_errors, what, threshold)

@@ -317,18 +317,20 @@ class PredictionRecord(ABC):
         import time
 
         deadline = time.monotonic() + wait_s
-        found = self.get(pids)
+        parsed = {p: parse_pid(p) for p in pids}
+        prefixes = sorted({v[0] for v in parsed.values() if v is not None})
+        found: dict = {}
         while True:
+            # the writers' marks first, the rows second: an id at or below its writer's mark is
+            # then either found or gone, never still on its way
+            written = self._written(prefixes) if prefixes else {}
+            found.update(self.get([p for p in pids if p not in found]))
             missing = [p for p in pids if p not in found]
-            parsed = {p: parse_pid(p) for p in missing}
-            waiting = [p for p, v in parsed.items() if v is not None]
-            if waiting:
-                written = self._written(sorted({parsed[p][0] for p in waiting}))
-                waiting = [p for p in waiting if parsed[p][0] in written and parsed[p][1] > written[parsed[p][0]]]
+            waiting = [p for p in missing if parsed[p] is not None and parsed[p][0] in written
+                       and parsed[p][1] > written[parsed[p][0]]]
             if not waiting or time.monotonic() >= deadline:
                 return found, missing
             time.sleep(0.05)
-            found.update(self.get(waiting))
 
 
 def _prediction_rows(batches: list[tuple]) -> list[tuple]:

@@ -43,13 +43,16 @@ def test_fuzz_all_routes(server, reference, request):
     workers = server.ts.worker_pids()
     probe = reference[0][:4].tolist()
     before_probe = server.predict({"instances": probe}).json()["predictions"]
-    before = server.feedback_status()
+    before = server.settled()
     codes: Counter = Counter()
     served = {"inference": 0, "feedback": 0}
 
     def check(route: str, r: requests.Response) -> None:
         codes[(route, r.status_code)] += 1
         assert r.status_code < 500, (route, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert r.headers.get("content-type", "").startswith("application/json"), r.headers
+            assert r.json()["message"].isascii(), r.text[:300]
         if r.status_code == 200 and route == "inference":
             served[route] += 1
         if r.status_code == 200 and route == "feedback" and "accepted" in r.json():  # not a status read
@@ -77,10 +80,10 @@ def test_fuzz_all_routes(server, reference, request):
     log.info("fuzz status codes: %s", dict(codes))
     print("fuzz status codes:", json.dumps({f"{k[0]} {k[1]}": v for k, v in sorted(codes.items())}))
     assert server.ts.worker_pids() == workers, "a worker crashed or restarted"
-    after = server.feedback_status()
+    after = server.settled()
     assert served["feedback"] == 0 or pytest.fail("a fuzz case was valid feedback; tighten the strategies")
     assert after["log"]["entries"] == before["log"]["entries"], "a rejected request reached the feedback log"
-    assert after["counters"] == before["counters"] and after["model_version"] == before["model_version"]
+    assert after["counters"] == before["counters"] and after["version"] == before["version"]
     if served["inference"] == 0:  # only rejected inference requests: the model must be exactly as before
         now = server.predict({"instances": probe}).json()["predictions"]
         assert [p["probabilities"] for p in now] == [p["probabilities"] for p in before_probe]

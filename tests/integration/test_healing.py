@@ -1,4 +1,4 @@
-"""Healing over HTTP: drift noticed, accuracy recovered with feedback, snapshot survives restart."""
+"""Healing over HTTP: drift noticed, accuracy recovered with feedback, a restart resumes the version."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +6,7 @@ import copy
 import torch
 
 from selfheal_bench.data import corrupt, load_digits_split, resample
-from selfheal_core import SelfHealer, SnapshotStore
+from selfheal_core import FileSnapshotStore, SelfHealer
 
 
 def stream(name, severity, n, seed):
@@ -16,18 +16,18 @@ def stream(name, severity, n, seed):
 
 
 def replay(server, x, y, batch=16, feedback_every=0):
-    """Predict in requests of `batch`; optional feedback by id for every k-th prediction."""
-    labels = []
+    """Predict in requests of `batch`; feedback by id for every k-th prediction, one request late."""
+    labels, pending = [], []
     for i in range(0, len(y), batch):
         r = server.predict({"instances": x[i:i + batch].tolist()})
         assert r.status_code == 200, r.text
-        preds = r.json()["predictions"]
-        labels += [p["label"] for p in preds]
-        if feedback_every:
-            fb = [{"id": p["id"], "label": int(y[i + j])} for j, p in enumerate(preds)
-                  if (i + j) % feedback_every == 0]
-            if fb:
-                assert server.feedback({"feedback": fb}).status_code == 200
+        labels += [p["label"] for p in r.json()["predictions"]]
+        if pending:
+            assert server.feedback({"feedback": pending}).status_code == 200
+        pending = [{"id": pid, "label": int(y[i + j])} for j, pid in enumerate(server.ids(r))
+                   if feedback_every and (i + j) % feedback_every == 0]
+    if pending:
+        assert server.feedback({"feedback": pending}).status_code == 200
     return torch.tensor(labels)
 
 
@@ -38,39 +38,41 @@ def test_drift_detected_on_corrupted_not_on_clean(start_server):
         replay(server, *stream("contrast", 5, 300, seed=2))
         status = server.status()
         assert status["drift"]["detected"] is True and "confidence" in status["drift"]["firing"]
+        r = server.predict({"instances": stream("contrast", 5, 2, seed=3)[0].tolist()})
+        assert r.headers["X-Selfheal-Drift"] == "true" and "confidence" in r.headers["X-Selfheal-Drift-Detectors"]
 
 
 def test_feedback_improves_accuracy_on_corrupted_stream(start_server, demo_model):
-    x, y = stream("rotate", 4, 2400, seed=3)
+    x, y = stream("rotate", 4, 2000, seed=3)
     with torch.no_grad():
         static = (demo_model(x).argmax(1) == y).float()
     with start_server() as server:
         served = (replay(server, x, y, feedback_every=5) == y).float()
-        status = server.status()
-    tail = slice(1600, None)
+        status = server.settled()
+    tail = slice(1300, None)
     assert served[tail].mean() > static[tail].mean() + 0.05, (served[tail].mean(), static[tail].mean())
-    assert status["counters"]["feedback"] == len(range(0, 2400, 5)) and status["guard"]["accepted"] > 0
+    assert status["counters"]["feedback"] == 400 and status["guard"]["accepted"] > 0
 
 
 def test_restart_resumes_from_snapshot(start_server, tmp_path, reference, demo_model):
-    """The restarted server serves the newest snapshot: same version, exactly its predictions."""
+    """The restarted server serves the newest version: same number, exactly its predictions."""
     snapshots = tmp_path / "snapshots"
     x, y = stream("rotate", 4, 400, seed=4)
     probe = reference[0][:32]
     with start_server(snapshots) as server:
         for i in range(0, 400, 40):
             assert server.feedback({"instances": x[i:i + 40].tolist(), "labels": y[i:i + 40].tolist()}).ok
-        server.predict({"instances": probe.tolist()})
-        version = server.status()["version"]
-    assert version >= 1 and SnapshotStore(snapshots / "digits").latest_version() == version
+        version = server.settled()["version"]
+        assert server.serving_version(probe.tolist(), at_least=version) == version
+    assert version >= 1 and FileSnapshotStore(snapshots / "digits").latest_version() == version
     with start_server(snapshots) as server:
-        assert server.status()["version"] == version
-        after = server.predict({"instances": probe.tolist()}).json()
-    assert after["model_version"] == version
-    served = torch.tensor([p["probabilities"] for p in after["predictions"]])
+        after = server.predict({"instances": probe.tolist()})
+        assert server.settled()["version"] == version, "nothing new to publish after the restart"
+    assert after.headers["X-Selfheal-Model-Version"] == str(version)
+    served = torch.tensor([p["probabilities"] for p in after.json()["predictions"]])
     # The snapshot file itself, loaded outside TorchServe, predicts the same.
     local = SelfHealer(copy.deepcopy(demo_model), reference[0], reference_labels=reference[1],
-                       store=SnapshotStore(snapshots / "digits"))
+                       store=FileSnapshotStore(snapshots / "digits"))
     assert local.resume(version) == version
     expected = torch.softmax(local.predict(probe), 1)
     assert torch.allclose(served, expected, atol=2e-6)

@@ -1,158 +1,148 @@
-"""The TorchServe handler with a real ts.context.Context, no server."""
+"""SelfHealMixin in real handlers (the stock JSON one, TorchServe's VisionHandler, TorchScript), no server."""
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import shutil
 
 import pytest
 import torch
-import yaml
-from ts.context import Context, RequestProcessor
 
-from selfheal_bench.torchserve import REPO
+from selfheal_bench.examples import data
+from tests.torchserve.conftest import digits_args, np_list, rul_args, tabular_args
 
-SECRET = "unit-secret"
-# What the management-port plugin sends when token authorization is off and the secret is set.
-CREDENTIAL = hmac.new(SECRET.encode(), b"selfheal-feedback/digits", hashlib.sha256).hexdigest()
-AUTH = {"X-Selfheal-Feedback": CREDENTIAL}
+IMG = [[0.5] * 8] * 8
+HEADERS = {"X-Selfheal-Prediction-Ids", "X-Selfheal-Model-Version", "X-Selfheal-Drift"}
 
 
-@pytest.fixture()
-def handler(demo_model_dir, tmp_path, monkeypatch):
-    """An initialised SelfHealHandler over an unpacked-.mar-like model dir."""
-    from selfheal_handler import SelfHealHandler
-
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    shutil.copy(REPO / "selfheal_bench" / "models.py", model_dir / "models.py")
-    shutil.copy(demo_model_dir / "digits_cnn.pt", model_dir / "digits_cnn.pt")
-    shutil.copy(demo_model_dir / "reference.pt", model_dir / "reference.pt")
-    manifest = {"model": {"modelName": "digits", "modelFile": "models.py", "serializedFile": "digits_cnn.pt",
-                          "handler": "selfheal_handler.py"}}
-    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
-    config["handler"]["snapshot_dir"] = str(tmp_path / "snapshots")
-    config["handler"]["max_instances"] = 16
-    monkeypatch.setenv("SELFHEAL_FEEDBACK_SECRET", SECRET)
-    import selfheal_request
-    monkeypatch.setattr(selfheal_request, "server_workdir", lambda: tmp_path)  # no key_file.json there
-    monkeypatch.delenv("SELFHEAL_SNAPSHOT_DIR", raising=False)
-    ctx = Context("digits", str(model_dir), manifest, 8, None, "0.12.0", model_yaml_config=config)
-    h = SelfHealHandler()
-    h.initialize(ctx)
-    return h, ctx
-
-
-def call(h, ctx, bodies, headers=None):
-    """Run one TorchServe batch, then what the background thread would do; [(status, json)] per request."""
-    headers = headers or [{} for _ in bodies]
-    ctx.request_processor = [RequestProcessor(dict(hd)) for hd in headers]
-    data = [{"body": b if isinstance(b, (bytes, bytearray)) else json.dumps(b).encode()} for b in bodies]
-    out = h.handle(data, ctx)
-    h.healer.drain()
-    h.healer.catch_up()
-    return [(ctx.get_response_status(i)[0], o) for i, o in enumerate(out)]
-
-
-def img(v=0.5):
-    return [[[v] * 8] * 8]
-
-
-def test_inference_contract_and_batching(handler, reference):
-    h, ctx = handler
+def test_stock_handler_keeps_the_answer_and_adds_headers(serve, trained, reference):
+    s = serve("digits", digits_args(trained))
     x = reference[0]
-    bodies = [{"instances": x[:3].tolist()}, {"data": x[3].tolist()}, {"instances": x[4:5, 0].tolist()}]
-    res = call(h, ctx, bodies)
-    assert [s for s, _ in res] == [200, 200, 200]
-    assert [len(o["predictions"]) for _, o in res] == [3, 1, 1]
+    res = s.call([{"instances": np_list(x[:3])}, {"data": np_list(x[3, 0])}, np_list(x[4])])
+    assert [code for code, _, _ in res] == [200, 200, 200]
+    assert [len(body["predictions"]) for _, body, _ in res] == [3, 1, 1]
     first = res[0][1]["predictions"][0]
-    assert set(first) == {"id", "label", "probabilities"} and abs(sum(first["probabilities"]) - 1) < 1e-4
-    assert res[0][1]["model_version"] == 0 and res[0][1]["drift"]["detected"] is False
-    labels = [p["label"] for _, o in res for p in o["predictions"]]
+    assert set(first) == {"label", "probabilities"} and abs(sum(first["probabilities"]) - 1) < 1e-4
+    _, _, headers = res[0]
+    assert HEADERS <= set(headers) and headers["X-Selfheal-Model-Version"] == "0"
+    assert len(headers["X-Selfheal-Prediction-Ids"].split(",")) == 3 and headers["X-Selfheal-Drift"] == "false"
+    labels = [p["label"] for _, body, _ in res for p in body["predictions"]]
     with torch.no_grad():
-        assert labels == h.model(x[:5]).argmax(1).tolist()
+        assert labels == s.handler.model(x[:5]).argmax(1).tolist()
 
 
-@pytest.mark.parametrize("body, code, words", [
+def test_envelope_puts_selfheal_in_the_body(serve, trained, reference):
+    s = serve("digits", digits_args(trained), {"envelope": True})
+    [(code, body, headers)] = s.call([{"instances": np_list(reference[0][:2])}])
+    assert code == 200 and set(body) == {"response", "selfheal"} and not HEADERS & set(headers)
+    assert len(body["selfheal"]["ids"]) == 2 and body["selfheal"]["model_version"] == 0
+    assert body["selfheal"]["drift"]["detected"] is False and len(body["response"]["predictions"]) == 2
+
+
+DEEP = ("[" * 1200 + "]" * 1200).encode()
+BAD = [
     (b"{not json", 400, "not valid JSON"),
-    ([1, 2], 400, "JSON object"),
+    ([1, 2], 400, "shape"),
     ({"instances": []}, 400, "non-empty"),
     ({"instances": [[1, 2], [3]]}, 400, "numeric arrays"),
     ({"instances": [[[1.0] * 8] * 7]}, 400, "shape"),
-    ({"instances": [img(float("nan"))]}, 400, "NaN"),
-    ({"instances": [img()] * 17}, 413, "limit"),
+    (json.dumps({"instances": [[[float("nan")] * 8] * 8]}).encode(), 400, "NaN"),
+    ({"instances": [IMG] * 17}, 413, "limit"),
     ({"foo": 1}, 400, "instances"),
-])
-def test_bad_inference_input_gets_4xx_and_neighbours_are_served(handler, body, code, words):
-    h, ctx = handler
-    before = h.healer.state_dict()
-    res = call(h, ctx, [body, {"data": img()}])
-    assert res[0][0] == code and words in res[0][1]["message"], res[0]
-    assert res[1][0] == 200 and len(res[1][1]["predictions"]) == 1
-    assert h.healer.state_dict()["counters"]["feedback"] == before["counters"]["feedback"]
+    (DEEP, 400, "nested deeper"),
+    (b'{"data": ' + b"9" * 5000 + b"}", 400, "characters"),
+    ({"data": "caf\u00e9 \u2603" * 3}, 400, "numeric"),
+    ("caf\u00e9".encode("latin-1"), 400, "UTF-8"),
+]
 
 
-def test_feedback_needs_the_internal_credential(handler, reference, tmp_path):
-    h, ctx = handler
-    body = {"instances": reference[0][:2].tolist(), "labels": reference[1][:2].tolist()}
-    [(code, out)] = call(h, ctx, [body])
-    assert code == 403 and "management API" in out["message"]
-    for wrong in ("", "wrong", SECRET):
-        [(code, out)] = call(h, ctx, [body], [{"X-Selfheal-Feedback": wrong}])
-        assert code == 403 and "invalid" in out["message"]
-    assert h.healer.status()["counters"]["feedback"] == 0
-    [(code, out)] = call(h, ctx, [body], [{"x-selfheal-feedback": CREDENTIAL}])  # header case does not matter
-    assert code == 200 and out["accepted"] == out["logged"] == 2
-    assert h.healer.status()["counters"]["feedback"] == 2
-    [(code, out)] = call(h, ctx, [{"feedback_status": True}], [AUTH])
-    assert code == 200 and out["counters"]["feedback"] == 2 and out["log"]["entries"] == 2
-    # With token authorization on, the management key in key_file.json is the credential's key.
-    (tmp_path / "key_file.json").write_text(json.dumps({"management": {"key": "mkey"}}))
-    [(code, _)] = call(h, ctx, [body], [AUTH])
-    assert code == 403
-    keyed = hmac.new(b"mkey", b"selfheal-feedback/digits", hashlib.sha256).hexdigest()
-    [(code, _)] = call(h, ctx, [body], [{"X-Selfheal-Feedback": keyed}])
-    assert code == 200
+@pytest.mark.parametrize("body, code, words", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input_answers_its_request_alone(serve, trained, body, code, words):
+    s = serve("digits", digits_args(trained))
+    res = s.call([{"data": IMG}, body, {"data": IMG}])
+    (c0, _, _), (c1, err, _), (c2, _, _) = res
+    assert (c0, c1, c2) == (200, code, 200), res
+    assert words in err["message"] and err["message"].isascii() and err["code"] == code
+    assert s.handler.selfheal.serving.counters["predictions"] == 2, "the bad request was not served"
 
 
-def test_feedback_by_id_applies_once(handler, reference):
-    h, ctx = handler
-    [(_, out)] = call(h, ctx, [{"instances": reference[0][:2].tolist()}])
-    ids = [p["id"] for p in out["predictions"]]
-    auth = [AUTH]
-    fb = {"feedback": [{"id": ids[0], "label": 3}, {"id": ids[1], "label": 4}]}
-    [(code, res)] = call(h, ctx, [fb], auth)
-    assert code == 200 and res["accepted"] == 2
-    [(code, res)] = call(h, ctx, [fb], auth)
-    assert code == 409 and "already" in res["message"]
-    assert h.healer.status()["counters"]["feedback"] == 2
+def test_image_bytes_through_torchserves_vision_handler(serve, trained):
+    s = serve("images", digits_args(trained)[:4] + ["--reference", str(trained["images"] / "reference.pt"),
+                                                      "--handler", str(data.__file__).replace("data.py",
+                                                                                               "image_handler.py")])
+    blobs, labels = data.images(n=6, seed=1)
+    jpeg = data.image_bytes(data.load_digits_split(0)[2][0], "JPEG")
+    rows = [blobs[0], b"\x89PNG\r\n\x1a\n not really", blobs[1], jpeg]
+    res = s.call(rows)
+    assert [c for c, _, _ in res] == [200, 400, 200, 200], res
+    assert res[0][1] == {"digit": res[0][1]["digit"], "confidence": res[0][1]["confidence"]}, "the user's answer"
+    assert "could not read the request" in res[1][1]["message"] and "UnidentifiedImageError" in res[1][1]["message"]
+    assert len(res[0][2]["X-Selfheal-Prediction-Ids"].split(",")) == 1
+    # multipart/form-data (curl -F data=@img.png): TorchServe hands the file under its field name
+    from ts.context import RequestProcessor
+
+    s.ctx.request_processor = [RequestProcessor({})]
+    [answer] = s.handler.handle([{"data": blobs[2]}], s.ctx)
+    assert set(answer) == {"digit", "confidence"}
 
 
-@pytest.mark.parametrize("body, code, words", [
-    ({"feedback": [{"id": "nope", "label": 1}]}, 404, "unknown"),
-    ({"feedback": [{"id": "x", "label": 10}]}, 422, "out of range"),
-    ({"feedback": [{"id": "x", "label": 1.5}]}, 400, "not an integer"),
-    ({"feedback": [{"label": 1}]}, 400, "each feedback item"),
-    ({"feedback": []}, 400, "non-empty"),
-    ({"instances": [img()], "labels": [1, 2]}, 400, "2 labels for 1"),
-    ({"instances": [img()], "labels": [True]}, 400, "not an integer"),
-    ({"instances": [img()]}, 400, "feedback needs"),
-])
-def test_bad_feedback_changes_nothing(handler, body, code, words):
-    h, ctx = handler
-    before = h.healer.state_dict()
-    [(got, out)] = call(h, ctx, [body], [AUTH])
-    assert got == code and words in out["message"], out
-    after = h.healer.state_dict()
-    assert after["counters"] == before["counters"]
-    assert all(torch.equal(a, b) for a, b in zip(before["model"].values(), after["model"].values()))
+def test_explain_and_describe_keep_working(serve, trained):
+    s = serve("images", digits_args(trained)[:4] + ["--reference", str(trained["images"] / "reference.pt"),
+                                                      "--handler", str(data.__file__).replace("data.py",
+                                                                                               "image_handler.py")])
+    blobs, _ = data.images(n=1, seed=2)
+    from ts.context import RequestProcessor
+
+    s.ctx.request_processor = [RequestProcessor({"explain": "True"})]
+    [attributions] = s.handler.handle([{"body": blobs[0]}], s.ctx)
+    assert torch.tensor(attributions).shape == (1, 8, 8), "BaseHandler's explain path (captum) answered"
+    s.ctx.request_processor = [RequestProcessor({"describe": "True"})]
+    [described] = s.handler.handle([{"body": b""}], s.ctx)
+    status = json.loads(described)
+    assert status["version"] == 0 and status["task"] == "classification" and status["mode"] == "heal"
+    assert status["label_free"]["available"] == "norm_stats, prior" and status["handler"]["learner_mode"] == "off"
+    assert status["monitor"]["calibrated_from"] == "given thresholds", "selfheal archive shipped the thresholds"
 
 
-def test_describe_returns_status(handler):
-    h, ctx = handler
-    ctx.request_processor = [RequestProcessor({"describe": "True"})]
-    [out] = h.handle([{"body": b""}], ctx)
-    status = json.loads(out)
-    assert status["version"] == 0 and status["drift"]["detected"] is False
-    assert status["handler"]["feedback_enabled"] is True
+def test_tabular_model_with_constructor_arguments(serve, trained):
+    s = serve("tabular", tabular_args(trained))
+    rows = data.tabular(3, seed=9).x
+    res = s.call([{"instances": np_list(rows)}, np_list(rows[0]), {"instances": [[1.0, 2.0]]}])
+    assert [c for c, _, _ in res] == [200, 200, 400]
+    assert "shape [10]" in res[2][1]["message"]
+    assert s.handler.selfheal.serving.status()["label_free"]["available"] == "norm_affine, prior"
+
+
+def test_regression_answers_values(serve, trained):
+    s = serve("rul", rul_args(trained))
+    rows = data.rul(2, seed=9).x
+    [(code, body, headers)] = s.call([{"instances": np_list(rows)}])
+    assert code == 200 and all(isinstance(p["value"], float) for p in body["predictions"])
+    st = s.handler.selfheal.serving.status()
+    assert st["task"] == "regression" and set(st["drift"]["scores"]) == {"feature_shift", "output_shift"}
+
+
+def test_torchscript_is_served_monitor_only(serve, trained, reference):
+    s = serve("scripted", ["--weights", str(trained["images"] / "model.pt"),
+                           "--reference", str(trained["images"] / "reference.pt")])
+    [(code, body, _)] = s.call([{"instances": np_list(reference[0][:2])}])
+    assert code == 200 and len(body["predictions"]) == 2
+    st = s.handler.selfheal.describe()
+    assert st["mode"] == "monitor" and st["model"]["scripted"]
+
+
+def test_constructor_arguments_missing_names_the_setting(tmp_path, trained):
+    from tests.torchserve.conftest import Served, archive
+
+    args = tabular_args(trained)
+    args = args[:args.index("--model-kwargs")] + args[args.index("--model-kwargs") + 2:]
+    with pytest.raises(SystemExit) if False else pytest.raises(AssertionError):
+        archive(tmp_path / "a", "tabular", args)  # the archive command loads the model and refuses
+    kw = {"model_kwargs": {"n_features": 10}}  # incomplete kwargs reach the worker through the yaml
+    model_dir = archive(tmp_path / "b", "tabular", tabular_args(trained))
+    config = model_dir / "model-config.yaml"
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["handler"].update(kw)
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RuntimeError, match="model_kwargs"):
+        Served(model_dir, "tabular")
