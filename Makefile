@@ -29,7 +29,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest tests/unit selfheal_core
+	$(BIN)/python -m pytest tests/core selfheal_core
 
 clean:
 	rm -rf $(VENV) build demo_out model_store/*.mar model_store/snapshots/*/
@@ -37,7 +37,8 @@ clean:
 .PHONY: archive
 archive: $(STAMP)
 	$(BIN)/python scripts/train_demo.py --out build/model
-	$(BIN)/python -c "from pathlib import Path; from selfheal_bench.torchserve import build_archive; print(build_archive(Path('build/model'), Path('model_store')))"
+	$(BIN)/selfheal archive --name digits --model-file selfheal_bench/models.py --weights build/model/digits_cnn.pt \
+	  --reference build/model/reference.pt --config model-config.yaml --export-path model_store
 
 .PHONY: docker-test
 docker-test: setup
