@@ -117,7 +117,7 @@ class Heal:
         return F.softmax(self.healer.predict(x), 1)
 
     def feedback(self, x, y, served, confidence) -> None:
-        self.healer.feedback(x, y, served, confidence)
+        self.healer.feedback(x, y, served=served, confidence=confidence)
 
 
 def run(method, x: torch.Tensor, y: torch.Tensor, rate: float, delay: int, seed: int,

@@ -36,9 +36,10 @@ from train_demo import split_reference, train  # noqa: E402
 
 from selfheal_bench.data import CORRUPTIONS, corrupt, load_digits_split  # noqa: E402
 from selfheal_core.config import MonitorConfig  # noqa: E402
-from selfheal_core.learn.gradient import last_linear  # noqa: E402
+from selfheal_core.model_parts import find_parts  # noqa: E402
+from selfheal_core.task import Task, TaskKind  # noqa: E402
 from selfheal_core.monitor import (ClassShiftDetector, ConfidenceDetector, ErrorRateDetector,  # noqa: E402
-                                   FeatureShiftDetector, Monitor, normalized_entropy)
+                                   FeatureShiftDetector, Monitor, ReferenceView, normalized_entropy)
 
 log = logging.getLogger("bench_monitor")
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ class DigitsSource:
         def capture(_module, inputs, _output) -> None:  # returning a value would replace the output
             feats["f"] = inputs[0]
 
-        hook = last_linear(self.model)[1].register_forward_hook(capture)
+        hook = find_parts(self.model, 10).head.register_forward_hook(capture)
         with torch.no_grad():
             probs = torch.softmax(self.model(x), 1).double()
         hook.remove()
@@ -261,7 +262,8 @@ def main() -> None:
 
     log.info("calibrating (ERT %d)", ert)
     proto = {"confidence": make_conf(), "feature_shift": make_feat(), "class_shift": make_cls()}
-    monitor = Monitor(cfg).calibrate(torch.from_numpy(ref[3]), torch.from_numpy(ref[2]), 0.05)
+    monitor = Monitor(cfg, Task(TaskKind.CLASSIFICATION, 10)).calibrate(
+        ReferenceView(probs=torch.from_numpy(ref[3]), features=torch.from_numpy(ref[2])))
 
     def fresh(name):
         def make():

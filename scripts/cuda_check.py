@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo import split_reference, train  # noqa: E402
 
 from selfheal_bench.data import corrupt, load_digits_split, resample  # noqa: E402
-from selfheal_core import HealConfig, SelfHealer, SnapshotStore  # noqa: E402
+from selfheal_core import HealConfig, FileSnapshotStore, SelfHealer  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = HealConfig(snapshot_interval_s=0.0)
         healer = SelfHealer(model.to(dev), x_ref.to(dev), cfg, reference_labels=y_ref.to(dev),
-                            store=SnapshotStore(tmp))
+                            store=FileSnapshotStore(tmp))
         g = torch.Generator().manual_seed(0)
         correct, t0 = 0, time.perf_counter()
         for i in range(0, len(y), 16):
@@ -50,7 +50,7 @@ def main() -> None:
             correct += int((pred == y[i:i + 16]).sum())
             chosen = (torch.rand(len(pred), generator=g) < 0.1).to(dev)
             if chosen.any():
-                healer.feedback(x[i:i + 16][chosen], y[i:i + 16][chosen], pred[chosen])
+                healer.feedback(x[i:i + 16][chosen], y[i:i + 16][chosen], served=pred[chosen])
         out["seconds"] = round(time.perf_counter() - t0, 2)
         with torch.no_grad():
             out["static_accuracy"] = float((source.to(dev)(x).argmax(1) == y).float().mean())
@@ -59,7 +59,7 @@ def main() -> None:
         out["drift"], out["version"] = status["drift"]["detected"], status["version"]
         probe = x[:64]
         other = SelfHealer(copy.deepcopy(source).to(dev), x_ref.to(dev), cfg, reference_labels=y_ref.to(dev),
-                           store=SnapshotStore(tmp))
+                           store=FileSnapshotStore(tmp))
         version = healer.save_snapshot()
         out["resumed"] = other.resume() == version
         out["same_after_resume"] = bool(torch.equal(other.predict(probe), healer.predict(probe)))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from selfheal_core.config import HealConfig
-from selfheal_core.learner import Learner, UpdateResult, published_from_snapshot
+from selfheal_core.learner import Learner, UpdateResult, published_from_snapshot, restore_before
 from selfheal_core.model_parts import detached_copy, is_scripted
 from selfheal_core.monitor import merge_drift
 from selfheal_core.serving import ServingModel
@@ -135,14 +135,36 @@ class SelfHealer:
         self._maybe_snapshot()
         return result
 
+    def decide(self, source: int, target: int, action: str) -> dict:
+        """An operator's decision on a suspected relabelling (`status()["concept"]["suspected"]`):
+        "approve" learns it as the new concept; "discard" drops its labels and, if some were
+        learned, goes back to the newest version from before them and re-reads the log from there."""
+        if action == "approve":
+            released = self.learner.approve(source, target)
+            self._learn()
+            return {"pair": [source, target], "action": action, "released": len(released)}
+        if action != "discard":
+            raise ValueError(f"action must be approve or discard, got {action!r}")
+        dropped, since = self.learner.discard(source, target)
+        result = {"pair": [source, target], "action": action, "dropped": len(dropped), "restored_version": None}
+        if since is not None:
+            result["restored_version"] = restore_before(self.learner, since, self.store)
+            self.catch_up()
+            self.serving.install(self.learner.published(self.serving.version))
+            self.serving._apply_pending()
+        return result
+
     # ------------------------------------------------------------------ status and reset
     def status(self) -> dict:
         """JSON-able summary of both sides (after everything predicted so far was observed)."""
         self.serving.drain()
         serving, learning = self.serving.status(), self.learner.status()
+        if serving["accuracy"] is not None:
+            serving["accuracy"] = dict(serving["accuracy"], labelled=learning["accuracy"],
+                                       corrected=self.serving.estimator.corrected(learning["accuracy"]))
         return {**serving, "drift": merge_drift(serving["drift"], learning["errors"]),
                 "counters": {**serving["counters"], **learning["counters"]},
-                **{k: learning[k] for k in ("guard", "quarantine", "learner", "label_delay", "absorbed")},
+                **{k: learning[k] for k in ("guard", "quarantine", "concept", "learner", "label_delay", "absorbed")},
                 "feedback_log": (dict(self.feedback_log.stats(), absorbed=self.learner.absorbed)
                                  if self.feedback_log is not None else None)}
 

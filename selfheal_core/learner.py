@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from selfheal_core.concept import ConceptWatch
+from selfheal_core.estimate import AccuracyEstimator, LabelledAccuracy
 from selfheal_core.config import HealConfig
 from selfheal_core.guard import Guard
 from selfheal_core.learn import BayesianLastLayer, GradientLearner
@@ -30,13 +32,44 @@ from selfheal_core.quarantine import Quarantine
 from selfheal_core.serving import (Published, check_inputs, model_device, reference_outputs,
                                    validate_reference)
 from selfheal_core.state import clone_state
-from selfheal_core.storage.base import HELD, LEARNED, QUARANTINED, Entries, FeedbackLog, decode_targets
+from selfheal_core.storage.base import DISCARDED, HELD, LEARNED, QUARANTINED, Entries, FeedbackLog, decode_targets
 from selfheal_core.task import Task
 
 log = logging.getLogger(__name__)
 
 DELAYS_KEPT = 1_000  # label-to-weights delays kept for percentiles
 SNAPSHOT_FORMAT = 3
+
+
+def restore_before(learner: "Learner", seq: int, store) -> int:
+    """Put the learner back to the newest published version that absorbed no log row from `seq` on
+    (the source model if none is kept); returns that version (0: the source). The caller then
+    lets it re-read the log from there."""
+    keep_discarded = learner.concept.state_dict() if learner.concept else None
+    for version in reversed(store.versions() if store is not None else []):
+        try:
+            state, meta = store.load(version)
+        except (ValueError, OSError):
+            continue
+        if int(meta.get("feedback_seq", 0)) < seq:
+            counters = dict(learner.counters)
+            learner.load_state_dict(state["learner"])
+            learner.counters = counters
+            break
+    else:
+        version, counters = 0, dict(learner.counters)
+        learner.reset()
+        learner.counters = counters
+    if keep_discarded is not None:  # the decisions taken since stay taken
+        for pair in keep_discarded["_pairs_state"]:
+            if pair["state"] in ("discarded", "approved"):
+                try:
+                    getattr(learner.concept, "discard" if pair["state"] == "discarded" else "approve")(*pair["pair"])
+                except KeyError:
+                    from selfheal_core.concept import Pair
+                    learner.concept._pairs[tuple(pair["pair"])] = Pair(*pair["pair"], state=pair["state"])
+    learner._dirty = True
+    return version
 
 
 def published_from_snapshot(state: dict, meta: dict) -> Published:
@@ -103,10 +136,19 @@ class Learner:
             self.close()
             raise
         self.guard = Guard(config.guard, self.task)
-        self.quarantine = Quarantine(config.guard) if self.task.is_classifier and config.guard.quarantine else None
+        share = (torch.bincount(targets, minlength=self.task.num_classes).double() / len(targets)
+                 if targets is not None and self.task.is_classifier else None)
+        self.quarantine = (Quarantine(config.guard, share) if self.task.is_classifier and config.guard.quarantine
+                           else None)
+        # labels checked against the trusted labelled reference (classifiers with reference labels)
+        self.concept = (ConceptWatch(config.guard) if self.learns and self.task.is_classifier and targets is not None
+                        else None)
+        self.estimator = AccuracyEstimator()  # the serving side's ATC threshold, to check it on labels
+        self.labelled = LabelledAccuracy()
         self._norm_layers = list(self.parts.batchnorms)
         self._norm_source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._norm_layers]
         self._reset()
+        self._refit_reference()
 
     def _reset(self) -> None:
         self.absorbed = 0  # sequence number of the last feedback-log row folded in
@@ -116,6 +158,7 @@ class Learner:
         self._last_update: float | None = None
         self._delays: deque[float] = deque(maxlen=DELAYS_KEPT)  # label acknowledged -> published, seconds
         self._unpublished: list[float] = []  # acknowledgement times of labels absorbed since the last publish
+        self._statuses: list[str] = []  # what became of each label of the last absorb (log statuses)
 
     @torch.no_grad()
     def _bayes_unsupported(self, raw: torch.Tensor) -> str | None:
@@ -182,12 +225,24 @@ class Learner:
         if self.task.is_classifier:
             known = served >= 0
             self.errors.observe_errors(self.task.errors(served[known], y[known], served=True))
+            seen = known & ~confidence.isnan()
+            if seen.any():
+                self.labelled.add(served[seen] == y[seen], self.estimator.predicts_correct(confidence[seen]))
         else:
             self.errors.observe_errors(self.task.errors(served, y, served=True))
         held = torch.zeros(len(y), dtype=torch.bool)
+        drifted = bool((context or {}).get("inputs_drifted"))
         if self.quarantine is not None and self.learns:
-            drifted = bool((context or {}).get("inputs_drifted"))
             held = self.quarantine.screen(served, y, confidence.nan_to_num(0.0), drifted)
+        statuses = [QUARANTINED if h else LEARNED for h in held.tolist()]
+        if self.concept is not None:
+            # only an input shift that makes the model unsure corroborates a relabelling: classes or
+            # features moving (a stream of one class, say) happen without the concept changing
+            unsure = "confidence" in ((context or {}).get("drift") or {}).get("firing", [])
+            contradicts = self.concept.screen(self._features_of(x), y, x, seqs, times, unsure)
+            statuses = [HELD if c and st == LEARNED else st for st, c in zip(statuses, contradicts.tolist())]
+            held = held | contradicts
+        self._statuses = statuses
         if self.learns:
             train_x, train_y = self.guard.admit(x, y, skip=held)
             if len(train_y):
@@ -201,15 +256,26 @@ class Learner:
         return held
 
     def absorb_entries(self, entries: Entries, context: dict | None = None, log_: FeedbackLog | None = None) -> torch.Tensor:
-        """Absorb feedback-log rows (in order) and record in the log what became of each."""
+        """Absorb feedback-log rows (in order) and record in the log what became of each; rows an
+        operator discarded are passed over."""
+        keep = [st != DISCARDED for st in entries.status]
+        if not all(keep):
+            self.absorbed = max(self.absorbed, int(entries.seq[-1]))
+            if not any(keep):
+                return torch.ones(len(keep), dtype=torch.bool)
+            idx = [i for i, k in enumerate(keep) if k]
+            entries = Entries(seq=[entries.seq[i] for i in idx], time=[entries.time[i] for i in idx],
+                              x=entries.x[idx], target=[entries.target[i] for i in idx],
+                              served=[entries.served[i] for i in idx],
+                              confidence=[entries.confidence[i] for i in idx],
+                              status=[entries.status[i] for i in idx], pid=[entries.pid[i] for i in idx])
         y = decode_targets(entries.target, self.task.is_classifier)
         served, confidence = self._decode_served(entries)
         held = self.absorb(entries.x.to(self.device), y, served, confidence, seqs=entries.seq, times=entries.time,
                            context=context)
         if log_ is not None:
-            held_seqs = [s for s, h in zip(entries.seq, held.tolist()) if h]
-            log_.set_status([s for s, h in zip(entries.seq, held.tolist()) if not h], LEARNED)
-            log_.set_status(held_seqs, QUARANTINED if self.quarantine and self.quarantine.status()["active"] else HELD)
+            for status in (LEARNED, HELD, QUARANTINED):
+                log_.set_status([s for s, st in zip(entries.seq, self._statuses) if st == status], status)
         return held
 
     def _decode_served(self, entries: Entries) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -244,17 +310,93 @@ class Learner:
             with torch.no_grad():
                 self.model(new_x.to(self.device))
             self.bayes.update(self._tap.take(), new_y)
+        recall_before = self._reference_recall()
         self.gradient.step()
-        if not self.guard.judge(before, self.guard.evaluate(self.model)):
+        harms_reference = self._reference_harmed(recall_before)
+        if not self.guard.judge(before, self.guard.evaluate(self.model)) or harms_reference:
             self.gradient.restore_params(saved)
             if self.bayes:
                 self.bayes.load_state_dict(bayes_saved)
             self.counters["rolled_back"] += 1
+            self.counters["reference_rejected"] = self.counters.get("reference_rejected", 0) + harms_reference
             return UpdateResult(rolled_back=True)
         self.counters["updates"] += 1
         self._last_update = time.time()
         self._dirty = True
+        self._refit_reference()
         return UpdateResult(updated=True)
+
+    # ------------------------------------------------------------------ the trusted reference
+    @torch.no_grad()
+    def _features_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (B, F) of x through the current weights: the head's input, or pooled inputs."""
+        out = []
+        for i in range(0, len(x), 256):
+            xb = x[i:i + 256].to(self.device)
+            self.model(xb)
+            f = self._tap.take() if self._tap is not None else None
+            out.append(f.to("cpu", torch.float64) if f is not None else pool_inputs(xb))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _refit_reference(self) -> None:
+        """The concept watch and the accuracy estimate re-read the labelled reference through the
+        current weights."""
+        if self.concept is not None:
+            self.concept.fit(self._features_of(self._reference), self._targets)
+        if self.task.is_classifier and self._targets is not None:
+            probs = torch.cat([self.task.probs(self.model(self._reference[i:i + 256]).cpu())
+                               for i in range(0, len(self._reference), 256)])
+            conf, pred = probs.max(1)
+            self.estimator.calibrate(conf, pred == self._targets)
+
+    @torch.no_grad()
+    def _reference_recall(self) -> torch.Tensor | None:
+        """Per-class recall (C,) on the labelled reference, as approved concept changes label it."""
+        if self.concept is None:
+            return None
+        labels = self.concept.reference_labels
+        pred = torch.cat([self.model(self._reference[i:i + 256]).argmax(1).cpu()
+                          for i in range(0, len(self._reference), 256)])
+        hits = torch.bincount(labels[pred == labels], minlength=self.task.num_classes).double()
+        total = torch.bincount(labels, minlength=self.task.num_classes).double()
+        return torch.where(total >= 5, hits / total.clamp_min(1), torch.full_like(total, float("nan")))
+
+    def _reference_harmed(self, before: torch.Tensor | None) -> bool:
+        """Whether the update lowered some class's recall on the trusted reference beyond the limit."""
+        if before is None:
+            return False
+        drop = (before - self._reference_recall()).nan_to_num(0.0)
+        return float(drop.max()) > self.config.guard.reference_check_drop
+
+    # ------------------------------------------------------------------ decisions on held labels
+    def approve(self, source: int, target: int) -> list[int]:
+        """An operator approves the relabelling source -> target: its held labels are learned (their
+        log seqs returned), later ones too, and the reference's class-`source` inputs now mean `target`."""
+        released = self.concept.approve(source, target) if self.concept else []
+        if self.gradient is not None and self.gradient._reference is not None:
+            rx, _ = self.gradient._reference
+            self.gradient._reference = (rx, self.concept.reference_labels.to(self.device))
+        if released and self.learns:
+            x = torch.stack([r[1] for r in released])
+            y = torch.tensor([r[2] for r in released], dtype=torch.long)
+            train_x, train_y = self.guard.admit(x, y)
+            if len(train_y):
+                self.gradient.add(train_x, train_y)
+        self._dirty = True
+        return [r[0] for r in released if r[0] >= 0]
+
+    def discard(self, source: int, target: int) -> tuple[list[int], int | None]:
+        """An operator discards the relabelling: (log seqs of its held labels, dropped; the log seq
+        of its first label if some were learned, so the caller restores a version from before it)."""
+        if self.concept is None:
+            return [], None
+        learned = self.concept.learned_of(source, target)
+        pair = next(p for p in self.concept.suspected if p["pair"] == [source, target]) \
+            if any(p["pair"] == [source, target] for p in self.concept.suspected) else None
+        dropped = self.concept.discard(source, target)
+        self._dirty = True
+        return dropped, (pair["since_seq"] if pair and learned else None)
 
     # ------------------------------------------------------------------ versions out
     @torch.no_grad()
@@ -317,6 +459,8 @@ class Learner:
             "bayes": self.bayes.state_dict() if self.bayes else None,
             "guard": self.guard.state_dict(),
             "quarantine": self.quarantine.state_dict() if self.quarantine else None,
+            "concept": self.concept.state_dict() if self.concept else None,
+            "labelled": self.labelled.state_dict(),
             "errors": self.errors.state_dict(),
             "absorbed": self.absorbed,
             "counters": dict(self.counters),
@@ -340,9 +484,16 @@ class Learner:
         self.guard.load_state_dict(state["guard"])
         if self.quarantine and state.get("quarantine") is not None:
             self.quarantine.load_state_dict(state["quarantine"])
+        if state.get("labelled") is not None:
+            self.labelled.load_state_dict(state["labelled"])
+        if self.concept and state.get("concept") is not None:
+            self.concept.load_state_dict(state["concept"])
+            if self.gradient is not None and self.gradient._reference is not None:
+                self.gradient._reference = (self.gradient._reference[0], self.concept.reference_labels.to(self.device))
         self.errors.load_state_dict(state["errors"])
         self.absorbed = int(state["absorbed"])
         self.counters = {**self.counters, **state["counters"]}
+        self._refit_reference()
 
     def reset(self) -> None:
         """Back to the source model; forget buffers, holdout, quarantine and the log position."""
@@ -352,10 +503,15 @@ class Learner:
         self.guard.reset()
         if self.quarantine:
             self.quarantine.reset()
+        if self.concept:
+            self.concept.reset()
         if self.bayes:
             self.bayes.reset()
         self.errors.reset()
+        if self.gradient is not None and self.gradient._reference is not None:
+            self.gradient._reference = (self.gradient._reference[0], self._targets.to(self.device))
         self._reset()
+        self._refit_reference()
         self._dirty = True
 
     def status(self) -> dict:
@@ -367,6 +523,8 @@ class Learner:
             "errors": self.errors.state.as_dict(),
             "guard": self.guard.status(),
             "quarantine": self.quarantine.status() if self.quarantine else None,
+            "concept": self.concept.status() if self.concept else None,
+            "accuracy": self.labelled.summary(),
             "learner": ({"buffer": len(self.gradient.buffer), "params": len(self.gradient.params),
                          "pending": self.gradient.pending,
                          "bayes": self.bayes.status() if self.bayes else {"off": self.bayes_off or "disabled"},

@@ -24,6 +24,7 @@ from torch import nn
 
 from selfheal_core.config import HealConfig
 from selfheal_core.correct import LabelFreeCorrector, Observation
+from selfheal_core.estimate import AccuracyEstimator
 from selfheal_core.model_parts import FeatureTap, ModelParts, detached_copy, find_parts, pool_inputs
 from selfheal_core.monitor import INPUT_SHIFT, LABEL_FREE, Monitor, ReferenceView
 from selfheal_core.reference import ReferenceReport, check_reference
@@ -132,9 +133,12 @@ class ServingModel:
             if self.parts.head is not None:
                 self._tap = FeatureTap(self.parts.head)
             view = self.view(reference, targets)
+            self._targets = targets
+            self.estimator = AccuracyEstimator()
+            self._calibrate_estimator(view)
             self.monitor = Monitor(config.monitor, self.task, LABEL_FREE).calibrate(view, calibration)
             if calibration and self.monitor.calibrated_from != "given thresholds":
-                log.info("the calibration given does not fit this model, reference or settings: simulated afresh")
+                log.info("the calibration given does not fit this model, reference or settings: not used")
             if self.mode == "heal":
                 self.corrector = LabelFreeCorrector(model, self.parts, self.task, view.probs, config.correct, trainee)
         except BaseException:
@@ -147,6 +151,13 @@ class ServingModel:
         self._pending: Published | None = None  # a version prepared by install(), applied by the serving thread
         self._reset_pending = False
         self._drift = self._drift_summary()
+
+    def _calibrate_estimator(self, view: ReferenceView) -> None:
+        """ATC's threshold from the reference through the current weights (classifiers)."""
+        if view.probs is None:
+            return
+        conf, pred = view.probs.max(1)
+        self.estimator.calibrate(conf, (pred == self._targets) if self._targets is not None else None)
 
     def _mode(self) -> str:
         if not self.config.adapt:
@@ -181,16 +192,16 @@ class ServingModel:
             raws.append(self.model(xb).cpu())
             feats.append(self._features(xb))
         raw = torch.cat(raws)
-        features = None if any(f is None for f in feats) else torch.cat(feats)
+        features = None if any(f is None for f in feats) else torch.cat(feats).to("cpu", torch.float64)
         errors = self.task.errors(raw, targets) if targets is not None else None
         return ReferenceView(probs=self.task.probs(raw), features=features,
                              values=None if self.task.is_classifier else self.task.values(raw), errors=errors)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Features of the forward just run on x: the head's input, or the pooled inputs."""
+        """Features of the forward just run on x: the head's input, or the pooled inputs (as they
+        are: converted to float64 on the CPU once per drain, not per request)."""
         if self._tap is not None:
-            f = self._tap.take()
-            return None if f is None else f.to("cpu", torch.float64)
+            return self._tap.take()
         return pool_inputs(x) if x.is_floating_point() else None
 
     # ------------------------------------------------------------------ validation
@@ -263,11 +274,13 @@ class ServingModel:
         with torch.no_grad():
             raw = torch.cat([r for r, _, _ in items]).cpu()
             feats = [f for _, f, _ in items]
-            features = torch.cat(feats) if all(f is not None for f in feats) else None
+            features = torch.cat(feats).to("cpu", torch.float64) if all(f is not None for f in feats) else None
             inputs = [i for _, _, i in items]
             probs = self.task.probs(raw)
             values = None if self.task.is_classifier else self.task.values(raw)
             fired = self.monitor.observe_predictions(probs, features, values)
+            if probs is not None:
+                self.estimator.observe(probs.max(1).values)
             if self.corrector is not None:
                 obs = Observation(raw=raw, probs=probs, features=features, fired=fired,
                                   inputs=torch.cat(inputs) if all(i is not None for i in inputs) else None)
@@ -284,6 +297,7 @@ class ServingModel:
         copied in by the serving thread before its next forward."""
         if published.reference is not None:
             self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
+            self._calibrate_estimator(published.reference)
         self._pending = published
 
     def reset(self) -> None:
@@ -332,6 +346,7 @@ class ServingModel:
                            else {"available": "off: monitor-only mode"}),
             "model": self.parts.describe(),
             "reference": self.reference_report.as_dict(),
+            "accuracy": self.estimator.status() if self.task.is_classifier else None,
             "counters": dict(self.counters),
         }
 
@@ -339,11 +354,13 @@ class ServingModel:
         """The serving state (monitor and corrector), for resuming exactly in one process."""
         return {"monitor": self.monitor.state_dict(),
                 "corrector": self.corrector.state_dict() if self.corrector else None,
-                "counters": dict(self.counters)}
+                "estimator": self.estimator.state_dict(), "counters": dict(self.counters)}
 
     def load_state_dict(self, state: dict) -> None:
         self.monitor.load_state_dict(state["monitor"])
         if self.corrector is not None and state.get("corrector") is not None:
             self.corrector.load_state_dict(state["corrector"])
+        if state.get("estimator") is not None:
+            self.estimator.load_state_dict(state["estimator"])
         self.counters.update(state.get("counters", {}))
         self._drift = self._drift_summary()

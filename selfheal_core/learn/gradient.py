@@ -87,7 +87,11 @@ class GradientLearner:
     def _minibatch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         n_ref = int(round(c.batch_size * c.reference_fraction)) if self._reference is not None else 0
-        x, y = self.buffer.sample(c.batch_size - n_ref)
+        n_new = int(round(c.batch_size * c.newest_fraction))
+        x, y = self.buffer.sample(c.batch_size - n_ref - n_new)
+        if n_new:  # the newest labels speak for the current domain: a fixed share of every minibatch
+            nx, ny = self.buffer.sample_newest(n_new, c.newest_window)
+            x, y = torch.cat([x, nx]), torch.cat([y, ny])
         if n_ref:
             rx, ry = self._reference
             idx = torch.randint(0, len(ry), (n_ref,), generator=self._gen)

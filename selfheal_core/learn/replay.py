@@ -57,6 +57,14 @@ class ReplayBuffer:
         idx = torch.randint(0, len(items), (k,), generator=self._gen).tolist()
         return self._stack([items[i] for i in idx])
 
+    def sample_newest(self, k: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k pairs drawn uniformly with replacement from the newest `window` pairs."""
+        items = list(self._recent)[-window:]
+        if not items:
+            raise ValueError("replay buffer is empty")
+        idx = torch.randint(0, len(items), (k,), generator=self._gen).tolist()
+        return self._stack([items[i] for i in idx])
+
     def newest(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most recently added pairs (at most `recent_size`), oldest first."""
         items = list(self._recent)[-k:] if k > 0 else []

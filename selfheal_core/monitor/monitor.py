@@ -1,6 +1,8 @@
 """Drift monitor: the task's calibrated online detectors combined into one DriftState."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Callable
@@ -70,6 +72,11 @@ def merge_drift(*states: dict) -> dict:
     return out
 
 
+# Thresholds simulated in this process, by key: a second monitor on the same reference and settings
+# (a reset, a test, a benchmark's next method) reuses them instead of simulating again. Bounded.
+_CALIBRATED: "OrderedDict[str, dict[str, float]]" = OrderedDict()
+
+
 class Monitor(StateMixin):
     """Label-free detectors on every prediction and/or error detectors on feedback.
 
@@ -126,7 +133,11 @@ class Monitor(StateMixin):
         matches: a worker starts in milliseconds instead of seconds.
         """
         d, D = self.detectors, DetectorName
-        given = thresholds["thresholds"] if thresholds and thresholds.get("key") == self.key(ref) else {}
+        key = self.key(ref)
+        given = thresholds["thresholds"] if thresholds and thresholds.get("key") == key else {}
+        source = "given thresholds" if given else "simulation"
+        if not given and key in _CALIBRATED:
+            given, source = _CALIBRATED[key], "simulation (earlier in this process)"
         t = lambda name: given.get(name.value)  # noqa: E731
         if D.CONFIDENCE in d:
             d[D.CONFIDENCE].calibrate(normalized_entropy(ref.probs), threshold=t(D.CONFIDENCE))
@@ -147,8 +158,11 @@ class Monitor(StateMixin):
                 self._drop(D.RESIDUAL, "no reference targets: give labelled reference data to watch feedback errors")
             else:
                 d[D.RESIDUAL].calibrate(ref.errors, threshold=t(D.RESIDUAL))
-        self.calibrated_from = "given thresholds" if given else "simulation"
-        self._key = self.key(ref)
+        self.calibrated_from = source
+        self._key = key
+        _CALIBRATED[key] = {n.value: float(det.threshold) for n, det in d.items()}
+        while len(_CALIBRATED) > 16:
+            _CALIBRATED.popitem(last=False)
         return self
 
     def key(self, ref: ReferenceView) -> str:

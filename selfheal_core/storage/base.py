@@ -257,8 +257,10 @@ class PredictionRecord(ABC):
         self.flush()
         return self._count()
 
-    def add(self, x: torch.Tensor, served: torch.Tensor, confidence: torch.Tensor | None) -> list[str]:
-        """Buffer a batch for the next flush; returns one new id per row."""
+    def add(self, x: torch.Tensor, served, confidence: torch.Tensor | None = None) -> list[str]:
+        """Buffer a batch for the next flush; returns one new id per row. `served` is the labels or
+        values served, or a function of nothing returning (served, confidence), called at flush (off
+        the request path)."""
         import time
 
         ids = [f"{self._prefix}{next(self._counter):012x}" for _ in range(len(x))]
@@ -335,6 +337,8 @@ class PredictionRecord(ABC):
 
 def _prediction_rows(batches: list[tuple]) -> list[tuple]:
     """Rows of buffered batches, converted together (one tensor op per field, not per request)."""
+    batches = [(ids, x, *served(), t) if callable(served) else (ids, x, served, conf, t)
+               for ids, x, served, conf, t in batches]
     rows: list[tuple] = []
     by_desc: dict[str, list[tuple]] = {}
     for batch in batches:

@@ -35,14 +35,15 @@ _TMP = ".tmp-snapshot-"
 _STALE_TMP_S = 600.0  # temp files older than this belong to a writer that died
 
 
-def _write_atomic(path: Path, data: bytes, prefix: str) -> Path:
-    """Write `data` to a fsynced 0600 temp file next to `path`; returns the temp path."""
+def _write_atomic(path: Path, data: bytes, prefix: str, durable: bool = True) -> Path:
+    """Write `data` to a 0600 temp file next to `path` (fsynced if `durable`); returns the temp path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as exc:
         os.unlink(tmp)
         if exc.errno == 28:  # ENOSPC
@@ -180,7 +181,8 @@ class FileStatusBoard(StatusBoard):
 
     def put(self, member: str, payload: dict[str, Any]) -> None:
         path = self._path(member)
-        tmp = _write_atomic(path, pack({"time": time.time(), "payload": payload}), ".tmp-status-")
+        # not fsynced: a status record is rewritten every few seconds, and a torn one fails its checksum
+        tmp = _write_atomic(path, pack({"time": time.time(), "payload": payload}), ".tmp-status-", durable=False)
         os.replace(tmp, path)
 
     def read(self, max_age_s: float | None = None) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from selfheal_core.storage import (DuplicateFeedback, FileLease, FileSnapshotStore, FileStatusBoard,
-                                   SQLiteFeedbackLog, SQLitePredictionRecord, StorageUnavailable, decode_targets,
+                                   SQLiteFeedbackLog, SQLitePredictionRecord, StorageFull, StorageUnavailable, decode_targets,
                                    encode_target, open_storage)
 
 
@@ -105,6 +105,22 @@ def test_a_damaged_log_is_reported_not_crashed_on(tmp_path, damage):
         broken = SQLiteFeedbackLog(path)
         list(broken.entries())
         broken.check()
+
+
+def test_disk_full_is_507_naming_the_path_and_loses_nothing_written(tmp_path):
+    """SQLite's page limit stands in for a full disk: the append that does not fit fails alone."""
+    log = SQLiteFeedbackLog(tmp_path / "fb.sqlite")
+    append(log, torch.randn(4, 64), [1, 2, 3, 4])
+    log._conn.execute("PRAGMA max_page_count = 40")
+    with pytest.raises(StorageFull) as caught:
+        for _ in range(200):
+            append(log, torch.randn(8, 64), list(range(8)))
+    assert caught.value.code == 507 and "fb.sqlite" in caught.value.message and "no space" in caught.value.message
+    written = sum(len(e.seq) for e in log.entries())
+    assert written > 4 and (written - 4) % 8 == 0, "whole requests only: the failed one left no row"
+    log._conn.execute("PRAGMA max_page_count = 1000000")
+    append(log, torch.randn(1, 64), [5])  # space again: it goes on
+    assert sum(len(e.seq) for e in log.entries()) == written + 1
 
 
 # ---------------------------------------------------------------------- prediction record

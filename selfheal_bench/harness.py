@@ -1,0 +1,69 @@
+"""What every benchmark shares: the demo model and its reference, bars that pass or fail, the report.
+
+A benchmark prints a table and writes JSON under bench/results/ with the keys
+its issue names; `Bar` is a figure next to its target, and `write_report`
+prints every bar (PASS / SHORT) and writes the JSON.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+log = logging.getLogger("bench")
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+
+
+@dataclass(frozen=True)
+class Bar:
+    """A measured figure against its target: `Bar("probe drop, points", 0.4, "<=", 1.0)`."""
+
+    name: str
+    value: Any
+    op: str
+    target: Any
+
+    @property
+    def ok(self) -> bool:
+        if self.value is None:
+            return False
+        return bool(_OPS[self.op](self.value, self.target))
+
+    def line(self) -> str:
+        shown = f"{self.value:.4g}" if isinstance(self.value, float) else str(self.value)
+        return f"{'PASS ' if self.ok else 'SHORT'} {self.name}: {shown} (target {self.op} {self.target})"
+
+
+def demo_model(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The demo CNN trained on the digits (train split less 300 held out), and those 300 as the
+    labelled reference: (model, reference inputs, reference labels)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from train_demo import split_reference, train
+
+    model, _ = train(seed=seed)
+    _, _, x_ref, y_ref = split_reference(seed, 300)
+    return model.eval(), x_ref, y_ref
+
+
+def write_report(path: Path, bars: list[Bar], started: float, **data: Any) -> dict:
+    """Print the bars and write {"elapsed_s", "bars": [...], **data} as JSON; returns it."""
+    report = {"elapsed_s": round(time.time() - started, 1),
+              "bars": [dict(asdict(b), ok=b.ok) for b in bars], **data}
+    print("\nbars:")
+    for b in bars:
+        print(f"  {b.line()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float))
+    print(f"\nwrote {path} ({report['elapsed_s']:.0f}s)")
+    return report

@@ -1,0 +1,232 @@
+"""Labels checked against trusted data: suspected concept changes, held until a policy releases them.
+
+A targeted relabelling (an attacker calls every 3 an 8) and a genuine concept
+change (the business now calls them 8) look the same in the labels. What
+tells them apart from honest labels is the trusted labelled reference: a
+label on an input that sits among reference inputs of class m (its nearest
+neighbours in the model's feature space agree on m, and it is no farther from
+them than reference inputs are from each other) but says g != m contradicts
+it. Inputs that drifted away from the reference are not judged: there the
+reference no longer speaks, and labels are what must correct the model.
+
+Contradictions are counted per pair (m, g); a pair seen `min_count` times is
+a *suspected concept change* (pair, count, since when), reported whatever the
+policy. Its labels are held (logged, not learned) from the first one:
+- `hold`: until an operator approves or discards the pair, or the input
+  monitor corroborates it (a confidence alarm: the inputs moved so far the
+  model is unsure, while the pair kept arriving);
+- `learn`: learned once the pair persisted `corroborate` labels, then at
+  most `max_rate` of them per `rate_window` labels (bounded influence).
+Approving a pair also relabels the reference (its class-m inputs now mean g),
+so reference replay and the per-class check follow the new concept.
+Discarding drops the pair's labels; the learner restores the state it had
+before it learned any of them.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from selfheal_core.config import GuardConfig
+from selfheal_core.state import StateMixin
+
+HOLD, LEARN = "hold", "learn"
+
+
+@dataclass
+class Pair:
+    """One suspected relabelling: the reference says `source`, the labels say `target`."""
+
+    source: int
+    target: int
+    count: int = 0  # contradicting labels seen
+    since_seq: int | None = None  # log sequence number of the first one
+    since_time: float | None = None
+    state: str = "watching"  # watching, suspected, learning, approved, discarded
+    learned: int = 0  # of its labels released to training
+    recent: deque = field(default_factory=lambda: deque())  # label counts at which its labels were learned
+
+    def as_dict(self) -> dict:
+        return {"pair": [self.source, self.target], "count": self.count, "since_seq": self.since_seq,
+                "since_time": self.since_time, "state": self.state, "learned": self.learned}
+
+
+class ConceptWatch(StateMixin):
+    """Finds labels that contradict the trusted reference; holds them by pair under a policy."""
+
+    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels")
+
+    def __init__(self, config: GuardConfig, k: int = 10) -> None:
+        self.config = config
+        self.policy = config.concept_change
+        self.k = k
+        self._ref_feats = torch.zeros(0, 0, dtype=torch.float64)  # (R, F) reference through the current weights
+        self._ref_labels = torch.zeros(0, dtype=torch.long)  # (R,) trusted labels (relabelled on approval)
+        self._radius = float("inf")
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pairs: dict[tuple[int, int], Pair] = {}
+        self._held: list[tuple[int, torch.Tensor, int, float, int]] = []  # (seq, x, label, time, source)
+        self._seen = 0  # labels screened
+
+    def reset(self) -> None:
+        """Forget pairs and held labels; the reference labels go back to the trusted ones at the next fit."""
+        self._reset()
+        self._ref_labels = torch.zeros(0, dtype=torch.long)
+
+    # ------------------------------------------------------------------ the reference
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """The labelled reference through the current weights: features (R, F), labels (R,)."""
+        if not len(self._ref_labels):
+            self._ref_labels = labels.cpu().long().clone()
+        self._ref_feats = features.detach().to("cpu", torch.float64)
+        d = torch.cdist(self._ref_feats, self._ref_feats)
+        d.fill_diagonal_(float("inf"))
+        nn = d.min(1).values  # each reference input's distance to its nearest other one
+        self._radius = float(nn.quantile(0.95)) if len(nn) > 1 else float("inf")
+
+    @property
+    def ready(self) -> bool:
+        return len(self._ref_feats) > self.k
+
+    @property
+    def reference_labels(self) -> torch.Tensor:
+        """The reference's labels as the approved concept changes have them."""
+        return self._ref_labels
+
+    @torch.no_grad()
+    def judge(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the reference says each input is: (speaks, leans), each (B,) a class or -1.
+        `speaks`: near the reference and its neighbours agree; only these contradictions are
+        counted. `leans`: the neighbours' majority within twice the radius; a label against a pair
+        already suspected is held on a lean too, so an attack cannot slip through on the borderline
+        inputs of the class it targets."""
+        f = features.detach().to("cpu", torch.float64).flatten(1)
+        d = torch.cdist(f, self._ref_feats)  # (B, R)
+        dist, idx = d.topk(self.k, dim=1, largest=False)
+        votes = self._ref_labels[idx]  # (B, k)
+        mode = votes.mode(1).values
+        agree = (votes == mode[:, None]).float().mean(1)
+        none = torch.full_like(mode, -1)
+        speaks = torch.where((dist[:, 0] <= self._radius) & (agree >= 0.8), mode, none)
+        leans = torch.where((dist[:, 0] <= 2 * self._radius) & (agree >= 0.5), mode, none)
+        return speaks, leans
+
+    # ------------------------------------------------------------------ screening
+    def screen(self, features: torch.Tensor, given: torch.Tensor, x: torch.Tensor, seqs: list[int] | None,
+               times: list[float] | None, inputs_drifted: bool) -> torch.Tensor:
+        """Bool mask (B,): labels held (contradicting the reference, not yet released).
+        `inputs_drifted`: the input monitor's corroboration (a confidence alarm now)."""
+        n = len(given)
+        held = torch.zeros(n, dtype=torch.bool)
+        if not self.ready or n == 0:
+            self._seen += n
+            return held
+        says, leans = self.judge(features)
+        for i, (m, lean, g) in enumerate(zip(says.tolist(), leans.tolist(), given.tolist())):
+            self._seen += 1
+            if m < 0 and lean >= 0 and lean != g and self._pairs.get((lean, g), Pair(0, 0)).state != "watching":
+                m = lean
+            if m < 0 or m == g:
+                continue
+            pair = self._pairs.setdefault((m, g), Pair(m, g))
+            if pair.state == "discarded":
+                held[i] = True  # an operator discarded this pair: its labels are not learned
+                continue
+            pair.count += 1
+            if pair.since_seq is None:
+                pair.since_seq = seqs[i] if seqs else None
+                pair.since_time = times[i] if times else None
+            if pair.count >= self.config.concept_min_count and pair.state == "watching":
+                pair.state = "suspected"
+            if pair.state == "approved" or self._release(pair, inputs_drifted):
+                pair.learned += 1
+                pair.recent.append(self._seen)
+                continue
+            held[i] = True
+            if len(self._held) < self.config.concept_hold_max:
+                self._held.append((seqs[i] if seqs else -1, x[i].detach().cpu().clone(), int(g),
+                                   times[i] if times else 0.0, int(m)))
+        return held
+
+    def _release(self, pair: Pair, inputs_drifted: bool) -> bool:
+        """Whether this contradicting label may be learned now (bounded speed)."""
+        c = self.config
+        if self.policy == HOLD:
+            ok = inputs_drifted and pair.state == "suspected"  # the input monitor corroborates it
+        else:
+            ok = pair.count >= c.concept_corroborate
+            if ok and pair.state == "suspected":
+                pair.state = "learning"
+        while pair.recent and pair.recent[0] <= self._seen - c.concept_rate_window:
+            pair.recent.popleft()
+        return ok and len(pair.recent) < c.concept_max_rate
+
+    # ------------------------------------------------------------------ decisions
+    def approve(self, source: int, target: int) -> list[tuple]:
+        """The relabelling is the new concept: learn its held labels, and the reference follows it.
+        Returns the held (seq, x, label, time) to learn."""
+        pair = self._get(source, target)
+        pair.state = "approved"
+        self._ref_labels = torch.where(self._ref_labels == source, torch.tensor(target), self._ref_labels)
+        released = [h for h in self._held if h[4] == source and h[2] == target]
+        self._held = [h for h in self._held if not (h[4] == source and h[2] == target)]
+        pair.learned += len(released)
+        return [h[:4] for h in released]
+
+    def discard(self, source: int, target: int) -> list[int]:
+        """The relabelling is poisoning: its held labels are dropped (their seqs returned) and later
+        ones held for good."""
+        pair = self._get(source, target)
+        pair.state = "discarded"
+        dropped = [h[0] for h in self._held if h[4] == source and h[2] == target]
+        self._held = [h for h in self._held if not (h[4] == source and h[2] == target)]
+        return dropped
+
+    def _get(self, source: int, target: int) -> Pair:
+        pair = self._pairs.get((source, target))
+        if pair is None:
+            raise KeyError(f"no relabelling {source} -> {target} has been seen")
+        return pair
+
+    def learned_of(self, source: int, target: int) -> int:
+        pair = self._pairs.get((source, target))
+        return pair.learned if pair else 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def suspected(self) -> list[dict]:
+        return [p.as_dict() for p in self._pairs.values() if p.state != "watching"]
+
+    def status(self) -> dict:
+        return {"policy": self.policy, "suspected": self.suspected, "held": len(self._held),
+                "reference_radius": round(self._radius, 4) if self._radius != float("inf") else None}
+
+    @property
+    def _pairs_state(self) -> list[dict]:
+        return [dict(p.as_dict(), recent=list(p.recent)) for p in self._pairs.values()]
+
+    @_pairs_state.setter
+    def _pairs_state(self, value: list[dict]) -> None:
+        self._pairs = {}
+        for d in value:
+            p = Pair(d["pair"][0], d["pair"][1], d["count"], d["since_seq"], d["since_time"], d["state"], d["learned"],
+                     deque(d["recent"]))
+            self._pairs[(p.source, p.target)] = p
+
+    @property
+    def _held_state(self) -> dict:
+        if not self._held:
+            return {"seq": [], "x": torch.empty(0), "label": [], "time": [], "source": []}
+        return {"seq": [h[0] for h in self._held], "x": torch.stack([h[1] for h in self._held]),
+                "label": [h[2] for h in self._held], "time": [h[3] for h in self._held],
+                "source": [h[4] for h in self._held]}
+
+    @_held_state.setter
+    def _held_state(self, value: dict) -> None:
+        self._held = [(s, x, lab, t, src) for s, x, lab, t, src in
+                      zip(value["seq"], list(value["x"]), value["label"], value["time"], value["source"])]

@@ -1,0 +1,144 @@
+"""Labels against the trusted reference: targeted relabelling held and reported, approve, discard,
+a broken labeller during drift, bounded influence per pair."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from selfheal_bench.data import corrupt, resample
+from selfheal_core import FileSnapshotStore, HealConfig, SelfHealer
+from selfheal_core.config import GuardConfig
+from selfheal_core.quarantine import Quarantine
+from selfheal_core.storage import SQLiteFeedbackLog
+
+
+def healer(model, reference, tmp_path, policy="hold"):
+    config = HealConfig.from_dict({"snapshot_interval_s": 0.0, "guard": {"concept_change": policy}})
+    return SelfHealer(copy.deepcopy(model), reference[0], config, reference_labels=reference[1],
+                      store=FileSnapshotStore(tmp_path / "snaps", keep=50),
+                      feedback_log=SQLiteFeedbackLog(tmp_path / "fb.sqlite"))
+
+
+def relabelled(digits, n, share, seed=0):
+    """n clean training digits with labels; `share` of them a 3 labelled 8."""
+    x_tr, y_tr, _, _ = digits
+    g = torch.Generator().manual_seed(seed)
+    threes = (y_tr == 3).nonzero().flatten()
+    others = (y_tr != 3).nonzero().flatten()
+    n_bad = int(n * share)
+    idx = torch.cat([threes[torch.randint(0, len(threes), (n_bad,), generator=g)],
+                     others[torch.randint(0, len(others), (n - n_bad,), generator=g)]])
+    idx = idx[torch.randperm(n, generator=g)]
+    y = y_tr[idx].clone()
+    y[y == 3] = 8
+    return x_tr[idx], y
+
+
+def recall3(h, digits):
+    """Class-3 recall of the served weights (a forward of the model itself: the probe is not traffic)."""
+    _, _, x_te, y_te = digits
+    with torch.no_grad():
+        return float((h.model(x_te[y_te == 3]).argmax(1) == 3).float().mean())
+
+
+def test_targeted_relabelling_is_held_and_reported(demo_model, reference, digits, tmp_path):
+    h = healer(demo_model, reference, tmp_path)
+    before = recall3(h, digits)
+    x, y = relabelled(digits, 240, 0.2)
+    for i in range(0, 240, 8):
+        h.feedback(x[i:i + 8], y[i:i + 8])
+    st = h.status()
+    [pair] = [p for p in st["concept"]["suspected"] if p["pair"] == [3, 8]]
+    assert pair["state"] == "suspected" and pair["count"] >= 40 and pair["since_seq"] is not None
+    assert pair["learned"] == 0 and st["concept"]["held"] == pair["count"]
+    by_status = st["feedback_log"]["by_status"]
+    assert by_status["held"] + by_status.get("quarantined", 0) >= pair["count"]
+    assert recall3(h, digits) >= before - 0.05, "nothing of the relabelling was learned"
+
+
+def test_approval_learns_the_new_concept_and_the_reference_follows(demo_model, reference, digits, tmp_path):
+    h = healer(demo_model, reference, tmp_path)
+    x, y = relabelled(digits, 240, 0.3, seed=1)
+    for i in range(0, 240, 8):
+        h.feedback(x[i:i + 8], y[i:i + 8])
+    result = h.decide(3, 8, "approve")
+    assert result["released"] > 0 and h.status()["concept"]["held"] == 0
+    assert h.learner.concept.reference_labels.eq(3).sum() == 0, "the reference's 3s now mean 8"
+    x2, y2 = relabelled(digits, 160, 0.5, seed=2)
+    for i in range(0, 160, 8):
+        h.feedback(x2[i:i + 8], y2[i:i + 8])
+    assert recall3(h, digits) < 0.5, "approved: the model learns that these inputs are 8s"
+
+
+def test_discard_under_learn_returns_to_a_version_from_before(demo_model, reference, digits, tmp_path):
+    h = healer(demo_model, reference, tmp_path, policy="learn")
+    before = recall3(h, digits)
+    x, y = relabelled(digits, 480, 0.3, seed=3)
+    for i in range(0, 480, 8):
+        h.feedback(x[i:i + 8], y[i:i + 8])
+    [pair] = [p for p in h.status()["concept"]["suspected"] if p["pair"] == [3, 8]]
+    assert pair["state"] == "learning" and pair["learned"] > 0, "learn: corroborated, then learned (bounded)"
+    assert pair["learned"] <= h.config.guard.concept_max_rate * (480 // h.config.guard.concept_rate_window + 1)
+    result = h.decide(3, 8, "discard")
+    assert result["restored_version"] is not None
+    assert recall3(h, digits) >= before - 0.05, "back to what it was before the relabelling"
+    assert h.status()["feedback_log"]["by_status"].get("learned", 0) > 0, "honest labels re-read and learned"
+    x3, y3 = relabelled(digits, 80, 0.5, seed=4)
+    for i in range(0, 80, 8):
+        h.feedback(x3[i:i + 8], y3[i:i + 8])
+    assert recall3(h, digits) >= before - 0.05, "a discarded relabelling is not learned later"
+
+
+def test_drifted_inputs_are_not_judged_by_the_reference(demo_model, reference, digits, tmp_path):
+    """Rotated digits sit far from the reference: their labels correct the model, none is held."""
+    h = healer(demo_model, reference, tmp_path)
+    _, _, x_te, y_te = digits
+    x, y = resample(x_te, y_te, 200, seed=5)
+    x = corrupt(x, "rotate", 4, seed=5)
+    for i in range(0, 200, 8):
+        h.predict(x[i:i + 8])
+        h.feedback(x[i:i + 8], y[i:i + 8])
+    st = h.status()
+    assert st["concept"]["held"] <= 10, st["concept"]
+    assert st["counters"]["updates"] > 0
+
+
+def test_decisions_on_unknown_pairs_are_refused(demo_model, reference, tmp_path):
+    h = healer(demo_model, reference, tmp_path)
+    with pytest.raises(KeyError, match="2 -> 5"):
+        h.decide(2, 5, "approve")
+    with pytest.raises(ValueError, match="approve or discard"):
+        h.decide(2, 5, "maybe")
+
+
+def screen(q, served, given, conf=0.5, drifted=True):
+    return q.screen(torch.tensor(served), torch.tensor(given), torch.full((len(given),), conf), drifted)
+
+
+def test_a_broken_labeller_is_quarantined_under_drift():
+    """Drift makes the model unsure: a labeller pushing 30% of all labels to 8 is caught anyway."""
+    q = Quarantine(GuardConfig(), reference_share=torch.full((10,), 0.1))
+    g = torch.Generator().manual_seed(0)
+    served = torch.randint(0, 10, (400,), generator=g)
+    true = torch.where(torch.rand(400, generator=g) < 0.5, served, torch.randint(0, 10, (400,), generator=g))
+    broken = torch.where(torch.rand(400, generator=g) < 0.3, torch.full_like(true, 8), true)
+    held = screen(q, served.tolist(), broken.tolist())
+    bad = (broken == 8) & (true != 8) & (served != 8)
+    assert held[bad][100:].float().mean() >= 0.9 and q.status()["classes"] == [8]
+    honest = Quarantine(GuardConfig(), reference_share=torch.full((10,), 0.1))
+    assert screen(honest, served.tolist(), true.tolist()).float().mean() < 0.05, "honest labels under drift pass"
+
+
+def test_label_shift_is_not_a_broken_labeller():
+    """Class 2 becomes common and the model sees it: labels agree with what was served."""
+    q = Quarantine(GuardConfig(), reference_share=torch.full((10,), 0.1))
+    given = [2] * 150 + list(range(10)) * 5
+    assert not screen(q, given, given, conf=0.9, drifted=False).any()
+
+
+def test_bounded_influence_per_pair():
+    q = Quarantine(GuardConfig(pair_max_rate=5, pair_rate_window=50, corroborate=1))
+    held = screen(q, [1] * 20, [7] * 20, conf=0.95, drifted=True)
+    assert held.sum() == 15 and q.status()["held_rate"] == 15
