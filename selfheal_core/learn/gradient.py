@@ -88,15 +88,17 @@ class GradientLearner:
         c = self.config
         n_ref = int(round(c.batch_size * c.reference_fraction)) if self._reference is not None else 0
         n_new = int(round(c.batch_size * c.newest_fraction))
-        x, y = self.buffer.sample(c.batch_size - n_ref - n_new)
+        parts = []
+        if c.batch_size - n_ref - n_new > 0:  # the fractions may leave no uniform share
+            parts.append(self.buffer.sample(c.batch_size - n_ref - n_new))
         if n_new:  # the newest labels speak for the current domain: a fixed share of every minibatch
-            nx, ny = self.buffer.sample_newest(n_new, c.newest_window)
-            x, y = torch.cat([x, nx]), torch.cat([y, ny])
+            parts.append(self.buffer.sample_newest(n_new, c.newest_window))
         if n_ref:
             rx, ry = self._reference
             idx = torch.randint(0, len(ry), (n_ref,), generator=self._gen)
-            x, y = torch.cat([x, rx[idx].cpu().to(x.dtype)]), torch.cat([y, ry[idx].cpu().to(y.dtype)])
-        return x.to(device), y.to(device)
+            like_x, like_y = parts[0] if parts else (rx, ry)
+            parts.append((rx[idx].cpu().to(like_x.dtype), ry[idx].cpu().to(like_y.dtype)))
+        return torch.cat([p[0] for p in parts]).to(device), torch.cat([p[1] for p in parts]).to(device)
 
     @torch.enable_grad()
     def step(self) -> float:

@@ -61,6 +61,19 @@ def test_gradient_learner_changes_only_chosen_parameters_and_learns():
     assert all(torch.equal(after[k], before[k]) for k in after)
 
 
+@pytest.mark.parametrize("newest", [0.0, 0.75, 1.0])
+def test_minibatch_fractions_may_leave_no_uniform_share(newest):
+    """reference_fraction + newest_fraction == 1 is allowed: the minibatch is theirs alone."""
+    model = bn_model()
+    config = LearnConfig(params="last_layer", steps=2, update_every=4, newest_fraction=newest,
+                         reference_fraction=1.0 - newest, batch_size=8)
+    learner = GradientLearner(model, config, CLS3, "4", reference=(torch.randn(10, 1, 4, 4), torch.randint(0, 3, (10,))))
+    assert learner.add(torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0]))
+    learner.step()
+    x, y = learner._minibatch(torch.device("cpu"))
+    assert x.shape == (8, 1, 4, 4) and y.shape == (8,)
+
+
 def test_gradient_learner_regression_loss():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
