@@ -4,11 +4,14 @@ Starts TorchServe itself for each configuration (token auth on, loopback) and
 loads it with wrk (2 threads, 8 connections, one digit per request, as the
 issue's baseline), at 1 and 2 workers and TorchServe batch sizes 1 and 8:
 - plain: `selfheal_bench/plain_handler.py`, the same model and JSON shape, nothing else;
-- monitor: the selfheal handler with every corrector off and no feedback;
+- monitor: the selfheal handler with `heal: false` (monitoring only) and no feedback;
 - heal: the selfheal handler, default healing, on a drifting stream (clean, then
   contrast-5), with 5% of the plain run's request rate posted as labelled
-  feedback to POST /feedback/digits on the management port.
-Then one long healing run (1 worker, batch 1) for worker RSS growth.
+  feedback to POST /feedback/digits on the management port; the model's learner
+  process learns from it and publishes versions the worker picks up. Its
+  label-to-weights delay (acknowledged -> in a published version) is reported.
+Then one long healing run (1 worker, batch 1) for worker RSS growth and the
+learner's RSS.
 Writes bench/results/serve.json and prints a table; ratios are against the
 plain handler at the same workers and batch size, measured in the same run.
 
@@ -57,7 +60,7 @@ request = function()
   return wrk.format(nil, nil, nil, bodies[i])
 end
 """
-MONITOR_ONLY = {"correct": {"norm_stats": False, "entropy": False, "prior": False}}
+
 
 
 def ensure_wrk() -> str:
@@ -102,6 +105,24 @@ def rss_mb(ts: TorchServe) -> float:
     return sum(psutil.Process(p).memory_info().rss for p in ts.worker_pids()) / 2**20
 
 
+def learner_status(ts: TorchServe) -> dict:
+    r = requests.get(f"{ts.management_url}/feedback/digits", headers=ts.headers("management"), timeout=30)
+    return r.json() if r.ok else {}
+
+
+def settle(ts: TorchServe, timeout: float = 120.0) -> dict:
+    """The learner's status once it absorbed and published every label sent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = learner_status(ts)
+        if st.get("lag") == 0 and not st.get("unpublished"):
+            return st
+        if time.monotonic() > deadline:
+            log.warning("learner not settled after %.0f s: %s", timeout, {k: st.get(k) for k in ("lag", "absorbed")})
+            return st
+        time.sleep(0.2)
+
+
 class FeedbackSender(threading.Thread):
     """Posts labelled drifted inputs to /feedback/digits at a fixed rate of labels per second."""
 
@@ -125,21 +146,61 @@ class FeedbackSender(threading.Thread):
                 i += 1
 
 
-def build(model_dir: Path, work: Path, kind: str, workers: int, batch: int) -> Path:
+def build(model_dir: Path, work: Path, kind: str, workers: int, batch: int, learner_nice: int = 19) -> Path:
     config = yaml.safe_load((REPO / "model-config.yaml").read_text())
     config.update(minWorkers=workers, maxWorkers=workers, batchSize=batch, maxBatchDelay=5)
+    config["handler"]["learner_nice"] = learner_nice
+    config["handler"].update(json.loads(os.environ.get("SELFHEAL_BENCH_HANDLER", "{}")))
     if kind == "monitor":
-        config["handler"]["heal"] = {**config["handler"].get("heal", {}), **MONITOR_ONLY}
+        config["handler"]["heal"] = False
     store = work / f"store-{kind}-{workers}-{batch}"
     cfg = store.with_suffix(".yaml")
     store.mkdir(parents=True, exist_ok=True)
     cfg.write_text(yaml.safe_dump(config))
-    if kind == "plain":
-        build_archive(model_dir, store, config_file=cfg, handler=REPO / "selfheal_bench" / "plain_handler.py",
-                      extra_files=[model_dir / "reference.pt"])
-    else:
-        build_archive(model_dir, store, config_file=cfg)
+    handler = REPO / "selfheal_bench" / "plain_handler.py" if kind == "plain" else "selfheal_torchserve.handler"
+    build_archive(model_dir, store, config_file=cfg, handler=str(handler))
     return store
+
+
+def measure(wrk, work: Path, store: Path, kind: str, workers: int, batch: int, clean: Path, drifting: Path, xd, yd,
+            seconds: float, warmup: float, plain_rps: float, tag: str) -> dict:
+    """One server, one measured wrk run (healing: with feedback at 5% of the plain rate)."""
+    name = f"{kind}-{workers}-{batch}-{tag}"
+    ts = TorchServe(work / f"server-{name}", store, env={"SELFHEAL_SNAPSHOT_DIR": str(work / f"snap-{name}")})
+    with ts:
+        ts.wait_ready(120, workers=workers)
+        bodies = drifting if kind == "heal" else clean
+        run_wrk(wrk, ts, bodies, warmup)
+        rss0 = rss_mb(ts)
+        sender = None
+        if kind == "heal":
+            sender = FeedbackSender(ts, xd, yd, 0.05 * plain_rps)
+            sender.start()
+        res = run_wrk(wrk, ts, bodies, seconds)
+        if sender:
+            sender.stop_event.set()
+            sender.join()
+            res.update(feedback_labels=sender.sent, feedback_failed=sender.failed)
+            st = settle(ts)
+            delay = st.get("label_delay", {})
+            res.update(label_delay_p50_s=delay.get("p50_s"), label_delay_p99_s=delay.get("p99_s"),
+                       label_delay_labels=delay.get("labels"), versions=st.get("version"),
+                       updates=st.get("counters", {}).get("updates"),
+                       learner_rss_mb=psutil.Process(st["pid"]).memory_info().rss / 2**20 if st.get("pid") else None)
+        res.update(kind=kind, workers=workers, batch=batch, rss_start_mb=rss0, rss_end_mb=rss_mb(ts))
+    return res
+
+
+def median_row(kind: str, workers: int, batch: int, runs: list[dict]) -> dict:
+    """The median of each number over the rounds, and every round kept."""
+    import statistics
+
+    row = {"kind": kind, "workers": workers, "batch": batch, "rounds": runs}
+    for key in runs[0]:
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        if values and len(values) == len(runs):
+            row[key] = statistics.median(values)
+    return row
 
 
 def write_bodies(path: Path, x) -> Path:
@@ -150,16 +211,19 @@ def write_bodies(path: Path, x) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--seconds", type=float, default=15.0, help="measured wrk run per configuration")
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured wrk run per configuration and round")
     ap.add_argument("--rss-requests", type=int, default=200_000, help="long healing run for RSS growth (0: skip)")
-    ap.add_argument("--grid", default="1x1,1x8,2x1,2x8", help="workers x batch configurations, comma-separated")
+    ap.add_argument("--grid", default="1x1,1x8,2x8", help="workers x batch configurations, comma-separated")
     ap.add_argument("--kinds", default="plain,monitor,heal", help="handlers to measure (plain first: the baseline)")
+    ap.add_argument("--rounds", type=int, default=3, help="measurements per handler, in rotating order (medians)")
+    ap.add_argument("--learner-nice", type=int, default=19, help="niceness of the learner process")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("selfheal_bench").setLevel(logging.WARNING)
     wrk = ensure_wrk()
     seconds, warmup = (2.0, 1.0) if args.tiny else (args.seconds, 3.0)
+    args.rounds = 1 if args.tiny else args.rounds
     rss_requests = min(args.rss_requests, 2_000) if args.tiny else args.rss_requests
     grid = [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
     grid = grid[:1] if args.tiny else grid
@@ -181,43 +245,36 @@ def main() -> None:
         clean = write_bodies(work / "clean.jsonl", xc)
         drifting = write_bodies(work / "drifting.jsonl", torch.cat([xc, xd]))
         rows = []
+        kinds = args.kinds.split(",")
         for workers, batch in grid:
+            stores = {kind: build(model_dir, work, kind, workers, batch, args.learner_nice) for kind in kinds}
+            runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
             plain_rps = None
-            for kind in args.kinds.split(","):
-                store = build(model_dir, work, kind, workers, batch)
-                ts = TorchServe(work / f"server-{kind}-{workers}-{batch}", store,
-                                env={"SELFHEAL_SNAPSHOT_DIR": str(work / f"snap-{kind}-{workers}-{batch}")})
-                with ts:
-                    ts.wait_ready(120, workers=workers)
-                    bodies = drifting if kind == "heal" else clean
-                    run_wrk(wrk, ts, bodies, warmup)
-                    rss0 = rss_mb(ts)
-                    sender = None
-                    if kind == "heal":
-                        sender = FeedbackSender(ts, xd, yd, 0.05 * (plain_rps or 100.0))
-                        sender.start()
-                    res = run_wrk(wrk, ts, bodies, seconds)
-                    if sender:
-                        sender.stop_event.set()
-                        sender.join()
-                        res.update(feedback_labels=sender.sent, feedback_failed=sender.failed)
-                    res.update(kind=kind, workers=workers, batch=batch, rss_start_mb=rss0, rss_end_mb=rss_mb(ts))
-                if kind == "plain":
-                    plain_rps = res["rps"]
-                rows.append(res)
-                log.info("%-7s workers %d batch %d: %.0f req/s p50 %.2f ms p99 %.2f ms (non-2xx %d)", kind, workers,
-                         batch, res["rps"], res["p50_ms"], res["p99_ms"], res["non_2xx"])
-        rss = long_run(wrk, model_dir, work, drifting, xd, yd, rss_requests, rows) if rss_requests else None
+            for rnd in range(args.rounds):
+                # the order rotates each round: slow drifts of this shared machine hit every handler
+                for kind in kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]:
+                    res = measure(wrk, work, stores[kind], kind, workers, batch, clean, drifting, xd, yd, seconds,
+                                  warmup, plain_rps or 100.0, tag=f"{rnd}")
+                    runs[kind].append(res)
+                    if kind == "plain" and plain_rps is None:
+                        plain_rps = res["rps"]
+                    log.info("%-7s workers %d batch %d round %d: %.0f req/s p50 %.2f ms p99 %.2f ms (non-2xx %d)",
+                             kind, workers, batch, rnd, res["rps"], res["p50_ms"], res["p99_ms"], res["non_2xx"])
+            rows += [median_row(kind, workers, batch, runs[kind]) for kind in kinds]
+        rss = (long_run(wrk, model_dir, work, drifting, xd, yd, rss_requests, rows, args.learner_nice)
+               if rss_requests else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(rows, rss, args, time.time() - t0)
 
 
-def long_run(wrk, model_dir, work, bodies, xd, yd, n_requests, rows) -> dict:
-    """Healing handler, 1 worker, batch 1, `n_requests` requests with 5% feedback: worker RSS start/end."""
-    plain = next(r for r in rows if r["kind"] == "plain" and r["workers"] == 1 and r["batch"] == 1)
-    heal = next(r for r in rows if r["kind"] == "heal" and r["workers"] == 1 and r["batch"] == 1)
-    store = build(model_dir, work, "heal", 1, 1)
+def long_run(wrk, model_dir, work, bodies, xd, yd, n_requests, rows, learner_nice: int = 19) -> dict:
+    """Healing handler, 1 worker, batch 8 (batch 1 in --tiny), `n_requests` requests with 5% feedback:
+    worker RSS at start and end, the learner's RSS."""
+    batch = 8 if any(r["workers"] == 1 and r["batch"] == 8 for r in rows) else 1
+    plain = next(r for r in rows if r["kind"] == "plain" and r["workers"] == 1 and r["batch"] == batch)
+    heal = next(r for r in rows if r["kind"] == "heal" and r["workers"] == 1 and r["batch"] == batch)
+    store = build(model_dir, work, "heal", 1, batch, learner_nice)
     ts = TorchServe(work / "server-long", store, env={"SELFHEAL_SNAPSHOT_DIR": str(work / "snap-long")})
     with ts:
         ts.wait_ready(120)
@@ -231,8 +288,10 @@ def long_run(wrk, model_dir, work, bodies, xd, yd, n_requests, rows) -> dict:
             done, rps = done + res["requests"], max(res["rps"], 1.0)
         sender.stop_event.set()
         sender.join()
+        st = settle(ts)
         out = {"requests": done, "rps": rps, "rss_start_mb": rss0, "rss_end_mb": rss_mb(ts),
-               "feedback_labels": sender.sent}
+               "feedback_labels": sender.sent, "label_delay": st.get("label_delay"),
+               "learner_rss_mb": psutil.Process(st["pid"]).memory_info().rss / 2**20 if st.get("pid") else None}
     out["rss_growth_mb"] = out["rss_end_mb"] - out["rss_start_mb"]
     log.info("long run: %d requests, worker RSS %.0f -> %.0f MB", out["requests"], rss0, out["rss_end_mb"])
     return out
@@ -253,10 +312,14 @@ def report(rows: list[dict], rss: dict | None, args, elapsed: float) -> None:
             tag = f"{r['kind']} w{r['workers']} b{r['batch']}"
             bars[f"{tag}: throughput / plain (>= 0.95)"] = round(r["rps_ratio"], 3)
             bars[f"{tag}: p99 / plain (<= 1.10)"] = round(r["p99_ratio"], 3)
+        if r["kind"] == "heal":
+            bars[f"heal w{r['workers']} b{r['batch']}: label-to-weights delay p50 / p99, s (p99 <= 5)"] = (
+                r.get("label_delay_p50_s"), r.get("label_delay_p99_s"))
     if rss:
         print(f"\nlong healing run: {rss['requests']} requests, worker RSS {rss['rss_start_mb']:.0f} -> "
               f"{rss['rss_end_mb']:.0f} MB")
         bars[f"worker RSS growth over {rss['requests']} requests, MB (< 50)"] = round(rss["rss_growth_mb"], 1)
+        bars["learner RSS at the end of the long run, MB (reported)"] = round(rss["learner_rss_mb"] or 0, 1)
     print("\nbars:")
     for k, v in bars.items():
         print(f"  {k}: {v}")

@@ -88,14 +88,15 @@ class TorchServe:
         for line in (REPO / "config.properties").read_text().splitlines():
             key = line.split("=", 1)[0].strip()
             if key in {"inference_address", "management_address", "metrics_address", "grpc_inference_port",
-                       "grpc_management_port", "model_store", "load_models", "plugins_path"} | set(self.extra_config):
+                       "grpc_management_port", "model_store", "load_models", "plugins_path",
+                       "metrics_config"} | set(self.extra_config):
                 continue
             lines.append(line)
         p = self.ports
         lines += [f"inference_address=http://127.0.0.1:{p[0]}", f"management_address=http://127.0.0.1:{p[1]}",
                   f"metrics_address=http://127.0.0.1:{p[2]}", f"grpc_inference_port={p[3]}",
                   f"grpc_management_port={p[4]}", f"model_store={self.model_store}", f"load_models={self.models}",
-                  f"plugins_path={PLUGINS}"]
+                  f"plugins_path={PLUGINS}", f"metrics_config={REPO / 'selfheal_torchserve' / 'metrics.yaml'}"]
         lines += [f"{k}={v}" for k, v in self.extra_config.items()]
         path = self.workdir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
@@ -115,7 +116,11 @@ class TorchServe:
         self._log = open(self.workdir / "torchserve.out", "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # a server that did not come up is still running: end it before failing
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout: float, workers: int = 1) -> None:
@@ -156,7 +161,7 @@ class TorchServe:
         return {"Authorization": f"Bearer {keys[api]}"} if keys else {}
 
     def log_tail(self, n: int = 60) -> str:
-        lines = []
+        lines: list[str] = []
         for path in (self.workdir / "torchserve.out", self.workdir / "logs" / "model_log.log"):
             if path.exists():
                 lines += [f"--- {path.name}"] + path.read_text(errors="replace").splitlines()[-n:]

@@ -253,7 +253,13 @@ def cmd_archive(args) -> int:
                "--export-path", str(export), "--force"]
         if args.model_file:
             cmd += ["--model-file", args.model_file]
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        # the archiver stages files in $TMPDIR/<model name>: a private one, so that two archives of
+        # one name (tests, CI jobs on one machine) cannot meet there
+        import os
+
+        stage = Path(tmp) / "stage"
+        stage.mkdir()
+        run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(stage)})
         if run.returncode != 0:
             raise UsageError(f"torch-model-archiver failed: {run.stderr.strip()[-2000:]}")
     print(json.dumps({"mar": str(export / f"{args.name}.mar"), "handler": args.handler, "task": args.task,
@@ -279,6 +285,45 @@ def cmd_learn(args) -> int:
         argv = ["--model-dir", tmp, "--handler", handler, "--model-name", name, "--workdir", str(workdir),
                 "--threads", str(args.threads), "--nice", str(args.nice)]
         return learner_service.main(argv)
+
+
+def cmd_replay(args) -> int:
+    """Replay a stream against a served model; write <out>/replay.png and <out>/replay.json."""
+    from selfheal_torchserve import replay
+
+    try:
+        stream = replay.load_stream(Path(args.stream), args.label_column)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    inference_key, management_key = args.inference_key, args.management_key
+    key_file = Path(args.key_file) if args.key_file else Path("key_file.json")
+    if key_file.exists() and not (inference_key and management_key):
+        inference_key, management_key = replay.read_keys(key_file)
+    elif args.key_file:
+        raise UsageError(f"no key file at {key_file}")
+    cfg = replay.ReplayConfig(args.inference_url.rstrip("/"), args.management_url.rstrip("/"), args.model,
+                              args.batch, args.feedback_rate, args.feedback_delay, inference_key, management_key,
+                              args.seed, progress=not args.quiet)
+    trace = replay.replay(stream, cfg)
+    summary = replay.summarize(stream, trace, args.window)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "replay.json").write_text(json.dumps({**summary, "stream": str(args.stream), "model": args.model,
+                                                 "feedback_rate": args.feedback_rate}, indent=2))
+    replay.plot(summary, out / "replay.png", title=f"selfheal replay: {args.model}")
+    acc = summary["accuracy"]
+    print(f"{summary['inputs']} inputs, accuracy {acc:.3f}" if acc is not None else f"{summary['inputs']} inputs",
+          f"final version {summary['final_version']}, {summary['feedback_sent']} labels sent;",
+          f"wrote {out / 'replay.png'} and {out / 'replay.json'}")
+    return 0
+
+
+def cmd_paths(args) -> int:
+    """Where the installed package keeps what config.properties and Grafana need."""
+    from selfheal_torchserve.metrics import METRICS_YAML
+
+    print(f"metrics_config={METRICS_YAML}")
+    return 0
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -324,6 +369,25 @@ def main(argv: list[str] | None = None) -> int:
     lrn.add_argument("--threads", type=int, default=1)
     lrn.add_argument("--nice", type=int, default=0)
     lrn.set_defaults(func=cmd_learn)
+    rep = sub.add_parser("replay", help="replay a stream against a served model, chart accuracy, drift, versions")
+    rep.add_argument("stream", help=".npz (x, y[, phase]), .csv (a label column) or a folder of <label>/<image>")
+    rep.add_argument("--model", default="digits")
+    rep.add_argument("--inference-url", default="http://127.0.0.1:8080")
+    rep.add_argument("--management-url", default="http://127.0.0.1:8081")
+    rep.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json when present)")
+    rep.add_argument("--inference-key")
+    rep.add_argument("--management-key")
+    rep.add_argument("--batch", type=int, default=8, help="rows per request (images: one per request)")
+    rep.add_argument("--feedback-rate", type=float, default=0.0, help="share of predictions whose label is sent")
+    rep.add_argument("--feedback-delay", type=int, default=1, help="requests between a prediction and its label")
+    rep.add_argument("--label-column", default="label")
+    rep.add_argument("--window", type=int, default=300)
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--out", default="replay_out")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.set_defaults(func=cmd_replay)
+    pth = sub.add_parser("paths", help="print where the installed metrics.yaml is (for config.properties)")
+    pth.set_defaults(func=cmd_paths)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

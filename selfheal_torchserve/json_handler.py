@@ -11,12 +11,14 @@ told from a batch. `SelfHealHandler` is this handler with `SelfHealMixin`.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from selfheal_core.task import TaskKind
+from selfheal_torchserve.batching import per_request
 from selfheal_torchserve.errors import RequestError
 from selfheal_torchserve.parsing import as_tensor, json_body
 from selfheal_torchserve.settings import HandlerSettings
@@ -30,12 +32,25 @@ class JSONArrayHandler(BaseHandler):
 
     def initialize(self, context) -> None:
         self.settings = HandlerSettings.from_yaml((context.model_yaml_config or {}).get("handler"))
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
         super().initialize(context)
         ref = Path(context.system_properties["model_dir"]) / self.settings.reference_file
         if self.input_shape is None and ref.exists():
             obj = torch.load(ref, map_location="cpu", weights_only=True)
             inputs = obj["inputs"] if isinstance(obj, dict) else obj
             self.input_shape, self.input_dtype = tuple(inputs.shape[1:]), inputs.dtype
+
+    def handle(self, data: list[dict], context) -> list:
+        """Request by request (see batching.py), so one bad request does not fail its batch."""
+        start = time.time()
+        self.context = context
+        if self._is_describe() or self._is_explain():
+            return super().handle(data, context)
+        outputs = per_request(self, data, context)
+        if getattr(context, "metrics", None) is not None:
+            context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        return outputs
 
     def preprocess(self, data: list[dict]) -> torch.Tensor:
         return torch.cat([self._inputs(row) for row in data])

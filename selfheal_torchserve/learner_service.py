@@ -27,6 +27,7 @@ import importlib
 import json
 import logging
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -41,7 +42,8 @@ import torch
 
 from selfheal_core import Learner
 from selfheal_core.intake import Intake, IntakeError
-from selfheal_core.storage import StorageError, open_storage
+from selfheal_core.learner import restore_before
+from selfheal_core.storage import DISCARDED, LEARNED, StorageError, open_storage
 from selfheal_torchserve.errors import ERROR_TYPES, RequestError
 from selfheal_torchserve.mixin import ROLE_ENV
 from selfheal_torchserve.parsing import decode_b64, parse_json
@@ -129,6 +131,57 @@ class LearnerService:
         self._last_publish = 0.0
         self._context: tuple[float, dict | None] = (0.0, None)
         self.snapshot_status: dict = {}
+        self.commands: queue.Queue = queue.Queue()  # decisions from the HTTP threads, run by the loop
+        self.intake: Intake | None = None  # for its counters in the status record
+
+    # ------------------------------------------------------------------ decisions (HTTP threads)
+    def decide(self, body: dict, timeout: float = 60.0) -> dict:
+        """Queue an operator's decision on a suspected relabelling for the loop; its result."""
+        pair, action = body.get("pair"), body.get("action")
+        if action not in ("approve", "discard") or not (isinstance(pair, list) and len(pair) == 2
+                                                        and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                for v in pair)):
+            raise RequestError(400, 'a decision is {"pair": [served_class, given_class], "action": "approve" | '
+                                    '"discard"} (pairs: GET /feedback/{model}, concept.suspected)')
+        if self.learner.concept is None:
+            raise RequestError(409, "this model has no labelled reference to check labels against: nothing is held")
+        done: queue.Queue = queue.Queue()
+        self.commands.put((tuple(pair), action, done))
+        self.wake.set()
+        try:
+            ok, result = done.get(timeout=timeout)
+        except queue.Empty:
+            raise RequestError(503, "the learner did not take the decision in time (is it the active learner?)")
+        if not ok:
+            raise RequestError(404, result)
+        return result
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                (source, target), action, done = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((True, self._decide(source, target, action)))
+            except KeyError as exc:
+                done.put((False, str(exc.args[0])))
+
+    def _decide(self, source: int, target: int, action: str) -> dict:
+        learner, log_ = self.learner, self.storage.log
+        if action == "approve":
+            seqs = learner.approve(source, target)
+            log_.set_status(seqs, LEARNED)
+            result = {"pair": [source, target], "action": action, "released": len(seqs)}
+        else:
+            dropped, since = learner.discard(source, target)
+            log_.set_status(dropped, DISCARDED)
+            result = {"pair": [source, target], "action": action, "dropped": len(dropped), "restored_version": None}
+            if since is not None:  # some of its labels were learned: back to a version from before them
+                result["restored_version"] = restore_before(learner, since, self.storage.snapshots)
+        log.warning("operator decision: %s relabelling %d -> %d: %s", action, source, target, result)
+        self._publish()
+        return result
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -141,6 +194,7 @@ class LearnerService:
                     if self.active:
                         if not self.resumed:
                             self._resume()
+                        self._run_commands()
                         worked = self._step()
                 self.log_error = None
             except StorageError as exc:
@@ -217,7 +271,8 @@ class LearnerService:
         lag = (log_stats["last_seq"] - self.learner.absorbed) if log_stats and self.active else None
         payload = {"role": "learner", "pid": os.getpid(), "host": socket.gethostname(), "active": self.active,
                    "learning": self.learn, "log": log_stats, "lag": lag, "log_error": self.log_error,
-                   "warnings": list(self.warnings), **status}
+                   "warnings": list(self.warnings),
+                   "intake": dict(self.intake.counters) if self.intake is not None else None, **status}
         self.snapshot_status = payload
         if not board:
             return
@@ -284,7 +339,6 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's names)
         if self._route() == "feedback":
             status = self.server.service.current_status()
-            status["intake"] = dict(self.server.intake.counters)
             status["model"] = self.server.model
             self._send(200, status)
 
@@ -308,7 +362,12 @@ class _Handler(BaseHTTPRequestHandler):
                              '"labels": [...]}')
             return
         if route == "quarantine":
-            self._error(501, "quarantine decisions are not available in this version")
+            try:
+                result = self.server.service.decide(body)
+            except RequestError as err:
+                self._send(err.code, err.body())
+                return
+            self._send(200, dict(result, concept=self.server.service.learner.status()["concept"]))
             return
         try:
             with self.server.lock:
@@ -357,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     intake = Intake(learner.task, lambda: storage.log, lambda: storage.predictions,
                     handler_preprocess(handler, learner), settings.max_instances, settings.feedback_wait_s,
                     on_append=lambda _seqs: service.wake.set())
+    service.intake = intake
     service._publish_status(board=False)  # the HTTP threads answer from this until the loop runs
     server = IntakeServer(service, intake, args.model_name, secrets.token_hex(32), settings)
     threading.Thread(target=server.serve_forever, name="intake", daemon=True).start()

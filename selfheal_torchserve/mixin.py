@@ -16,7 +16,7 @@ changes:
 - `postprocess` runs once per request on that request's outputs (a list of one
   entry for a one-input request is unwrapped, as TorchServe answers it);
 - by default the response body is the base's; prediction ids, model version
-  and drift go into response headers (`X-Selfheal-*`), or into the body with
+  and drift go into one response header (`X-Selfheal`), or into the body with
   `envelope: true`: `{"response": <the base's answer>, "selfheal": {...}}`;
 - the eager model is built from `model_kwargs` / `model_factory` / `model_class`;
 - `describe` (GET /models/{m}?customized=true) answers selfheal's status.
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from selfheal_torchserve.errors import RequestError
+from selfheal_torchserve.batching import per_request
 from selfheal_torchserve.loading import build_model, load_reference
 from selfheal_torchserve.settings import HandlerSettings
 
@@ -92,41 +92,25 @@ class SelfHealMixin:
 
     def _serve(self, data: list[dict], context) -> list[Any]:
         rt = self.selfheal
-        outputs: list[Any] = [None] * len(data)
-        batch: list[tuple[int, torch.Tensor]] = []
-        for idx, row in enumerate(data):
-            try:
-                x = self.preprocess([row])
-                batch.append((idx, rt.check(x)))
-            except RequestError as err:
-                outputs[idx] = rt.refuse(context, idx, err)
-            except Exception as exc:  # the base's preprocess could not read this request
-                log.warning("request %d could not be read: %s: %s", idx, type(exc).__name__, exc)
-                outputs[idx] = rt.refuse(context, idx, RequestError(
-                    400, f"could not read the request: {type(exc).__name__}: {exc}"))
-        if not batch:
-            return outputs
-        x = torch.cat([xi for _, xi in batch])
-        outs = self.inference(x)
-        ids = rt.record(x, outs)
-        version, drift = rt.version, rt.drift
-        start = 0
-        for idx, xi in batch:
-            part = slice(start, start + len(xi))
-            start += len(xi)
-            try:
-                answer = self.postprocess(outs[part])
-            except RequestError as err:
-                outputs[idx] = rt.refuse(context, idx, err)
-                continue
-            except Exception as exc:
-                log.exception("postprocess failed for request %d", idx)
-                outputs[idx] = rt.refuse(context, idx, RequestError(500, f"postprocess failed: {type(exc).__name__}"))
-                continue
-            if len(xi) == 1 and isinstance(answer, list) and len(answer) == 1:
-                answer = answer[0]  # TorchServe answers a one-input request with its entry
-            outputs[idx] = rt.respond(context, idx, answer, ids[part], version, drift)
-        return outputs
+        recorded: dict[str, Any] = {}
+
+        def answer(idx: int, response: Any, rows: slice, outs: torch.Tensor) -> Any:
+            if not recorded:  # once per batch: ids for every input, the version and drift served
+                recorded.update(ids=rt.record(torch.cat(self._selfheal_inputs), outs), version=rt.version,
+                                drift=rt.drift)
+            return rt.respond(context, idx, response, recorded["ids"][rows], recorded["version"], recorded["drift"])
+
+        self._selfheal_inputs: list[torch.Tensor] = []
+
+        def check(x: Any) -> torch.Tensor:
+            x = rt.check(x)
+            self._selfheal_inputs.append(x)
+            return x
+
+        try:
+            return per_request(self, data, context, check, answer)
+        finally:
+            self._selfheal_inputs = []
 
     def inference(self, data: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The served model's (corrected) outputs; monitoring and adaptation follow off the request path.

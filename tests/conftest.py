@@ -104,3 +104,22 @@ def pg_database(pg_url):
     yield urlunsplit(urlsplit(pg_url)._replace(path=f"/{name}"))
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No server a test started outlives the session: report and end any that did."""
+    import os
+    import signal
+
+    import psutil
+
+    base = str(session.config._tmp_path_factory.getbasetemp()) if hasattr(session.config, "_tmp_path_factory") \
+        else "/nonexistent"
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "org.pytorch.serve.ModelServer" in cmd and base in cmd:
+            print(f"\nleftover TorchServe {proc.pid} from this session: killing its process group")
+            try:
+                os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

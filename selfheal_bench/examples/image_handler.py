@@ -1,6 +1,5 @@
 import numpy as np
 import torch
-from PIL import Image
 from selfheal_torchserve import SelfHealMixin
 from ts.torch_handler.vision_handler import VisionHandler
 

@@ -9,9 +9,9 @@ import requests
 import yaml
 
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive
+from selfheal_torchserve.worker import parse_header
 from tests.conftest import wait_until
 
-IDS = "X-Selfheal-Prediction-Ids"
 
 
 def pytest_collection_modifyitems(items):
@@ -73,8 +73,15 @@ class Server:
         return self.http.post(url, json=body, headers=hdrs, timeout=60)
 
     @staticmethod
-    def ids(response: requests.Response) -> list[str]:
-        return response.headers[IDS].split(",")
+    def selfheal(response: requests.Response) -> dict:
+        """The X-Selfheal header: {"version", "drift", "detectors", "ids"}."""
+        return parse_header(response.headers["X-Selfheal"])
+
+    def ids(self, response: requests.Response) -> list[str]:
+        return self.selfheal(response)["ids"]
+
+    def version(self, response: requests.Response) -> int:
+        return self.selfheal(response)["version"]
 
     def feedback(self, body=None, raw: bytes | None = None, key: str | None = "management") -> requests.Response:
         """POST /feedback/{model} on the management port (the endpoint plugin)."""
@@ -101,9 +108,9 @@ class Server:
     def serving_version(self, probe: list, timeout: float = 60.0, at_least: int = 1) -> int:
         """Until inference answers from a published version >= at_least; returns it."""
         r = wait_until(lambda: self.predict({"instances": probe}),
-                       lambda r: r.ok and int(r.headers["X-Selfheal-Model-Version"]) >= at_least, timeout,
+                       lambda r: r.ok and self.version(r) >= at_least, timeout,
                        f"inference answers from version >= {at_least}")
-        return int(r.headers["X-Selfheal-Model-Version"])
+        return self.version(r)
 
 
 @pytest.fixture(scope="session")

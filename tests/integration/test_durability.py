@@ -35,7 +35,7 @@ def test_sigkill_worker_loses_no_label_and_resumes_version(start_server):
         server.ts.wait_ready(120)
         # The new worker serves the newest published version at once; nothing was lost.
         r = server.predict({"instances": x[120:124].tolist()})
-        assert int(r.headers["X-Selfheal-Model-Version"]) == version
+        assert server.version(r) == version
         after = server.settled()
         assert after["log"]["entries"] == 120 and after["absorbed"] == 120 and after["version"] == version
         # Prediction ids survive the worker: feedback for one served before the kill is taken once.

@@ -7,6 +7,7 @@ import torch
 
 from selfheal_bench.data import corrupt, load_digits_split, resample
 from selfheal_core import FileSnapshotStore, SelfHealer
+from selfheal_torchserve.worker import parse_header
 
 
 def stream(name, severity, n, seed):
@@ -39,7 +40,7 @@ def test_drift_detected_on_corrupted_not_on_clean(start_server):
         status = server.status()
         assert status["drift"]["detected"] is True and "confidence" in status["drift"]["firing"]
         r = server.predict({"instances": stream("contrast", 5, 2, seed=3)[0].tolist()})
-        assert r.headers["X-Selfheal-Drift"] == "true" and "confidence" in r.headers["X-Selfheal-Drift-Detectors"]
+        assert server.selfheal(r)["drift"] is True and "confidence" in server.selfheal(r)["detectors"]
 
 
 def test_feedback_improves_accuracy_on_corrupted_stream(start_server, demo_model):
@@ -68,7 +69,7 @@ def test_restart_resumes_from_snapshot(start_server, tmp_path, reference, demo_m
     with start_server(snapshots) as server:
         after = server.predict({"instances": probe.tolist()})
         assert server.settled()["version"] == version, "nothing new to publish after the restart"
-    assert after.headers["X-Selfheal-Model-Version"] == str(version)
+    assert parse_header(after.headers["X-Selfheal"])["version"] == version
     served = torch.tensor([p["probabilities"] for p in after.json()["predictions"]])
     # The snapshot file itself, loaded outside TorchServe, predicts the same.
     local = SelfHealer(copy.deepcopy(demo_model), reference[0], reference_labels=reference[1],

@@ -8,7 +8,6 @@ import pytest
 import requests
 import torch
 
-from tests.integration.conftest import IDS
 
 IMG = [[0.5] * 8] * 8
 
@@ -25,8 +24,8 @@ def test_inference_contract(server, reference, demo_model):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"predictions"} and len(body["predictions"]) == 4
-    assert len(server.ids(r)) == 4 and r.headers["X-Selfheal-Model-Version"] == "0"
-    assert r.headers["X-Selfheal-Drift"] == "false"
+    state = server.selfheal(r)
+    assert len(state["ids"]) == 4 and state["version"] == 0 and state["drift"] is False
     with torch.no_grad():
         assert [p["label"] for p in body["predictions"]] == demo_model(x).argmax(1).tolist()
     single = server.predict({"data": x[0, 0].tolist()})  # an 8x8 image for the (1, 8, 8) model
@@ -41,7 +40,7 @@ def test_concurrent_requests_are_batched_and_answered_separately(server, referen
     labels = [r.json()["predictions"][0]["label"] for r in responses]
     with torch.no_grad():
         assert labels == demo_model(x).argmax(1).tolist()
-    assert len({r.headers[IDS] for r in responses}) == len(x)
+    assert len({server.ids(r)[0] for r in responses}) == len(x)
 
 
 def test_status_on_management_api(server):

@@ -29,7 +29,7 @@ def served_versions(servers, probe, rounds: int = 48) -> set[tuple]:
     def one(i):
         s = servers[i % len(servers)]
         r = s.predict({"instances": probe})
-        return (i % len(servers), int(r.headers["X-Selfheal-Model-Version"]),
+        return (i % len(servers), s.version(r),
                 tuple(tuple(round(q, 3) for q in p["probabilities"]) for p in r.json()["predictions"]))
     with ThreadPoolExecutor(8) as pool:
         return set(pool.map(one, range(rounds)))

@@ -7,10 +7,8 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import requests
-import torch
 
 from selfheal_bench.examples import data
 from selfheal_core.storage import open_storage
@@ -109,3 +107,64 @@ def test_learner_exits_when_torchserve_is_gone(archives, trained, tmp_path, monk
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+
+
+def stop(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def learner_status(info, name):
+    return requests.get(f"http://127.0.0.1:{info['port']}/feedback/{name}", timeout=10,
+                        headers={"X-Selfheal-Secret": info["secret"]}).json()
+
+
+def test_a_lost_log_is_detected_and_rebased(archives, trained, tmp_path, monkeypatch, reference):
+    """Snapshots remain, the feedback log is gone: said in the log and status, and new labels are learned."""
+    snapshots = tmp_path / "snapshots"
+    monkeypatch.setenv("SELFHEAL_SNAPSHOT_DIR", str(snapshots))
+    model_dir = archives("digits", digits_args(trained), {"learner": "auto"})
+    body = {"instances": np_list(reference[0][:16]), "labels": reference[1][:16].tolist()}
+    proc, info = start_learner(model_dir, tmp_path, "digits")
+    try:
+        assert post(info, "digits", body).status_code == 200
+        wait_until(lambda: learner_status(info, "digits"), lambda st: st.get("absorbed") == 16 and st["version"] >= 1,
+                   60, "16 labels absorbed and published")
+    finally:
+        stop(proc)
+    for path in (snapshots / "digits").glob("feedback.sqlite*"):
+        path.unlink()
+    proc, info = start_learner(model_dir, tmp_path, "digits")
+    try:
+        status = wait_until(lambda: learner_status(info, "digits"), lambda st: st.get("warnings"), 60,
+                            "the learner reports the lost log")
+        assert "lost or replaced" in status["warnings"][0] and "re-based" in status["warnings"][0]
+        assert "lost or replaced" in (tmp_path / "learner.log").read_text()
+        assert post(info, "digits", {"instances": body["instances"][:8], "labels": body["labels"][:8]}).ok
+        wait_until(lambda: learner_status(info, "digits"), lambda st: st.get("absorbed") == 8, 60,
+                   "labels logged after the loss are learned")
+    finally:
+        stop(proc)
+
+
+def test_a_corrupt_log_refuses_feedback_with_its_cause(archives, trained, tmp_path, monkeypatch, reference):
+    """A log that is not a database: feedback answers 503 "feedback log unavailable: ...", status names it."""
+    snapshots = tmp_path / "snapshots"
+    monkeypatch.setenv("SELFHEAL_SNAPSHOT_DIR", str(snapshots))
+    (snapshots / "digits").mkdir(parents=True)
+    (snapshots / "digits" / "feedback.sqlite").write_bytes(b"this is not a database" * 200)
+    model_dir = archives("digits", digits_args(trained), {"learner": "auto"})
+    proc, info = start_learner(model_dir, tmp_path, "digits")
+    try:
+        r = post(info, "digits", {"instances": np_list(reference[0][:2]), "labels": reference[1][:2].tolist()})
+        assert r.status_code == 503 and r.json()["message"].startswith("feedback log unavailable: "), r.text
+        assert r.text.isascii()
+        status = wait_until(lambda: learner_status(info, "digits"), lambda st: st.get("log_error"), 60,
+                            "status names the log's problem")
+        assert "feedback.sqlite" in status["log_error"] or "database" in status["log_error"]
+    finally:
+        stop(proc)

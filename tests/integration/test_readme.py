@@ -1,0 +1,52 @@
+"""The README's "Serve your own model" commands run as written.
+
+They run in a scratch directory that looks like the repository root to them
+(`.venv`, `selfheal_bench`, `selfheal_torchserve`, `model-config.yaml`, an empty `model_store`) with the
+repository's `config.properties` on free ports, and their own TMPDIR, so
+`torchserve --stop` stops only the server they started.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from selfheal_bench.torchserve import PLUGINS, REPO, free_ports
+
+PORTS = ("8080", "8081", "8082", "7070", "7071")
+
+
+def readme_block(heading: str) -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(f"## {heading}"):]
+    return re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+
+
+def test_serve_your_own_model_commands_run_as_written(tmp_path):
+    script = readme_block("Serve your own model")
+    ports = [str(p) for p in free_ports(5)]
+    config = (REPO / "config.properties").read_text()
+    for old, new in zip(PORTS, ports):
+        config = config.replace(f":{old}", f":{new}").replace(f"={old}", f"={new}")
+        script = script.replace(f":{old}/", f":{new}/")
+    (tmp_path / "config.properties").write_text(config.replace("plugins_path=build/plugins",
+                                                               f"plugins_path={PLUGINS}"))
+    for name in (".venv", "selfheal_bench", "selfheal_torchserve"):  # config.properties names metrics.yaml in it
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "model-config.yaml").write_text((REPO / "model-config.yaml").read_text())
+    (tmp_path / "model_store").mkdir()
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TEMP": str(tmp_path / "tmp"),
+           "LOG_LOCATION": str(tmp_path / "logs"), "METRICS_LOCATION": str(tmp_path / "logs")}
+    env.pop("SELFHEAL_SNAPSHOT_DIR", None)
+    try:
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run([str(REPO / ".venv" / "bin" / "torchserve"), "--stop"], cwd=tmp_path, env=env,
+                       capture_output=True, timeout=120)
+    out = run.stdout
+    assert run.returncode == 0, f"exit {run.returncode}\n{out[-3000:]}\n{run.stderr[-3000:]}"
+    assert re.search(r"X-Selfheal: version=0; drift=false(; accuracy=[0-9.]+)?; ids=", out) and '"predictions"' in out
+    assert '"accepted": 1' in out, out[-2000:]
+    assert '"model": "tabular"' in out and '"log":' in out
