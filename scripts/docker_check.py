@@ -12,7 +12,6 @@ import sys
 import time
 
 import requests
-import torch
 
 from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample
 
@@ -43,6 +42,7 @@ def main() -> None:
     ap.add_argument("--inference", required=True)
     ap.add_argument("--management", required=True)
     ap.add_argument("--keys", required=True, help="contents of the container's key_file.json")
+    ap.add_argument("--metrics", help="the metrics port's URL: selfheal's gauges must be exported there")
     ap.add_argument("--expect-version", type=int)
     args = ap.parse_args()
     keys = {k: v["key"] for k, v in json.loads(args.keys).items()}
@@ -54,7 +54,9 @@ def main() -> None:
                       headers=auth, timeout=30)
     r.raise_for_status()
     pred = r.json()
-    assert len(pred["predictions"]) == 4, pred
+    state = dict(part.strip().split("=", 1) for part in r.headers["X-Selfheal"].split(";"))
+    assert len(pred["predictions"]) == 4 and len(state["ids"].split(",")) == 4, pred
+    served_version = int(state["version"])
     if args.phase == "first":
         xc = corrupt(x, "rotate", 4, seed=0)
         fb = requests.post(f"{args.management}/feedback/digits",  # the endpoint plugin, management key
@@ -62,14 +64,19 @@ def main() -> None:
                            headers={"Authorization": f"Bearer {keys['management']}"}, timeout=60)
         fb.raise_for_status()
         assert fb.json()["accepted"] == len(y), fb.text
-        deadline = time.monotonic() + 60  # labels are learned and published by the worker's background thread
+        deadline = time.monotonic() + 60  # labels are learned and published by the model's learner process
         while (version := status(args, keys)["version"]) < 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert version >= 1, f"feedback should publish a snapshot, version is {version}"
+        if args.metrics:  # the image's config declares selfheal's gauges (written every status interval)
+            while "selfheal_model_version{" not in (text := requests.get(f"{args.metrics}/metrics", timeout=30).text) \
+                    and time.monotonic() < deadline + 30:
+                time.sleep(0.5)
+            assert "selfheal_model_version{" in text, "selfheal's gauges are not on the metrics port"
         print(json.dumps({"version": version, "prediction": pred["predictions"][0]["label"]}))
     else:
         st = status(args, keys)
-        assert pred["model_version"] == args.expect_version == st["version"], (pred["model_version"], st["version"])
+        assert served_version == args.expect_version == st["version"], (served_version, st["version"])
         print(json.dumps({"version": st["version"]}))
 
 

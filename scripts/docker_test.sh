@@ -96,6 +96,7 @@ run_container() {  # name
 check() {  # name phase [args]
   local name=$1; shift
   $PY scripts/docker_check.py "$@" --inference "http://127.0.0.1:$p1" --management "http://127.0.0.1:$p2" \
+    --metrics "http://127.0.0.1:$p3" \
     --keys "$(podman exec "$name" cat /home/model-server/key_file.json)" \
     || { podman logs "$name" 2>&1 | tail -60 >&2; exit 1; }
 }
