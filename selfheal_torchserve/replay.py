@@ -174,13 +174,13 @@ def _send(http, url: str, rows: list[dict], headers: dict, cfg: ReplayConfig, tr
 
 
 def _progress(total: int, enabled: bool):
-    """A tqdm bar when tqdm is installed and asked for; a no-op otherwise."""
+    """A tqdm bar when tqdm is installed, asked for and stderr is a terminal; a no-op otherwise."""
     bar = None
     if enabled:
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="input", file=sys.stderr)
+            bar = tqdm(total=total, unit="input", file=sys.stderr, disable=None)  # None: off when not a terminal
         except ImportError:
             pass
 
