@@ -26,12 +26,12 @@ def refuse(context, idx: int, err: RequestError) -> dict:
 
 def per_request(handler, data: list[dict], context,
                 check: Callable[[Any], torch.Tensor] = lambda x: x,
-                answer: Callable[[int, Any, slice, torch.Tensor], Any] | None = None) -> list[Any]:
+                answer: Callable[[int, Any, slice, torch.Tensor, torch.Tensor], Any] | None = None) -> list[Any]:
     """Run the batch through handler.preprocess / inference / postprocess, request by request.
 
     `check(x)` validates one request's preprocessed tensor (RequestError to refuse it);
-    `answer(idx, response, rows, outputs)` may decorate a request's response (rows: its slice
-    of the batch's outputs).
+    `answer(idx, response, rows, outputs, inputs)` may decorate a request's response (rows: its
+    slice of the batch's outputs and inputs).
     """
     outputs: list[Any] = [None] * len(data)
     batch: list[tuple[int, torch.Tensor]] = []
@@ -46,7 +46,8 @@ def per_request(handler, data: list[dict], context,
                 400, f"could not read the request: {type(exc).__name__}: {exc}"))
     if not batch:
         return outputs
-    outs = handler.inference(torch.cat([x for _, x in batch]))
+    inputs = torch.cat([x for _, x in batch])
+    outs = handler.inference(inputs)
     start = 0
     for idx, x in batch:
         rows = slice(start, start + len(x))
@@ -62,5 +63,5 @@ def per_request(handler, data: list[dict], context,
             continue
         if len(x) == 1 and isinstance(response, list) and len(response) == 1:
             response = response[0]  # TorchServe answers a one-input request with its entry
-        outputs[idx] = answer(idx, response, rows, outs) if answer else response
+        outputs[idx] = answer(idx, response, rows, outs, inputs) if answer else response
     return outputs

@@ -94,23 +94,12 @@ class SelfHealMixin:
         rt = self.selfheal
         recorded: dict[str, Any] = {}
 
-        def answer(idx: int, response: Any, rows: slice, outs: torch.Tensor) -> Any:
+        def answer(idx: int, response: Any, rows: slice, outs: torch.Tensor, inputs: torch.Tensor) -> Any:
             if not recorded:  # once per batch: ids for every input, the version and drift served
-                recorded.update(ids=rt.record(torch.cat(self._selfheal_inputs), outs), version=rt.version,
-                                drift=rt.drift)
+                recorded.update(ids=rt.record(inputs, outs), version=rt.version, drift=rt.drift)
             return rt.respond(context, idx, response, recorded["ids"][rows], recorded["version"], recorded["drift"])
 
-        self._selfheal_inputs: list[torch.Tensor] = []
-
-        def check(x: Any) -> torch.Tensor:
-            x = rt.check(x)
-            self._selfheal_inputs.append(x)
-            return x
-
-        try:
-            return per_request(self, data, context, check, answer)
-        finally:
-            self._selfheal_inputs = []
+        return per_request(self, data, context, rt.check, answer)
 
     def inference(self, data: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The served model's (corrected) outputs; monitoring and adaptation follow off the request path.

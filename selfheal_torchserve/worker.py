@@ -193,7 +193,7 @@ class WorkerRuntime:
         next_sync = next_status = 0.0
         while not self._stop.wait(self.settings.drain_interval_s):
             try:
-                self.serving.drain()
+                drained = self.serving.drain()
                 self._flush()
                 now = time.monotonic()
                 if now >= next_sync:
@@ -209,7 +209,8 @@ class WorkerRuntime:
                 errors = (self._learner or {}).get("errors")
                 serving = self.serving.drift
                 self._drift = merge_drift(serving, errors) if errors else serving
-                self._estimate = self.estimated_accuracy()
+                if drained or status_due:  # the estimate moves with new predictions or new labels only
+                    self._estimate = self.estimated_accuracy(self._learner)
                 if status_due and self.metrics is not None:
                     self.metrics.emit(self.serving.status(), self._drift, self._learner, self._published_at,
                                       self._estimate)
@@ -270,9 +271,10 @@ class WorkerRuntime:
         learners.sort(key=lambda r: (not r.get("active"), -r.get("_time", 0)))
         return learners[0] if learners else None
 
-    def estimated_accuracy(self) -> float | None:
-        """ATC's live estimate, corrected by what the learner observed on labelled predictions."""
-        labelled = (self._learner or {}).get("accuracy")
+    def estimated_accuracy(self, learner: dict | None) -> float | None:
+        """ATC's live estimate, corrected by what the learner (its status record) observed on labelled
+        predictions."""
+        labelled = (learner or {}).get("accuracy")
         return self.serving.estimator.corrected(labelled) if self.serving.task.is_classifier else None
 
     def describe(self) -> dict:
@@ -280,9 +282,8 @@ class WorkerRuntime:
         status = self.serving.status()
         learner = self.learner_status()
         if status.get("accuracy") is not None:
-            labelled = (learner or {}).get("accuracy")
-            status["accuracy"] = dict(status["accuracy"], labelled=labelled,
-                                      corrected=self.serving.estimator.corrected(labelled))
+            status["accuracy"] = dict(status["accuracy"], labelled=(learner or {}).get("accuracy"),
+                                      corrected=self.estimated_accuracy(learner))
         if learner and isinstance(learner.get("errors"), dict):
             status["drift"] = merge_drift(status["drift"], learner["errors"])
         status["learner"] = learner
