@@ -140,7 +140,8 @@ class ServingModel:
             if calibration and self.monitor.calibrated_from != "given thresholds":
                 log.info("the calibration given does not fit this model, reference or settings: not used")
             if self.mode == "heal":
-                self.corrector = LabelFreeCorrector(model, self.parts, self.task, view.probs, config.correct, trainee)
+                self.corrector = LabelFreeCorrector(model, self.parts, self.task, view.probs, config.correct, trainee,
+                                                    reference)
         except BaseException:
             self.close()
             raise

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from selfheal_core.config import CorrectConfig
-from selfheal_core.correct import (AffineNormAdapter, Corrector, EntropyAdapter, LabelFreeCorrector,
-                                   NormStatsAdapter, Observation, PriorCorrector)
+from selfheal_core.correct import (AffineNormAdapter, Corrector, EntropyAdapter, InputStatsAdapter,
+                                   LabelFreeCorrector, NormStatsAdapter, Observation, PriorCorrector)
 from selfheal_core.model_parts import find_parts
 from selfheal_core.task import Task, TaskKind
 
@@ -85,7 +85,14 @@ def prior() -> Case:
     return Case(PriorCorrector(ref.mean(0), momentum=0.05), model, torch.randn(64, 6) + 3.0, lambda k: False)
 
 
-CASES = [norm_stats, norm_affine, entropy, prior]
+def input_stats() -> Case:
+    model = ln_model()
+    torch.manual_seed(1)
+    return Case(InputStatsAdapter(model, torch.randn(200, 6), momentum=0.05), model, torch.randn(64, 6) * 3 + 1.0,
+                lambda k: False)
+
+
+CASES = [norm_stats, norm_affine, entropy, prior, input_stats]
 
 
 @pytest.mark.parametrize("make", CASES)
@@ -143,10 +150,10 @@ def test_prior_corrector_reverts_when_shift_ends():
     assert torch.equal(pc.adjust(torch.ones(2, 4)), torch.ones(2, 4)), "inactive: logits unchanged"
 
 
-def lf_corrector(model, config: CorrectConfig, trainee=None) -> LabelFreeCorrector:
+def lf_corrector(model, config: CorrectConfig, trainee=None, reference=None) -> LabelFreeCorrector:
     with torch.no_grad():
         ref_probs = torch.softmax(model(torch.randn(100, *model_in(model))), 1)
-    return LabelFreeCorrector(model, find_parts(model, 4), TASK4, ref_probs, config, trainee)
+    return LabelFreeCorrector(model, find_parts(model, 4), TASK4, ref_probs, config, trainee, reference)
 
 
 def model_in(model) -> tuple:
@@ -243,3 +250,37 @@ def test_norm_stats_pending_forwards_are_bounded():
     assert len(ad._captured[0]) == 4
     ad.observe()
     assert ad.status()["samples"] == 8 and not ad._captured[0]
+
+
+def test_input_stats_map_live_moments_onto_the_reference_and_skip_bad_rows():
+    torch.manual_seed(2)
+    model, reference = ln_model(), torch.randn(200, 6) * 0.5 - 2
+    case = Case(InputStatsAdapter(model, reference, momentum=0.002), model, torch.randn(64, 6), lambda k: False)
+    case.corrector.activate()
+    case.serve(torch.randn(4000, 6) * 3 + 1.0, steps=1000)
+    status = case.corrector.status()
+    with torch.no_grad():
+        seen = []
+        model.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))  # runs after the transform
+        model(torch.randn(2000, 6) * 3 + 1.0)
+    aligned = seen[0]
+    assert (aligned.mean(0) - reference.mean(0)).abs().max() < 0.15
+    assert (aligned.std(0) / reference.std(0) - 1).abs().max() < 0.15
+    state = case.corrector.state_dict()
+    bad = torch.randn(4, 6)
+    bad[1, 2], bad[3, 0] = float("nan"), float("inf")
+    case.corrector.observe(Observation(raw=torch.zeros(4, 4), inputs=bad[[1, 3]]))
+    assert case.corrector.status() == status  # only non-finite rows: nothing folded
+    assert all(torch.equal(v, state[k]) for k, v in case.corrector.state_dict().items() if torch.is_tensor(v))
+    case.corrector.observe(Observation(raw=torch.zeros(4, 4), inputs=bad))
+    assert case.corrector.status()["samples"] == status["samples"] + 2
+    assert all(torch.isfinite(v).all() for v in case.corrector.state_dict().values() if torch.is_tensor(v))
+
+
+def test_input_stats_are_used_only_for_models_without_batchnorm():
+    ref = torch.randn(50, 6)
+    ln = lf_corrector(ln_model(), CorrectConfig(), reference=ref)
+    assert "input_stats" in ln.summary
+    bn = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).eval()
+    assert "input_stats" not in lf_corrector(bn, CorrectConfig(), reference=ref).summary
+    assert "input_stats" not in lf_corrector(ln_model(), CorrectConfig(input_stats=False), reference=ref).summary

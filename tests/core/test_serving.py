@@ -44,11 +44,15 @@ def test_reference_problems_are_named():
         ServingModel(mlp(), torch.full((40, 5), float("nan")), FAST)
 
 
-def test_layernorm_model_adapts_its_affine_parameters_and_norm_free_says_so():
-    assert ServingModel(mlp(), torch.randn(100, 5), FAST).status()["label_free"]["available"] == "norm_affine, prior"
+def test_layernorm_and_norm_free_models_adapt_their_inputs_and_nothing_to_adapt_is_said():
+    available = ServingModel(mlp(), torch.randn(100, 5), FAST).status()["label_free"]["available"]
+    assert available == "input_stats, norm_affine, prior"
     plain = ServingModel(mlp(norm=None), torch.randn(100, 5), HealConfig.from_dict(
         {"correct": {"prior": False}, "monitor": {"calibration_paths": 50}}))
-    assert plain.status()["label_free"]["available"] == "nothing to adapt; labelled feedback only"
+    assert plain.status()["label_free"]["available"] == "input_stats"
+    nothing = ServingModel(mlp(norm=None), torch.randn(100, 5), HealConfig.from_dict(
+        {"correct": {"prior": False, "input_stats": False}, "monitor": {"calibration_paths": 50}}))
+    assert nothing.status()["label_free"]["available"] == "nothing to adapt; labelled feedback only"
 
 
 def test_torchscript_is_served_monitor_only_and_still_watched():

@@ -109,7 +109,7 @@ def test_tabular_model_with_constructor_arguments(serve, trained):
     res = s.call([{"instances": np_list(rows)}, np_list(rows[0]), {"instances": [[1.0, 2.0]]}])
     assert [c for c, _, _ in res] == [200, 200, 400]
     assert "shape [10]" in res[2][1]["message"]
-    assert s.handler.selfheal.serving.status()["label_free"]["available"] == "norm_affine, prior"
+    assert s.handler.selfheal.serving.status()["label_free"]["available"] == "input_stats, norm_affine, prior"
 
 
 def test_regression_answers_values(serve, trained):

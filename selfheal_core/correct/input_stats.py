@@ -1,0 +1,138 @@
+"""Input-statistics alignment: label-free correction for models without BatchNorm.
+
+A model normalised per sample (LayerNorm, GroupNorm) or not at all has no
+statistics to re-estimate, and entropy training of its affine parameters
+moves little (measured on the LayerNorm MLP of bench_heal: TENT, EATA, SAR
+and ROID all stay within 3 points of the source on continual corruptions).
+What does move it is aligning the inputs' per-feature moments with the
+reference: each input feature is re-standardised from a per-sample moving
+average of live moments to the reference's mean and spread, a BatchNorm in
+front of the model whose source statistics are the identity. It measured
+0.70 -> 0.44 online error on continual Digits-C, and 0.70 -> 0.49 on
+class-correlated streams with a memory of ~330 samples (a short memory
+learns the class of the current run as "shift" and removes it: 0.60 at
+~100). It works at request batch size 1, costs one multiply-add per input
+value, and does not depend on the weights, so learned versions keep it.
+
+The transform is a forward pre-hook on the model, registered only while
+active; `observe` folds the raw inputs of drained batches (the inputs before
+the transform) and `apply` publishes the new scale and shift on the serving
+thread. Non-finite inputs are skipped: one bad row must not poison the moments.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfheal_core.correct.base import Corrector, Observation
+
+MIN_VAR = 1e-3  # floor on per-feature variance: constant features (image borders) must not blow up
+
+
+class InputStatsAdapter(Corrector):
+    """Re-standardise each input feature from live moments to the reference's."""
+
+    name = "input_stats"
+    needs_inputs = True
+    _state_keys = ("_mean", "_sq", "_active", "_samples")
+
+    def __init__(self, model: nn.Module, reference: torch.Tensor, momentum: float = 0.003) -> None:
+        if not 0 < momentum <= 1:
+            raise ValueError(f"need momentum in (0, 1], got {momentum}")
+        if not reference.is_floating_point() or len(reference) < 2:
+            raise ValueError("input statistics need a floating-point reference of at least 2 inputs")
+        super().__init__()
+        self.momentum = momentum
+        self.model = model
+        flat = reference.detach().reshape(len(reference), -1).double().cpu()
+        self._ref_mean = flat.mean(0)
+        self._ref_var = flat.var(0).clamp_min(MIN_VAR)
+        self._shape = tuple(reference.shape[1:])
+        self._hook = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._mean = self._ref_mean.clone()  # live moments (F,), float64; replaced, never changed in place
+        self._sq = self._ref_var + self._ref_mean ** 2
+        self._samples = 0
+        self._active = False
+        self._published: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, shift) for the hook
+        self._served: tuple[torch.Tensor, torch.Tensor] | None = None  # what the hook uses (on its device)
+        self._applied: object = None  # the published pair last taken by apply()
+        self._sync_hook()
+
+    def activate(self) -> None:
+        self._active = True
+        self._sync_hook()
+
+    def deactivate(self) -> None:
+        self._active = False
+        self._sync_hook()
+
+    def _sync_hook(self) -> None:
+        if self._active and self._hook is None:
+            self._hook = self.model.register_forward_pre_hook(self._transform)
+        elif not self._active and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _transform(self, _module: nn.Module, args: tuple):
+        served = self._served
+        x = args[0] if args else None
+        if served is None or not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self._shape:
+            return None
+        scale, shift = served
+        if scale.device != x.device or scale.dtype != x.dtype:
+            scale, shift = scale.to(x.device, x.dtype), shift.to(x.device, x.dtype)
+            self._served = (scale, shift)
+        return (x * scale + shift,) + tuple(args[1:])
+
+    @torch.no_grad()
+    def observe(self, obs: Observation) -> None:
+        if not self._active or obs.inputs is None or not obs.inputs.is_floating_point():
+            return
+        x = obs.inputs.detach().reshape(len(obs.inputs), -1).to("cpu", torch.float64)
+        if x.shape[1] != self._ref_mean.numel():
+            return
+        x = x[torch.isfinite(x).all(1)]
+        if not len(x):
+            return
+        # per-sample EMA over the batch in one step: sample k (0 = oldest) weighs m (1-m)^(n-1-k)
+        n, keep = len(x), 1.0 - self.momentum
+        w = self.momentum * keep ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
+        mean = self._mean * keep ** n + w @ x
+        sq = self._sq * keep ** n + w @ (x * x)
+        var = (sq - mean ** 2).clamp_min(MIN_VAR)
+        scale = (self._ref_var / var).sqrt()
+        shift = self._ref_mean - mean * scale
+        self._mean, self._sq = mean, sq
+        self._samples += n
+        shape = (1,) + self._shape
+        self._published = (scale.float().view(shape), shift.float().view(shape))
+
+    def apply(self) -> None:
+        """Serving thread: the hook uses the newest scale and shift from the next forward on."""
+        published = self._published
+        if published is not None and published is not self._applied:
+            self._served, self._applied = published, published
+
+    def reset(self) -> None:
+        """Back to the source (no transform), inactive."""
+        self._reset()
+
+    def remove(self) -> None:
+        self._active = False
+        self._sync_hook()
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        var = (self._sq - self._mean ** 2).clamp_min(MIN_VAR)
+        scale = (self._ref_var / var).sqrt()
+        shape = (1,) + self._shape
+        self._published = None if not self._samples else (
+            scale.float().view(shape), (self._ref_mean - self._mean * scale).float().view(shape))
+        self._served = self._applied = None
+        self._sync_hook()
+
+    def status(self) -> dict:
+        return {"active": self._active, "features": self._ref_mean.numel(), "samples": self._samples}
