@@ -193,6 +193,12 @@ class ConceptWatch(StateMixin):
             raise KeyError(f"no relabelling {source} -> {target} has been seen")
         return pair
 
+    @property
+    def moved(self) -> set[int]:
+        """Reference classes whose meaning the feedback changed and that are being learned
+        (policy learn, corroborated): their reference labels no longer hold."""
+        return {p.source for p in self._pairs.values() if p.state == "learning"}
+
     def learned_of(self, source: int, target: int) -> int:
         pair = self._pairs.get((source, target))
         return pair.learned if pair else 0

@@ -95,6 +95,8 @@ class LearnConfig:
     lr: float = 1e-3  # Adam step size
     steps: int = 20  # gradient steps per update
     batch_size: int = 32  # replay minibatch
+    min_steps: int = 5  # steps shrink as labels per update grow (steps * update_every / labels, at least
+    # this): rare labels are each used more, plentiful ones cost bounded compute per label
     update_every: int = 2  # new training labels between updates (rotated digits, 1% feedback: 2 and 20
     # steps close 45% of the gap to the oracle, 4 and 10 steps 33%)
     max_labels_per_update: int = 64  # a learner that fell behind folds at most this many new labels into
@@ -113,7 +115,7 @@ class LearnConfig:
 
     def __post_init__(self) -> None:
         _choice(self, "params", ("auto", "all", "last_layer", "norm_and_last"))
-        _positive(self, "lr", "steps", "batch_size", "update_every", "recent_size", "reservoir_size",
+        _positive(self, "lr", "steps", "min_steps", "batch_size", "update_every", "recent_size", "reservoir_size",
                   "auto_max_params", "bayes_prior_var", "max_labels_per_update")
         if not 0 < self.bayes_forgetting <= 1:
             raise ValueError(f"LearnConfig.bayes_forgetting must be in (0, 1], got {self.bayes_forgetting}")
@@ -130,7 +132,9 @@ class GuardConfig:
     holdout_every: int = 5  # every k-th label is held back to validate updates, never trained on
     holdout_size: int = 20  # newest held-back labels: small, so validation follows the current domain
     min_holdout: int = 3  # no update until this many labels are held back (0: learn unvalidated)
-    tolerance: float = 0.0  # accepted rise in held-back loss (0: must not get worse)
+    tolerance: float = 0.0  # accepted rise in held-back loss beyond the noise allowance below
+    significance: float = 1.0  # ... plus this many standard errors of the paired per-label change (0: the
+    # loss must not rise at all; that rolled back ~75% of honest updates on ~20 held-back labels)
     quarantine: bool = True  # hold back bursts of labels that look like poisoning (see quarantine.py)
     quarantine_window: int = 200  # recent labels the burst test looks at
     quarantine_confidence: float = 0.8  # a disagreement counts when the model was at least this sure
@@ -162,8 +166,8 @@ class GuardConfig:
                   "concept_hold_max")
         _unit(self, "quarantine_confidence", "quarantine_share", "reference_check_drop")
         _choice(self, "concept_change", ("hold", "learn"))
-        if self.min_holdout < 0 or self.tolerance < 0:
-            raise ValueError("GuardConfig.min_holdout and tolerance must be >= 0")
+        if self.min_holdout < 0 or self.tolerance < 0 or self.significance < 0:
+            raise ValueError("GuardConfig.min_holdout, tolerance and significance must be >= 0")
 
 
 @dataclass(frozen=True)

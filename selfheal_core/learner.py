@@ -240,6 +240,8 @@ class Learner:
             # features moving (a stream of one class, say) happen without the concept changing
             unsure = "confidence" in ((context or {}).get("drift") or {}).get("firing", [])
             contradicts = self.concept.screen(self._features_of(x), y, x, seqs, times, unsure)
+            if self.gradient is not None:
+                self.gradient.concept_moved(self.concept.moved)
             statuses = [HELD if c and st == LEARNED else st for st, c in zip(statuses, contradicts.tolist())]
             held = held | contradicts
         self._statuses = statuses
@@ -367,6 +369,9 @@ class Learner:
         if before is None:
             return False
         drop = (before - self._reference_recall()).nan_to_num(0.0)
+        moved = sorted(self.concept.moved) if self.concept is not None else []
+        if moved:  # classes whose meaning feedback changed: their old recall is no longer the yardstick
+            drop[moved] = 0.0
         return float(drop.max()) > self.config.guard.reference_check_drop
 
     # ------------------------------------------------------------------ decisions on held labels
@@ -490,6 +495,8 @@ class Learner:
             self.concept.load_state_dict(state["concept"])
             if self.gradient is not None and self.gradient._reference is not None:
                 self.gradient._reference = (self.gradient._reference[0], self.concept.reference_labels.to(self.device))
+            if self.gradient is not None:
+                self.gradient.concept_moved(self.concept.moved)
         self.errors.load_state_dict(state["errors"])
         self.absorbed = int(state["absorbed"])
         self.counters = {**self.counters, **state["counters"]}

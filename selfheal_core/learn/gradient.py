@@ -56,6 +56,7 @@ class GradientLearner:
             p.requires_grad_(True)
         self._source = {k: p.detach().clone() for k, p in self.params.items()}
         self._reference = reference
+        self._moved: frozenset[int] = frozenset()  # reference classes whose meaning changed: not replayed
         self.buffer = ReplayBuffer(config.recent_size, config.reservoir_size, seed)
         self._opt = torch.optim.Adam(self.params.values(), lr=config.lr)
         self._gen = torch.Generator().manual_seed(seed)
@@ -88,6 +89,12 @@ class GradientLearner:
         c = self.config
         n_ref = int(round(c.batch_size * c.reference_fraction)) if self._reference is not None else 0
         n_new = int(round(c.batch_size * c.newest_fraction))
+        allowed = None  # reference rows that may be replayed (None: all)
+        if n_ref and self._moved:
+            ry = self._reference[1].cpu()
+            allowed = torch.nonzero(~torch.isin(ry, torch.tensor(sorted(self._moved), dtype=ry.dtype))).flatten()
+            if not len(allowed):  # every class moved: the reference teaches nothing current
+                n_ref, allowed = 0, None
         parts = []
         if c.batch_size - n_ref - n_new > 0:  # the fractions may leave no uniform share
             parts.append(self.buffer.sample(c.batch_size - n_ref - n_new))
@@ -95,7 +102,8 @@ class GradientLearner:
             parts.append(self.buffer.sample_newest(n_new, c.newest_window))
         if n_ref:
             rx, ry = self._reference
-            idx = torch.randint(0, len(ry), (n_ref,), generator=self._gen)
+            pick = torch.randint(0, len(ry) if allowed is None else len(allowed), (n_ref,), generator=self._gen)
+            idx = pick if allowed is None else allowed[pick]
             like_x, like_y = parts[0] if parts else (rx, ry)
             parts.append((rx[idx].cpu().to(like_x.dtype), ry[idx].cpu().to(like_y.dtype)))
         return torch.cat([p[0] for p in parts]).to(device), torch.cat([p[1] for p in parts]).to(device)
@@ -103,13 +111,13 @@ class GradientLearner:
     @torch.enable_grad()
     def step(self) -> float:
         """Run one update (several Adam steps); the model stays in eval mode. Returns the last loss."""
-        self._pending = 0
+        pending, self._pending = self._pending, 0
         device = next(iter(self.params.values())).device
         loss = torch.zeros(())
-        for _ in range(self.config.steps):
+        for _ in range(self.steps_for(pending)):
             x, y = self._minibatch(device)
             loss = self.task.loss(self.model(x), y)
-            if self.config.anchor:
+            if self.config.anchor and not self._moved:  # the concept moved: the source is no place to return to
                 loss = loss + self.config.anchor * sum(
                     ((p - self._source[k]) ** 2).sum() for k, p in self.params.items())
             self._opt.zero_grad(set_to_none=True)
@@ -117,9 +125,21 @@ class GradientLearner:
             self._opt.step()
         return float(loss.detach())
 
+    def concept_moved(self, classes: set[int]) -> None:
+        """Reference classes whose meaning feedback changed: their reference labels are no longer
+        replayed, and the pull towards the source weights stops while any class has moved."""
+        self._moved = frozenset(classes)
+
+    def steps_for(self, labels: int) -> int:
+        """Adam steps for an update that brings `labels` new labels: `steps` at `update_every` labels
+        or fewer, then fewer steps per label down to `min_steps`."""
+        c = self.config
+        return max(min(c.min_steps, c.steps), min(c.steps, c.steps * c.update_every // max(labels, 1)))
+
     def reset(self) -> None:
         """Source values for the chosen parameters; empty buffer; fresh optimizer."""
         self.restore_params(self._source)
+        self._moved = frozenset()
         self.buffer.clear()
         self._opt = torch.optim.Adam(self.params.values(), lr=self.config.lr)
         self._pending = 0

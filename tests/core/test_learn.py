@@ -78,13 +78,21 @@ def test_gradient_learner_regression_loss():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
     task = Task(TaskKind.REGRESSION, 1)
-    learner = GradientLearner(model, LearnConfig(lr=0.01, steps=50, update_every=8, anchor=0.0), task, "2")
+    learner = GradientLearner(model, LearnConfig(lr=0.01, steps=50, min_steps=50, update_every=8, anchor=0.0),
+                              task, "2")
     x = torch.randn(64, 3)
     y = (x[:, :1] * 3 + 1)
     loss0 = F.mse_loss(model(x), y).item()
     learner.add(x, y)
     learner.step()
     assert F.mse_loss(model(x), y).item() < loss0 * 0.7
+
+
+def test_steps_per_update_shrink_as_labels_per_update_grow():
+    model = nn.Sequential(nn.Linear(3, 4)).eval()
+    learner = GradientLearner(model, LearnConfig(steps=20, min_steps=5, update_every=2), CLS3, "0")
+    assert [learner.steps_for(n) for n in (1, 2, 4, 8, 16, 1000)] == [20, 20, 10, 5, 5, 5]
+    assert GradientLearner(model, LearnConfig(steps=3, min_steps=5), CLS3, "0").steps_for(100) == 3
 
 
 def test_parameter_sets():
@@ -133,11 +141,18 @@ def test_guard_holds_back_every_kth_and_judges():
     assert guard.holdout_size == 3 and len(ty) == 7  # 5 held back, 2 of them pushed out to training
     assert guard.judge((0.5, 0.2), (0.5, 0.2)) and not guard.judge((0.5, 0.2), (0.6, 0.2))
     assert (guard.accepted, guard.rolled_back) == (1, 1)
-    loss, err = guard.evaluate(bn_model())
-    assert loss > 0 and 0 <= err <= 1 and guard.ready
+    loss, err, per = guard.evaluate(bn_model())
+    assert loss > 0 and 0 <= err <= 1 and guard.ready and per.shape == (3,)
+    # paired per-label losses: a rise within one standard error of the change is noise, beyond it harm
+    noisy = (0.5, 0.2, torch.tensor([0.2, 0.5, 0.8])), (0.52, 0.2, torch.tensor([0.5, 0.3, 0.76]))
+    agreed = (0.5, 0.2, torch.tensor([0.2, 0.5, 0.8])), (0.6, 0.2, torch.tensor([0.3, 0.6, 0.9]))
+    assert guard.judge(*noisy) and not guard.judge(*agreed)
+    strict = Guard(GuardConfig(significance=0.0), CLS3)
+    assert not strict.judge(*noisy)
     other = Guard(GuardConfig(holdout_every=2, holdout_size=3, min_holdout=2), CLS3)
     other.load_state_dict(guard.state_dict())
-    assert other.evaluate(bn_model()) == guard.evaluate(bn_model())
+    mine, theirs = guard.evaluate(bn_model()), other.evaluate(bn_model())
+    assert mine[:2] == theirs[:2] and torch.equal(mine[2], theirs[2])
     assert not Guard(GuardConfig(min_holdout=50), CLS3).ready and Guard(GuardConfig(), CLS3).evaluate(bn_model()) is None
 
 
@@ -177,3 +192,21 @@ def test_quarantine_window_is_bounded_and_counts_stay_exact():
     screen_all(q, pairs)
     assert q.status()["window"] == 50 and q.status()["confident_disagreements"] == 50
     assert sum(q._pairs.values()) == 50
+
+
+def test_classes_whose_meaning_moved_are_not_replayed_and_the_anchor_steps_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    ref = (torch.randn(30, 1, 4, 4), torch.arange(30) % 3)
+    config = LearnConfig(batch_size=8, reference_fraction=0.5, newest_fraction=0.0, steps=1, min_steps=1)
+    learner = GradientLearner(model, config, CLS3, "1", reference=ref)
+    learner.add(torch.randn(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    learner.concept_moved({1})
+    for _ in range(20):
+        _, y = learner._minibatch(torch.device("cpu"))
+        assert len(y) == 8 and 1 not in y[4:].tolist()  # the reference half holds no class-1 row
+    learner.concept_moved({0, 1, 2})
+    _, y = learner._minibatch(torch.device("cpu"))
+    assert len(y) == 8  # every class moved: the minibatch is all feedback
+    learner.reset()
+    assert learner._moved == frozenset()
