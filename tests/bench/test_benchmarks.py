@@ -52,3 +52,30 @@ def test_bench_serve_tiny(tmp_path):
     assert {r["kind"] for r in result["rows"]} == {"plain", "monitor", "heal"}
     assert all(r["requests"] > 0 and r["non_2xx"] == 0 for r in result["rows"])
     assert result["long_run"]["requests"] >= 2_000 and result["long_run"]["rss_end_mb"] > 0
+
+
+def test_bench_heal_tiny(tmp_path):
+    out = tmp_path / "heal.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench_heal.py"), "--tiny", "--batches", "64",
+                    "--streams", "clean,continual,correlated", "--out", str(out)],
+                   check=True, capture_output=True, timeout=900)
+    result = json.loads(out.read_text())
+    methods = {(r["model"], r["stream"], r["method"]) for r in result["rows"]}
+    for model in ("cnn_bn", "mlp_ln"):
+        for method in ("source", "tent", "eata", "sar", "lame", "roid", "selfheal"):
+            assert (model, "correlated", method) in methods
+    for key in ("continual_b64_vs_tent", "correlated_b64_vs_tent", "mlp_continual_vs_source"):
+        assert result["bars"][key] is not None
+
+
+def test_bench_tabular_tiny(tmp_path):
+    out = tmp_path / "tabular.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench_tabular.py"), "--tiny", "--streams", "sea,friedman",
+                    "--out", str(out)], check=True, capture_output=True, timeout=900)
+    result = json.loads(out.read_text())
+    sea, friedman = result["streams"]["sea"], result["streams"]["friedman"]
+    for key in ("selfheal_5pct_after_drift", "best_river_5pct_after_drift", "selfheal_100pct_after_drift",
+                "best_river_100pct_after_drift", "selfheal_s_per_1k", "arf_s_per_1k", "rolled_back_share",
+                "labelfree_minus_static"):
+        assert key in sea
+    assert friedman["task"] == "regression" and friedman["arf_5pct_after_drift"] > 0
