@@ -119,6 +119,8 @@ def correlated(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
         idx = rng.permutation(np.flatnonzero(labels == c))
         sizes = np.array([sum(map(len, s)) for s in slots])
         shares = rng.dirichlet(np.full(len(classes), delta)) * (sizes < cap)
+        if shares.sum() <= 0:  # the draw favoured only full slots: the class goes to the last slot
+            shares = np.eye(len(classes))[-1]
         cuts = (np.cumsum(shares / shares.sum()) * len(idx)).astype(int)[:-1]
         for s, part in zip(slots, np.split(idx, cuts)):
             s.append(part)

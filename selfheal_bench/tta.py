@@ -185,7 +185,7 @@ class Sar(Tent):
                     p.sub_(e)
             if second is not None:
                 self.opt.step()
-                value = float(second)
+                value = float(second.detach())
                 self.ema = value if self.ema is None else 0.9 * self.ema + 0.1 * value
                 if self.ema < self.reset_below:  # model recovery: collapsed to over-confidence
                     self.model.load_state_dict(self.source)
