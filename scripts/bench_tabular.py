@@ -16,8 +16,9 @@ Methods, all pretrained on the same 5,000 samples and given the same labels
   model), never updated; `mlp` without BatchNorm, `mlp_bn` with;
 - selfheal: `SelfHealer` around that MLP, default config except the concept
   policy `learn` (river learns every label, and concept drift contradicts the
-  reference by definition), its labelled reference the last 500 pretraining
-  samples (not fitted);
+  reference by definition) and the guard's noise allowance (`significance` 1:
+  an update may raise the held-back loss by one paired standard error), its
+  labelled reference the last 500 pretraining samples (not fitted);
 - selfheal label-free: the same without labels;
 - arf / hat: river's Adaptive Random Forest and Hoeffding Adaptive Tree
   (ARF regressor and HAT regressor for friedman), default settings.
@@ -126,7 +127,7 @@ class Static:
 class Heal(Static):
     def __init__(self, model: nn.Module, task: str, x_ref: torch.Tensor, y_ref: torch.Tensor) -> None:
         super().__init__(model, task)
-        config = HealConfig(guard=GuardConfig(concept_change="learn"))
+        config = HealConfig(guard=GuardConfig(concept_change="learn", significance=1.0))
         labels = y_ref.long() if task == "classification" else y_ref[:, None]
         self.healer = SelfHealer(model, x_ref, config, task=task, reference_labels=labels)
 

@@ -146,9 +146,9 @@ def test_guard_holds_back_every_kth_and_judges():
     # paired per-label losses: a rise within one standard error of the change is noise, beyond it harm
     noisy = (0.5, 0.2, torch.tensor([0.2, 0.5, 0.8])), (0.52, 0.2, torch.tensor([0.5, 0.3, 0.76]))
     agreed = (0.5, 0.2, torch.tensor([0.2, 0.5, 0.8])), (0.6, 0.2, torch.tensor([0.3, 0.6, 0.9]))
-    assert guard.judge(*noisy) and not guard.judge(*agreed)
-    strict = Guard(GuardConfig(significance=0.0), CLS3)
-    assert not strict.judge(*noisy)
+    lenient = Guard(GuardConfig(significance=1.0), CLS3)
+    assert lenient.judge(*noisy) and not lenient.judge(*agreed)
+    assert not guard.judge(*noisy), "the default (significance 0): any rise rolls back"
     other = Guard(GuardConfig(holdout_every=2, holdout_size=3, min_holdout=2), CLS3)
     other.load_state_dict(guard.state_dict())
     mine, theirs = guard.evaluate(bn_model()), other.evaluate(bn_model())
