@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo import split_reference, train  # noqa: E402
 
 from selfheal_bench.data import corrupt, load_digits_split, resample  # noqa: E402
-from selfheal_core import GuardConfig, HealConfig, SelfHealer  # noqa: E402
+from selfheal_core import GuardConfig, HealConfig, LearnConfig, SelfHealer  # noqa: E402
 
 log = logging.getLogger("bench_feedback")
 REPO = Path(__file__).resolve().parent.parent
@@ -115,9 +115,11 @@ class Heal:
     def __init__(self, model: nn.Module, x_ref: torch.Tensor, y_ref: torch.Tensor) -> None:
         # concept policy `learn`: a concept change contradicts the trusted reference by definition, and the
         # peers learn every label; the shipped default `hold` waits for an operator (bench_attack measures it).
-        # significance 1: the guard lets one paired standard error of holdout noise through
+        # significance 1: the guard lets one paired standard error of holdout noise through; min_steps 5:
+        # fewer steps per label when labels are plentiful
         guard = GuardConfig(concept_change="learn", significance=1.0)
-        self.healer = SelfHealer(model, x_ref, HealConfig(guard=guard), reference_labels=y_ref)
+        config = HealConfig(guard=guard, learn=LearnConfig(min_steps=5))
+        self.healer = SelfHealer(model, x_ref, config, reference_labels=y_ref)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(self.healer.predict(x), 1)

@@ -17,7 +17,8 @@ Methods, all pretrained on the same 5,000 samples and given the same labels
 - selfheal: `SelfHealer` around that MLP, default config except the concept
   policy `learn` (river learns every label, and concept drift contradicts the
   reference by definition) and the guard's noise allowance (`significance` 1:
-  an update may raise the held-back loss by one paired standard error), its
+  an update may raise the held-back loss by one paired standard error) and
+  `min_steps` 5 (fewer steps per label when labels are plentiful), its
   labelled reference the last 500 pretraining samples (not fitted);
 - selfheal label-free: the same without labels;
 - arf / hat: river's Adaptive Random Forest and Hoeffding Adaptive Tree
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfheal_core import GuardConfig, HealConfig, SelfHealer
+from selfheal_core import GuardConfig, HealConfig, LearnConfig, SelfHealer
 
 log = logging.getLogger("bench_tabular")
 REPO = Path(__file__).resolve().parent.parent
@@ -127,7 +128,8 @@ class Static:
 class Heal(Static):
     def __init__(self, model: nn.Module, task: str, x_ref: torch.Tensor, y_ref: torch.Tensor) -> None:
         super().__init__(model, task)
-        config = HealConfig(guard=GuardConfig(concept_change="learn", significance=1.0))
+        config = HealConfig(guard=GuardConfig(concept_change="learn", significance=1.0),
+                            learn=LearnConfig(min_steps=5))
         labels = y_ref.long() if task == "classification" else y_ref[:, None]
         self.healer = SelfHealer(model, x_ref, config, task=task, reference_labels=labels)
 
