@@ -100,15 +100,17 @@ class InputStatsAdapter(Corrector):
         # per-sample EMA over the batch in one step: sample k (0 = oldest) weighs m (1-m)^(n-1-k)
         n, keep = len(x), 1.0 - self.momentum
         w = self.momentum * keep ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
-        mean = self._mean * keep ** n + w @ x
-        sq = self._sq * keep ** n + w @ (x * x)
-        var = (sq - mean ** 2).clamp_min(MIN_VAR)
-        scale = (self._ref_var / var).sqrt()
-        shift = self._ref_mean - mean * scale
-        self._mean, self._sq = mean, sq
+        self._mean = self._mean * keep ** n + w @ x
+        self._sq = self._sq * keep ** n + w @ (x * x)
         self._samples += n
+        self._published = self._scale_shift()
+
+    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) mapping the live moments onto the reference's, shaped like one input."""
+        var = (self._sq - self._mean ** 2).clamp_min(MIN_VAR)
+        scale = (self._ref_var / var).sqrt()
         shape = (1,) + self._shape
-        self._published = (scale.float().view(shape), shift.float().view(shape))
+        return scale.float().view(shape), (self._ref_mean - self._mean * scale).float().view(shape)
 
     def apply(self) -> None:
         """Serving thread: the hook uses the newest scale and shift from the next forward on."""
@@ -126,11 +128,7 @@ class InputStatsAdapter(Corrector):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        var = (self._sq - self._mean ** 2).clamp_min(MIN_VAR)
-        scale = (self._ref_var / var).sqrt()
-        shape = (1,) + self._shape
-        self._published = None if not self._samples else (
-            scale.float().view(shape), (self._ref_mean - self._mean * scale).float().view(shape))
+        self._published = self._scale_shift() if self._samples else None
         self._served = self._applied = None
         self._sync_hook()
 
