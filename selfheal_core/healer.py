@@ -183,7 +183,7 @@ class SelfHealer:
         """Restore a state from `state_dict()`; on any error the healer is left as it was."""
         published = published_from_snapshot(state, {"version": self.version})
         backup = self.learner.state_dict()
-        self.learner.load_state_dict(state["learner"])
+        self.learner.load_state_dict(state["learner"], published.reference)
         try:
             if state.get("serving") is not None:
                 self.serving.load_state_dict(state["serving"])

@@ -53,7 +53,7 @@ def restore_before(learner: "Learner", seq: int, store) -> int:
             continue
         if int(meta.get("feedback_seq", 0)) < seq:
             counters = dict(learner.counters)
-            learner.load_state_dict(state["learner"])
+            learner.load_state_dict(state["learner"], reference_of(state))
             learner.counters = counters
             break
     else:
@@ -72,13 +72,17 @@ def restore_before(learner: "Learner", seq: int, store) -> int:
     return version
 
 
+def reference_of(state: dict) -> ReferenceView | None:
+    """The reference view a stored version was published with."""
+    return ReferenceView(**state["reference"]) if state.get("reference") else None
+
+
 def published_from_snapshot(state: dict, meta: dict) -> Published:
     """What a worker installs from a stored version; ValueError for a format it cannot read."""
     if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
         raise ValueError(f"unsupported snapshot format {state.get('format') if isinstance(state, dict) else None} "
                          f"(this selfheal reads {SNAPSHOT_FORMAT})")
-    return Published(version=int(meta["version"]), weights=state["weights"],
-                     reference=ReferenceView(**state["reference"]) if state.get("reference") else None)
+    return Published(version=int(meta["version"]), weights=state["weights"], reference=reference_of(state))
 
 
 @dataclass
@@ -341,15 +345,20 @@ class Learner:
         return torch.cat(out)
 
     @torch.no_grad()
-    def _refit_reference(self) -> None:
-        """The concept watch and the accuracy estimate re-read the labelled reference through the
-        current weights."""
+    def _refit_reference(self, view: ReferenceView | None = None) -> None:
+        """Read the labelled reference through the current weights, once per version: the view
+        workers install, the concept watch and the accuracy estimate all come from that one pass.
+
+        The view is kept with the version it was read for: later contexts (a rolled-back update
+        normalises with newer serving statistics) must not change what a snapshot of the same
+        weights publishes, or a restored healer's detectors would be rebased differently from the
+        original's. `view`: a restored version's, as it was read when the version was made."""
+        self._view = view if view is not None else self._read_reference()
         if self.concept is not None:
-            self.concept.fit(self._features_of(self._reference), self._targets)
+            feats = self._view.features
+            self.concept.fit(feats if feats is not None else self._features_of(self._reference), self._targets)
         if self.task.is_classifier and self._targets is not None:
-            probs = torch.cat([self.task.probs(self.model(self._reference[i:i + 256]).cpu())
-                               for i in range(0, len(self._reference), 256)])
-            conf, pred = probs.max(1)
+            conf, pred = self._view.probs.max(1)
             self.estimator.calibrate(conf, pred == self._targets)
 
     @torch.no_grad()
@@ -405,8 +414,7 @@ class Learner:
 
     # ------------------------------------------------------------------ versions out
     @torch.no_grad()
-    def reference_view(self) -> ReferenceView:
-        """The reference through the current weights: what workers' detectors re-read."""
+    def _read_reference(self) -> ReferenceView:
         raws, feats = [], []
         for i in range(0, len(self._reference), 256):
             xb = self._reference[i:i + 256]
@@ -417,6 +425,10 @@ class Learner:
         features = None if any(f is None for f in feats) else torch.cat(feats)
         return ReferenceView(probs=self.task.probs(raw), features=features,
                              values=None if self.task.is_classifier else self.task.values(raw))
+
+    def reference_view(self) -> ReferenceView:
+        """The reference through the current version's weights: what workers' detectors re-read."""
+        return self._view
 
     @property
     def dirty(self) -> bool:
@@ -471,16 +483,17 @@ class Learner:
             "counters": dict(self.counters),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state; on any error the learner is left exactly as it was."""
-        backup = self.state_dict()
+    def load_state_dict(self, state: dict, reference: ReferenceView | None = None) -> None:
+        """Restore a state; on any error the learner is left exactly as it was. `reference`: the
+        version's published view (`reference_of(snapshot)`); without it the reference is re-read."""
+        backup, view = self.state_dict(), self._view
         try:
-            self._apply(state)
+            self._apply(state, reference)
         except Exception:
-            self._apply(backup)
+            self._apply(backup, view)
             raise
 
-    def _apply(self, state: dict) -> None:
+    def _apply(self, state: dict, reference: ReferenceView | None = None) -> None:
         self.model.load_state_dict(state["model"])
         if self.gradient and state.get("gradient") is not None:
             self.gradient.load_state_dict(state["gradient"])
@@ -500,7 +513,7 @@ class Learner:
         self.errors.load_state_dict(state["errors"])
         self.absorbed = int(state["absorbed"])
         self.counters = {**self.counters, **state["counters"]}
-        self._refit_reference()
+        self._refit_reference(reference)
 
     def reset(self) -> None:
         """Back to the source model; forget buffers, holdout, quarantine and the log position."""

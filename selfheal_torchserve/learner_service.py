@@ -42,7 +42,7 @@ import torch
 
 from selfheal_core import Learner
 from selfheal_core.intake import Intake, IntakeError
-from selfheal_core.learner import restore_before
+from selfheal_core.learner import reference_of, restore_before
 from selfheal_core.storage import DISCARDED, LEARNED, StorageError, open_storage
 from selfheal_torchserve.errors import ERROR_TYPES, RequestError
 from selfheal_torchserve.mixin import ROLE_ENV
@@ -215,7 +215,7 @@ class LearnerService:
         loaded = self.storage.snapshots.load_latest()
         if loaded is not None:
             state, meta = loaded
-            self.learner.load_state_dict(state["learner"])
+            self.learner.load_state_dict(state["learner"], reference_of(state))
             self.learner.version = int(meta["version"])
             log.info("resumed from version %d (log absorbed to %d)", self.learner.version, self.learner.absorbed)
         last = self.storage.log.stats()["last_seq"]
