@@ -45,12 +45,12 @@ class LabelFreeCorrector:
         self.task = task
         self.inputs: list[Corrector] = []  # adapt what the model computes from its inputs
         if c.norm_stats and parts.batchnorms:
-            self.inputs.append(NormStatsAdapter(parts.batchnorms, c.momentum))
+            self.inputs.append(NormStatsAdapter(parts.batchnorms, c.momentum, noise_se=c.noise_se))
         # no statistics inside the model to re-estimate: align its inputs' (bench_heal: LayerNorm MLP
         # 0.70 -> 0.44 continual error, where every entropy method stayed within 3 points of the source)
         if (c.input_stats and not parts.batchnorms and reference is not None and reference.is_floating_point()
                 and len(reference) >= 2):
-            self.inputs.append(InputStatsAdapter(model, reference, c.input_momentum))
+            self.inputs.append(InputStatsAdapter(model, reference, c.input_momentum, c.noise_se))
         if c.norm_affine and parts.affine_norms and trainee is not None and task.is_classifier:
             self.inputs.append(AffineNormAdapter(model, trainee, [n for n, _ in parts.affine_norms], task,
                                                  c.affine_lr, c.entropy_step_every, c.entropy_margin,

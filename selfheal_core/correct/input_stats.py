@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfheal_core.correct.base import Corrector, Observation
+from selfheal_core.correct.base import Corrector, Observation, shrink_to_source
 
 MIN_VAR = 1e-3  # floor on per-feature variance: constant features (image borders) must not blow up
 
@@ -36,17 +36,20 @@ class InputStatsAdapter(Corrector):
     needs_inputs = True
     _state_keys = ("_mean", "_sq", "_active", "_samples")
 
-    def __init__(self, model: nn.Module, reference: torch.Tensor, momentum: float = 0.003) -> None:
+    def __init__(self, model: nn.Module, reference: torch.Tensor, momentum: float = 0.003,
+                 noise_se: float = 2.0) -> None:
         if not 0 < momentum <= 1:
             raise ValueError(f"need momentum in (0, 1], got {momentum}")
         if not reference.is_floating_point() or len(reference) < 2:
             raise ValueError("input statistics need a floating-point reference of at least 2 inputs")
         super().__init__()
         self.momentum = momentum
+        self.noise_se = noise_se  # live moments this close to the reference's are taken as noise
         self.model = model
         flat = reference.detach().reshape(len(reference), -1).double().cpu()
         self._ref_mean = flat.mean(0)
         self._ref_var = flat.var(0).clamp_min(MIN_VAR)
+        self._ref_count = len(flat)  # the reference moments' own error counts in what is noise
         self._shape = tuple(reference.shape[1:])
         self._hook = None
         self._reset()
@@ -107,10 +110,12 @@ class InputStatsAdapter(Corrector):
 
     def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) mapping the live moments onto the reference's, shaped like one input."""
-        var = (self._sq - self._mean ** 2).clamp_min(MIN_VAR)
+        mean, var = shrink_to_source(self._mean, (self._sq - self._mean ** 2).clamp_min(MIN_VAR),
+                                     self._ref_mean, self._ref_var, self.momentum, self.noise_se,
+                                     src_count=self._ref_count)
         scale = (self._ref_var / var).sqrt()
         shape = (1,) + self._shape
-        return scale.float().view(shape), (self._ref_mean - self._mean * scale).float().view(shape)
+        return scale.float().view(shape), (self._ref_mean - mean * scale).float().view(shape)
 
     def apply(self) -> None:
         """Serving thread: the hook uses the newest scale and shift from the next forward on."""

@@ -20,21 +20,22 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from selfheal_core.correct.base import Corrector, Observation
+from selfheal_core.correct.base import Corrector, Observation, shrink_to_source
 
 
 class NormStatsAdapter(Corrector):
     """EMA of BatchNorm input moments from live traffic (a no-op for models without BN)."""
 
     name = "norm_stats"
-    _state_keys = ("_mean", "_sq", "_active", "_samples")
+    _state_keys = ("_mean", "_sq", "_noise", "_active", "_samples")
 
     def __init__(self, layers: tuple[nn.Module, ...] | list[nn.Module], momentum: float = 0.01,
-                 max_pending: int = 4096) -> None:
+                 max_pending: int = 4096, noise_se: float = 2.0) -> None:
         if not 0 < momentum <= 1 or max_pending < 1:
             raise ValueError(f"need momentum in (0, 1] and max_pending >= 1, got {momentum}, {max_pending}")
         super().__init__()
         self.momentum = momentum
+        self.noise_se = noise_se  # live moments this close to the source's are taken as noise
         self.max_pending = max_pending  # forwards kept between observe() calls
         self._layers = list(layers)
         self._source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._layers]
@@ -47,10 +48,17 @@ class NormStatsAdapter(Corrector):
         self._captured: list[deque] = [deque(maxlen=self.max_pending) for _ in self._layers]
         self._mean = [mu.clone() for mu, _ in self._source]  # per layer (C,); replaced, never changed in place
         self._sq = [var + mu ** 2 for mu, var in self._source]  # second moment per layer (C,)
+        # their noise, per layer (3, C): EMAs of z^2, q^2 and z q, where z and q are one sample's mean
+        # and mean square about the source mean; started where one Gaussian value per sample would
+        # put them (the most noise a feature map can have)
+        self._noise = self._reset_noise()
+        self._stats = self._source  # per layer (mean, var) that apply() writes: the source until adapted
         self._active = False
         self._samples = 0  # samples folded in since activation
         self._applied: object = None  # the moments last written into the layers
-        self._at_source = True  # nothing folded in: apply() writes the source statistics exactly
+
+    def _reset_noise(self) -> list[torch.Tensor]:
+        return [torch.stack([var, 3 * var ** 2, torch.zeros_like(var)]) for _, var in self._source]
 
     def _make_hook(self, i: int):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -91,6 +99,7 @@ class NormStatsAdapter(Corrector):
                 cap.clear()
             return
         means, sqs, folded = list(self._mean), list(self._sq), 0
+        noises = list(self._noise)
         for i, cap in enumerate(self._captured):
             parts = [cap.popleft() for _ in range(len(cap))]  # oldest first; later appends wait for the next call
             if not parts:
@@ -105,38 +114,58 @@ class NormStatsAdapter(Corrector):
             w = self.momentum * keep ** torch.arange(n - 1, -1, -1, dtype=x.dtype, device=x.device)
             means[i] = means[i].to(x.device) * keep ** n + w @ mean
             sqs[i] = sqs[i].to(x.device) * keep ** n + w @ sq
+            src = self._source[i][0].to(x.device, x.dtype)
+            z = mean - src  # about a fixed centre, so folding many forwards at once stays exact
+            q = sq - 2 * src * mean + src * src
+            noises[i] = noises[i].to(x.device) * keep ** n + torch.stack([w @ (z * z), w @ (q * q), w @ (z * q)])
             folded = max(folded, n)
-        self._mean, self._sq = means, sqs  # one reference swap each: apply() sees old or new, never half
-        self._at_source = False
+        self._mean, self._sq, self._noise = means, sqs, noises
         self._samples += folded
+        self._stats = self._adapted()  # one reference swap: apply() sees old or new, never half
+
+    def _adapted(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (mean, var) to normalise with: the live moments, shrunk to the source's noise."""
+        out = []
+        for i, layer in enumerate(self._layers):
+            mu, src_mu, src_var = self._mean[i], *(t.to(self._mean[i].device) for t in self._source[i])
+            var = (self._sq[i] - mu ** 2).clamp_min(layer.eps)
+            zz, qq, zq = self._noise[i]
+            ez = mu - src_mu
+            eq = var + ez ** 2
+            spread = (zz - ez ** 2).clamp_min(0.0)  # variance of one sample's mean
+            # variance of one sample's contribution to var = E q - (E z)^2 (delta method), relative
+            var_spread = ((qq - eq ** 2) - 4 * ez * (zq - ez * eq) + 4 * ez ** 2 * spread).clamp_min(0.0) / var ** 2
+            out.append(shrink_to_source(mu, var, src_mu, src_var.clamp_min(layer.eps), self.momentum, self.noise_se,
+                                        spread, var_spread))
+        return out
 
     @torch.no_grad()
     def apply(self) -> None:
-        means, sqs = self._mean, self._sq
-        if means is self._applied:
+        stats = self._stats  # the source's own tensors until something is folded in: restored exactly
+        if stats is self._applied:
             return
-        if self._at_source:  # var + mu^2 - mu^2 is not var in floating point: copy the source itself
-            for layer, (mu, var) in zip(self._layers, self._source):
-                layer.running_mean.copy_(mu)
-                layer.running_var.copy_(var)
-        else:
-            for layer, mu, sq in zip(self._layers, means, sqs):
-                layer.running_mean.copy_(mu)
-                layer.running_var.copy_((sq - mu ** 2).clamp_min(layer.eps))
-        self._applied = means
+        for layer, (mu, var) in zip(self._layers, stats):
+            layer.running_mean.copy_(mu)
+            layer.running_var.copy_(var)
+        self._applied = stats
 
     def load_state_dict(self, state: dict) -> None:
-        """As StateMixin, with the moments moved to their layers' device (snapshots load on the CPU)."""
+        """As StateMixin, with the moments moved to their layers' device (snapshots load on the CPU).
+        A state saved before the noise was tracked gets the most noise a map can have."""
+        if "_noise" not in state and "_mean" in state:
+            state = {**state, "_noise": [n.clone() for n in self._reset_noise()]}
         super().load_state_dict(state)
-        self._at_source = False
         self._mean = [m.to(layer.running_mean.device) for m, layer in zip(self._mean, self._layers)]
         self._sq = [q.to(layer.running_mean.device) for q, layer in zip(self._sq, self._layers)]
+        self._noise = [q.to(layer.running_mean.device) for q, layer in zip(self._noise, self._layers)]
+        self._stats = self._adapted()
         self._applied = None
         self._sync_hooks()
 
     def moments(self) -> dict:
         """The adapted statistics, for a learner that trains with what serving normalises with."""
-        return {"active": self._active, "mean": [m.cpu() for m in self._mean], "sq": [q.cpu() for q in self._sq]}
+        stats = self._stats
+        return {"active": self._active, "mean": [m.cpu() for m, _ in stats], "sq": [(v + m ** 2).cpu() for m, v in stats]}
 
     def reset(self) -> None:
         """Restore the source statistics exactly and stop adapting (takes effect at `apply`)."""

@@ -284,3 +284,67 @@ def test_input_stats_are_used_only_for_models_without_batchnorm():
     bn = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).eval()
     assert "input_stats" not in lf_corrector(bn, CorrectConfig(), reference=ref).summary
     assert "input_stats" not in lf_corrector(ln_model(), CorrectConfig(input_stats=False), reference=ref).summary
+
+
+def _fold(adapter, model, batches):
+    with torch.no_grad():
+        for xb in batches:
+            if isinstance(adapter, NormStatsAdapter):
+                with adapter.recording():
+                    model(xb)
+                adapter.observe()
+            else:
+                adapter.observe(Observation(raw=model(xb), inputs=xb))
+    adapter.apply()
+
+
+def test_norm_stats_keep_the_source_on_inputs_that_did_not_move_and_adopt_a_real_shift():
+    """A false alarm on unchanged inputs leaves the statistics at the source's (the EMA's own
+    noise is not adopted); a shift far beyond that noise is adopted as it is."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():  # source statistics: those of the population the stream is drawn from
+        h = model[0](torch.randn(20_000, 6))
+        model[1].running_mean.copy_(h.mean(0))
+        model[1].running_var.copy_(h.var(0))
+    src_mean = model[1].running_mean.clone()
+    g = torch.Generator().manual_seed(4)
+    same = [torch.randn(4, 6, generator=g) for _ in range(500)]
+    shifted = [torch.randn(4, 6, generator=g) * 2 + 1 for _ in range(500)]
+    adapted = {}
+    for noise_se in (3.0, 0.0):
+        for name, batches in (("same", same), ("shifted", shifted)):
+            m = copy.deepcopy(model)
+            ad = NormStatsAdapter(find_parts(m, 4).batchnorms, momentum=0.01, noise_se=noise_se)
+            ad.activate()
+            _fold(ad, m, batches)
+            adapted[noise_se, name] = m[1].running_mean.clone()
+    kept = (adapted[3.0, "same"] == src_mean).float().mean()
+    assert kept >= 0.9, f"only {kept:.2f} of channels kept the source mean on unchanged inputs"
+    assert not (adapted[0.0, "same"] == src_mean).any()  # noise_se 0: the EMA as it is
+    moved = adapted[0.0, "shifted"] - src_mean
+    far = moved.abs() > model[1].running_var.sqrt()  # ~14 standard errors of the EMA at momentum 0.01
+    assert far.sum() >= 8
+    assert torch.allclose((adapted[3.0, "shifted"] - src_mean)[far], moved[far], rtol=0.05)
+
+
+def test_input_stats_keep_the_reference_on_inputs_that_did_not_move():
+    torch.manual_seed(5)
+    model, reference = ln_model(), torch.randn(20_000, 6)
+    ad = InputStatsAdapter(model, reference, momentum=0.003)
+    ad.activate()
+    g = torch.Generator().manual_seed(6)
+    _fold(ad, model, [torch.randn(4, 6, generator=g) for _ in range(500)])
+    scale, shift = ad._published
+    assert (scale == 1).float().mean() >= 0.8 and (shift.abs() < 1e-6).float().mean() >= 0.8
+
+
+def test_norm_stats_load_a_state_saved_before_the_noise_was_tracked():
+    model = bn_model()
+    ad = NormStatsAdapter(find_parts(model, 4).batchnorms, momentum=0.05)
+    ad.activate()
+    _fold(ad, model, [torch.randn(4, 1, 4, 4) * 3 + 1 for _ in range(20)])
+    old = {k: v for k, v in ad.state_dict().items() if k != "_noise"}
+    other = NormStatsAdapter(find_parts(bn_model(), 4).batchnorms, momentum=0.05)
+    other.load_state_dict(old)
+    assert all(torch.equal(a, b) for a, b in zip(other._mean, ad._mean)) and other.active
