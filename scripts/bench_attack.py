@@ -15,7 +15,7 @@ learner process runs), labels in requests of 8, on a clean probe of the 593 test
 Writes bench/results/attack.json; per scenario: probe_accuracy_before, probe_accuracy_after,
 worst_class_recall_drop (points), quarantined (labels held or quarantined), reported.
 
-    python scripts/bench_attack.py          # ~25 min on 2 cores
+    python scripts/bench_attack.py          # ~15 min on 2 cores
     python scripts/bench_attack.py --tiny   # a smoke test
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Static is the same model without selfheal on the same inputs. Windows of 200.
 Writes bench/results/byom.json: models.<name>.{task, static, served, last_window_static,
 last_window_served, lower_is_better, clean_flagged_share, handler_lines, config_lines}.
 
-    python scripts/bench_byom.py            # ~25 min on 2 cores
+    python scripts/bench_byom.py            # ~10 min on 2 cores
     python scripts/bench_byom.py --tiny     # a smoke test
 """
 from __future__ import annotations

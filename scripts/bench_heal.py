@@ -15,7 +15,7 @@ stream with classes in runs within each domain, Dirichlet(0.01) as NOTE and
 RoTTA sort it); long continual (families cycled at severity 5 for 100,000
 samples).
 
-    python scripts/bench_heal.py           # full run (~25 min)
+    python scripts/bench_heal.py           # full run (~45 min)
     python scripts/bench_heal.py --tiny    # a smoke test
 """
 from __future__ import annotations
