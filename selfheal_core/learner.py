@@ -388,9 +388,8 @@ class Learner:
         """An operator approves the relabelling source -> target: its held labels are learned (their
         log seqs returned), later ones too, and the reference's class-`source` inputs now mean `target`."""
         released = self.concept.approve(source, target) if self.concept else []
-        if self.gradient is not None and self.gradient._reference is not None:
-            rx, _ = self.gradient._reference
-            self.gradient._reference = (rx, self.concept.reference_labels.to(self.device))
+        if self.gradient is not None and self.concept is not None:
+            self.gradient.relabel_reference(self.concept.reference_labels)
         if released and self.learns:
             x = torch.stack([r[1] for r in released])
             y = torch.tensor([r[2] for r in released], dtype=torch.long)
@@ -506,9 +505,8 @@ class Learner:
             self.labelled.load_state_dict(state["labelled"])
         if self.concept and state.get("concept") is not None:
             self.concept.load_state_dict(state["concept"])
-            if self.gradient is not None and self.gradient._reference is not None:
-                self.gradient._reference = (self.gradient._reference[0], self.concept.reference_labels.to(self.device))
             if self.gradient is not None:
+                self.gradient.relabel_reference(self.concept.reference_labels)
                 self.gradient.concept_moved(self.concept.moved)
         self.errors.load_state_dict(state["errors"])
         self.absorbed = int(state["absorbed"])
@@ -528,8 +526,8 @@ class Learner:
         if self.bayes:
             self.bayes.reset()
         self.errors.reset()
-        if self.gradient is not None and self.gradient._reference is not None:
-            self.gradient._reference = (self.gradient._reference[0], self._targets.to(self.device))
+        if self.gradient is not None and self._targets is not None:
+            self.gradient.relabel_reference(self._targets)
         self._reset()
         self._refit_reference()
         self._dirty = True

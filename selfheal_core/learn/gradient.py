@@ -62,6 +62,12 @@ class GradientLearner:
         self._gen = torch.Generator().manual_seed(seed)
         self._pending = 0  # labels added since the last update
 
+    def relabel_reference(self, labels: torch.Tensor) -> None:
+        """The labels the reference is replayed with from now on (an approved concept change
+        relabels it; a reset or a restored state sets them back)."""
+        if self._reference is not None:
+            self._reference = (self._reference[0], labels.to(self._reference[0].device))
+
     def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Buffer labelled pairs; True when an update is due."""
         self.buffer.add(x, y)
