@@ -15,8 +15,13 @@ policy. Its labels are held (logged, not learned) from the first one:
 - `hold`: until an operator approves or discards the pair, or the input
   monitor corroborates it (a confidence alarm: the inputs moved so far the
   model is unsure, while the pair kept arriving);
-- `learn`: learned once the pair persisted `corroborate` labels, then at
-  most `max_rate` of them per `rate_window` labels (bounded influence).
+- `learn`: learned once the pair persisted `corroborate` labels and says
+  what most of the class's recent labels say (`consistency` of its last
+  2 x `corroborate`: label noise and a minority of bad labels never get there,
+  a swapped class does at once), its held labels too, then at most as many per `rate_window` labels as its reference
+  class would bring there (`max_share` x the class's reference share x the
+  window): a swapped class is learned as fast as its labels arrive, and no
+  pair moves the model faster than its class's own traffic (bounded influence).
 Approving a pair also relabels the reference (its class-m inputs now mean g),
 so reference replay and the per-class check follow the new concept.
 Discarding drops the pair's labels; the learner restores the state it had
@@ -24,6 +29,7 @@ before it learned any of them.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,7 +62,7 @@ class Pair:
 class ConceptWatch(StateMixin):
     """Finds labels that contradict the trusted reference; holds them by pair under a policy."""
 
-    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels")
+    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels", "_recent_state")
 
     def __init__(self, config: GuardConfig, k: int = 10) -> None:
         self.config = config
@@ -71,6 +77,7 @@ class ConceptWatch(StateMixin):
         self._pairs: dict[tuple[int, int], Pair] = {}
         self._held: list[tuple[int, torch.Tensor, int, float, int]] = []  # (seq, x, label, time, source)
         self._seen = 0  # labels screened
+        self._recent: dict[int, deque] = {}  # class m -> the last 2 x corroborate labels on inputs it speaks for
 
     def reset(self) -> None:
         """Forget pairs and held labels; the reference labels go back to the trusted ones at the next fit."""
@@ -131,7 +138,11 @@ class ConceptWatch(StateMixin):
             self._seen += 1
             if m < 0 and lean >= 0 and lean != g and self._pairs.get((lean, g), Pair(0, 0)).state != "watching":
                 m = lean
-            if m < 0 or m == g:
+            if m < 0:
+                continue
+            recent = self._recent.setdefault(m, deque(maxlen=2 * self.config.concept_corroborate))
+            recent.append(g)
+            if m == g:
                 continue
             pair = self._pairs.setdefault((m, g), Pair(m, g))
             if pair.state == "discarded":
@@ -143,7 +154,7 @@ class ConceptWatch(StateMixin):
                 pair.since_time = times[i] if times else None
             if pair.count >= self.config.concept_min_count and pair.state == "watching":
                 pair.state = "suspected"
-            if pair.state == "approved" or self._release(pair, inputs_drifted):
+            if pair.state == "approved" or self._release(pair, inputs_drifted, recent):
                 pair.learned += 1
                 pair.recent.append(self._seen)
                 continue
@@ -153,18 +164,50 @@ class ConceptWatch(StateMixin):
                                    times[i] if times else 0.0, int(m)))
         return held
 
-    def _release(self, pair: Pair, inputs_drifted: bool) -> bool:
+    def _release(self, pair: Pair, inputs_drifted: bool, recent: deque) -> bool:
         """Whether this contradicting label may be learned now (bounded speed)."""
         c = self.config
         if self.policy == HOLD:
             ok = inputs_drifted and pair.state == "suspected"  # the input monitor corroborates it
+        elif pair.state == "learning":
+            ok = True
         else:
-            ok = pair.count >= c.concept_corroborate
-            if ok and pair.state == "suspected":
+            ok = (pair.count >= c.concept_corroborate and pair.state == "suspected"
+                  and recent.count(pair.target) >= c.concept_consistency * len(recent))
+            if ok:
                 pair.state = "learning"
+        return ok and self._room(pair)
+
+    def _room(self, pair: Pair) -> bool:
+        """Whether the pair may learn one more label in the current rate window."""
+        c = self.config
         while pair.recent and pair.recent[0] <= self._seen - c.concept_rate_window:
             pair.recent.popleft()
-        return ok and len(pair.recent) < c.concept_max_rate
+        return len(pair.recent) < self.rate_cap(pair.source)
+
+    def rate_cap(self, source: int) -> int:
+        """Labels of a (source, g) pair learnable per rate window under `learn`: the count class
+        `source` brings there at its reference share, times `concept_max_share` (at least 1)."""
+        share = float((self._ref_labels == source).double().mean()) if len(self._ref_labels) else 1.0
+        return max(1, math.ceil(self.config.concept_max_share * share * self.config.concept_rate_window))
+
+    def release(self) -> list[tuple]:
+        """Policy learn: held labels of pairs now being learned, newest first, as far as each
+        pair's rate allows (the corroboration window's labels are honest if the pair is). Returns
+        (seq, x, label, time) to learn."""
+        if self.policy != LEARN or not self._held:
+            return []
+        out, keep = [], []
+        for h in reversed(self._held):
+            pair = self._pairs.get((h[4], h[2]))
+            if pair is not None and pair.state == "learning" and self._room(pair):
+                pair.learned += 1
+                pair.recent.append(self._seen)
+                out.append(h[:4])
+            else:
+                keep.append(h)
+        self._held = keep[::-1]
+        return out
 
     # ------------------------------------------------------------------ decisions
     def approve(self, source: int, target: int) -> list[tuple]:
@@ -231,6 +274,18 @@ class ConceptWatch(StateMixin):
         return {"seq": [h[0] for h in self._held], "x": torch.stack([h[1] for h in self._held]),
                 "label": [h[2] for h in self._held], "time": [h[3] for h in self._held],
                 "source": [h[4] for h in self._held]}
+
+    @property
+    def _recent_state(self) -> dict:
+        return {str(m): list(r) for m, r in self._recent.items()}
+
+    @_recent_state.setter
+    def _recent_state(self, value: dict) -> None:
+        self._recent = {int(m): deque(r, maxlen=2 * self.config.concept_corroborate) for m, r in value.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """As StateMixin; a state saved before the per-class recent labels were kept starts them empty."""
+        super().load_state_dict({"_recent_state": {}, **state})
 
     @_held_state.setter
     def _held_state(self, value: dict) -> None:

@@ -161,9 +161,14 @@ class GuardConfig:
     concept_change: ConceptPolicy = "hold"  # labels contradicting the trusted reference: hold them until an
     # operator approves (or inputs drifted), or learn them after a corroboration window at bounded speed
     concept_min_count: int = 5  # contradictions of one (reference, given) pair before it is reported
-    concept_corroborate: int = 20  # policy learn: contradictions of one pair before they are learned
-    concept_max_rate: int = 10  # policy learn: at most this many of one pair's labels learned ...
-    concept_rate_window: int = 200  # ... per this many labels
+    concept_corroborate: int = 5  # policy learn: contradictions of one pair before they are learned ...
+    concept_consistency: float = 0.5  # ... and its share of the last 2 x corroborate labels on its class's
+    # inputs (20 contradictions and no share test: a swapped digit waited ~200 labels at 5% feedback, and
+    # label noise accumulated towards it over a long stream)
+    concept_max_share: float = 1.0  # policy learn: a pair's labels learned per window are at most this
+    concept_rate_window: int = 200  # multiple of what its reference class brings in as many labels (its
+    # reference share x window: 20 of 200 for a tenth); 10 of 200 flat held half of a swapped digit's
+    # honest labels (bench_feedback concept stream)
     concept_hold_max: int = 2_000  # held labels kept for an approval (older ones stay in the log only)
     reference_check_drop: float = 0.10  # an update that lowers any class's recall on the labelled reference
     # by more than this is rolled back (the reference is trusted; approved concept changes relabel it)
@@ -171,9 +176,9 @@ class GuardConfig:
     def __post_init__(self) -> None:
         _positive(self, "holdout_every", "holdout_size", "quarantine_window", "quarantine_min_count",
                   "quarantine_min_sources", "corroborate", "overrepresented", "pair_max_rate", "pair_rate_window",
-                  "concept_min_count", "concept_corroborate", "concept_max_rate", "concept_rate_window",
+                  "concept_min_count", "concept_corroborate", "concept_max_share", "concept_rate_window",
                   "concept_hold_max")
-        _unit(self, "quarantine_confidence", "quarantine_share", "reference_check_drop")
+        _unit(self, "quarantine_confidence", "quarantine_share", "reference_check_drop", "concept_consistency")
         _choice(self, "concept_change", ("hold", "learn"))
         if self.min_holdout < 0 or self.tolerance < 0 or self.significance < 0:
             raise ValueError("GuardConfig.min_holdout, tolerance and significance must be >= 0")

@@ -163,6 +163,7 @@ class Learner:
         self._delays: deque[float] = deque(maxlen=DELAYS_KEPT)  # label acknowledged -> published, seconds
         self._unpublished: list[float] = []  # acknowledgement times of labels absorbed since the last publish
         self._statuses: list[str] = []  # what became of each label of the last absorb (log statuses)
+        self._released: list[int] = []  # log seqs of held labels the last absorb or approval released
 
     @torch.no_grad()
     def _bayes_unsupported(self, raw: torch.Tensor) -> str | None:
@@ -223,6 +224,7 @@ class Learner:
         recomputed with the current weights when not given. Returns the mask of labels held back.
         """
         y = self.task.check_targets(y, len(x))
+        self._released = []
         self.use_context(context)
         if served is None or (self.task.is_classifier and confidence is None):
             served, confidence = self.served(x)
@@ -248,6 +250,7 @@ class Learner:
                 self.gradient.concept_moved(self.concept.moved)
             statuses = [HELD if c and st == LEARNED else st for st, c in zip(statuses, contradicts.tolist())]
             held = held | contradicts
+            self._learn_released(self.concept.release())
         self._statuses = statuses
         if self.learns:
             train_x, train_y = self.guard.admit(x, y, skip=held)
@@ -282,6 +285,7 @@ class Learner:
         if log_ is not None:
             for status in (LEARNED, HELD, QUARANTINED):
                 log_.set_status([s for s, st in zip(entries.seq, self._statuses) if st == status], status)
+            log_.set_status(self._released, LEARNED)  # held earlier, released by the concept policy now
         return held
 
     def _decode_served(self, entries: Entries) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -390,14 +394,20 @@ class Learner:
         released = self.concept.approve(source, target) if self.concept else []
         if self.gradient is not None and self.concept is not None:
             self.gradient.relabel_reference(self.concept.reference_labels)
+        self._learn_released(released)
+        self._dirty = True
+        return self._released
+
+    def _learn_released(self, released: list[tuple]) -> None:
+        """Learn held labels the concept watch released, (seq, x, label, time) each; their log seqs
+        are kept in `_released` for the caller to mark learned."""
+        self._released = [r[0] for r in released if r[0] >= 0]
         if released and self.learns:
-            x = torch.stack([r[1] for r in released])
+            x = torch.stack([r[1] for r in released]).to(self.device)
             y = torch.tensor([r[2] for r in released], dtype=torch.long)
             train_x, train_y = self.guard.admit(x, y)
             if len(train_y):
                 self.gradient.add(train_x, train_y)
-        self._dirty = True
-        return [r[0] for r in released if r[0] >= 0]
 
     def discard(self, source: int, target: int) -> tuple[list[int], int | None]:
         """An operator discards the relabelling: (log seqs of its held labels, dropped; the log seq

@@ -80,7 +80,10 @@ def test_discard_under_learn_returns_to_a_version_from_before(demo_model, refere
         h.feedback(x[i:i + 8], y[i:i + 8])
     [pair] = [p for p in h.status()["concept"]["suspected"] if p["pair"] == [3, 8]]
     assert pair["state"] == "learning" and pair["learned"] > 0, "learn: corroborated, then learned (bounded)"
-    assert pair["learned"] <= h.config.guard.concept_max_rate * (480 // h.config.guard.concept_rate_window + 1)
+    window = h.config.guard.concept_rate_window
+    cap = h.learner.concept.rate_cap(3)  # what class 3 brings in a window at its reference share
+    assert cap == -(-int((reference[1] == 3).sum()) * window // len(reference[1]))
+    assert pair["learned"] <= cap * (480 // window + 1)
     result = h.decide(3, 8, "discard")
     assert result["restored_version"] is not None
     assert recall3(h, digits) >= before - 0.05, "back to what it was before the relabelling"
@@ -142,3 +145,66 @@ def test_bounded_influence_per_pair():
     q = Quarantine(GuardConfig(pair_max_rate=5, pair_rate_window=50, corroborate=1))
     held = screen(q, [1] * 20, [7] * 20, conf=0.95, drifted=True)
     assert held.sum() == 15 and q.status()["held_rate"] == 15
+
+
+def clusters(n_per: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three well separated classes in 2-D feature space (features stand in for the model's)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    y = torch.arange(3).repeat_interleave(n_per)
+    return centres[y] + 0.5 * torch.randn(len(y), 2, generator=g), y
+
+
+def watch_learning(**guard) -> tuple:
+    from selfheal_core.concept import ConceptWatch
+
+    w = ConceptWatch(GuardConfig(concept_change="learn", **guard))
+    w.fit(*clusters(40, seed=0))
+    return w
+
+
+def feed(w, feats, given):
+    n = len(given)
+    return w.screen(feats, given, feats, list(range(n)), [0.0] * n, inputs_drifted=False)
+
+
+def test_learn_policy_learns_a_swapped_class_and_releases_its_corroboration_window():
+    """Every class-1 label now says 2: corroborated after `concept_corroborate` labels; those
+    held labels are then released to training, within the pair's rate (its class's share)."""
+    w = watch_learning()
+    f, y = clusters(30, seed=1)
+    given = torch.where(y == 1, torch.tensor(2), y)
+    held = feed(w, f, given)
+    [pair] = [p for p in w.suspected if p["pair"] == [1, 2]]
+    assert pair["state"] == "learning"
+    c = w.config.concept_corroborate
+    assert int(held.sum()) == c - 1, "the labels before corroboration are held, the rest learned"
+    released = w.release()
+    assert [r[2] for r in released] == [2] * (c - 1) and w.status()["held"] == 0
+    assert w.rate_cap(1) == -(-w.config.concept_rate_window // 3), "a third of the reference: a third of a window"
+
+
+def test_label_noise_is_never_corroborated_as_a_concept_change():
+    """10% of labels wrong at random over a long stream: pairs pass `concept_corroborate` in count
+    but never say what most of their class's labels say, so nothing is learned against the reference."""
+    w = watch_learning()
+    g = torch.Generator().manual_seed(2)
+    for seed in range(20):
+        f, y = clusters(30, seed=10 + seed)
+        noisy = torch.where(torch.rand(len(y), generator=g) < 0.1, torch.randint(0, 3, (len(y),), generator=g), y)
+        feed(w, f, noisy)
+    assert max(p["count"] for p in w.suspected) >= w.config.concept_corroborate
+    assert all(p["state"] == "suspected" and p["learned"] == 0 for p in w.suspected)
+    assert w.release() == []
+
+
+def test_concept_state_from_before_the_recent_labels_loads():
+    w = watch_learning()
+    f, y = clusters(10, seed=3)
+    feed(w, f, torch.where(y == 1, torch.tensor(2), y))
+    state = w.state_dict()
+    assert state["_recent_state"]["1"] == [2] * 10
+    del state["_recent_state"]
+    fresh = watch_learning()
+    fresh.load_state_dict(state)
+    assert fresh.suspected == w.suspected and fresh.state_dict()["_recent_state"] == {}
