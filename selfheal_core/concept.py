@@ -15,10 +15,12 @@ policy. Its labels are held (logged, not learned) from the first one:
 - `hold`: until an operator approves or discards the pair, or the input
   monitor corroborates it (a confidence alarm: the inputs moved so far the
   model is unsure, while the pair kept arriving);
-- `learn`: learned once the pair persisted `corroborate` labels and says
-  what most of the class's recent labels say (`consistency` of its last
-  2 x `corroborate`: label noise and a minority of bad labels never get there,
-  a swapped class does at once), its held labels too, then at most as many per `rate_window` labels as its reference
+- `learn`: learned once the pair persisted `corroborate` labels and a label
+  of it says what most recent labels around it say (`consistency` of the
+  2 x `corroborate` nearest of the last `RECENT` labels the reference spoke for):
+  label noise and a minority of bad labels never get there, a swapped class or
+  a region whose meaning moved does within a few labels. Its held labels are
+  learned too, then at most as many per `rate_window` labels as its reference
   class would bring there (`max_share` x the class's reference share x the
   window): a swapped class is learned as fast as its labels arrive, and no
   pair moves the model faster than its class's own traffic (bounded influence).
@@ -29,9 +31,11 @@ before it learned any of them.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -39,6 +43,7 @@ from selfheal_core.config import GuardConfig
 from selfheal_core.state import StateMixin
 
 HOLD, LEARN = "hold", "learn"
+RECENT = 1_000  # recent labels kept (features and label) to judge whether a contradiction is local consensus
 
 
 @dataclass
@@ -62,7 +67,7 @@ class Pair:
 class ConceptWatch(StateMixin):
     """Finds labels that contradict the trusted reference; holds them by pair under a policy."""
 
-    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels", "_recent_state")
+    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels", "_recent_x", "_recent_y")
 
     def __init__(self, config: GuardConfig, k: int = 10) -> None:
         self.config = config
@@ -77,7 +82,8 @@ class ConceptWatch(StateMixin):
         self._pairs: dict[tuple[int, int], Pair] = {}
         self._held: list[tuple[int, torch.Tensor, int, float, int]] = []  # (seq, x, label, time, source)
         self._seen = 0  # labels screened
-        self._recent: dict[int, deque] = {}  # class m -> the last 2 x corroborate labels on inputs it speaks for
+        self._recent_x = torch.zeros(0, 0)  # (<= RECENT, F) features of the newest labels the reference spoke for
+        self._recent_y = torch.zeros(0, dtype=torch.long)  # ... and their labels
 
     def reset(self) -> None:
         """Forget pairs and held labels; the reference labels go back to the trusted ones at the next fit."""
@@ -134,14 +140,15 @@ class ConceptWatch(StateMixin):
             self._seen += n
             return held
         says, leans = self.judge(features)
+        f = features.detach().to("cpu", torch.float32).flatten(1)
+        spoken: list[int] = []  # this batch's labels the reference spoke for, joined to the recent ones at the end
         for i, (m, lean, g) in enumerate(zip(says.tolist(), leans.tolist(), given.tolist())):
             self._seen += 1
             if m < 0 and lean >= 0 and lean != g and self._pairs.get((lean, g), Pair(0, 0)).state != "watching":
                 m = lean
             if m < 0:
                 continue
-            recent = self._recent.setdefault(m, deque(maxlen=2 * self.config.concept_corroborate))
-            recent.append(g)
+            spoken.append(i)
             if m == g:
                 continue
             pair = self._pairs.setdefault((m, g), Pair(m, g))
@@ -154,7 +161,8 @@ class ConceptWatch(StateMixin):
                 pair.since_time = times[i] if times else None
             if pair.count >= self.config.concept_min_count and pair.state == "watching":
                 pair.state = "suspected"
-            if pair.state == "approved" or self._release(pair, inputs_drifted, recent):
+            local = functools.partial(self._local, f, given, i, spoken)  # only computed when it decides
+            if pair.state == "approved" or self._release(pair, inputs_drifted, local):
                 pair.learned += 1
                 pair.recent.append(self._seen)
                 continue
@@ -162,9 +170,27 @@ class ConceptWatch(StateMixin):
             if len(self._held) < self.config.concept_hold_max:
                 self._held.append((seqs[i] if seqs else -1, x[i].detach().cpu().clone(), int(g),
                                    times[i] if times else 0.0, int(m)))
+        if spoken:
+            if self._recent_x.shape[1:] != f.shape[1:]:  # none kept yet (or another feature width): start over
+                self._recent_x, self._recent_y = f[:0], self._recent_y[:0]
+            self._recent_x = torch.cat([self._recent_x, f[spoken]])[-RECENT:]
+            self._recent_y = torch.cat([self._recent_y, given[spoken].cpu().long()])[-RECENT:]
         return held
 
-    def _release(self, pair: Pair, inputs_drifted: bool, recent: deque) -> bool:
+    def _local(self, f: torch.Tensor, given: torch.Tensor, i: int, spoken: list[int]) -> float:
+        """Share of label i's nearest recent labels (the 2 x `concept_corroborate` nearest of the kept
+        ones and this batch's earlier ones) that say what it says."""
+        before = [j for j in spoken if j < i]
+        kept = len(self._recent_x) and self._recent_x.shape[1:] == f.shape[1:]
+        pool_x = torch.cat([self._recent_x, f[before]]) if kept else f[before]
+        pool_y = torch.cat([self._recent_y, given[before].cpu().long()]) if kept else given[before].cpu().long()
+        k = min(2 * self.config.concept_corroborate, len(pool_y))
+        if k == 0:
+            return 0.0
+        idx = torch.cdist(f[i:i + 1], pool_x)[0].topk(k, largest=False).indices
+        return float((pool_y[idx] == int(given[i])).float().mean())
+
+    def _release(self, pair: Pair, inputs_drifted: bool, local: Callable[[], float]) -> bool:
         """Whether this contradicting label may be learned now (bounded speed)."""
         c = self.config
         if self.policy == HOLD:
@@ -173,7 +199,7 @@ class ConceptWatch(StateMixin):
             ok = True
         else:
             ok = (pair.count >= c.concept_corroborate and pair.state == "suspected"
-                  and recent.count(pair.target) >= c.concept_consistency * len(recent))
+                  and local() >= c.concept_consistency)
             if ok:
                 pair.state = "learning"
         return ok and self._room(pair)
@@ -275,17 +301,10 @@ class ConceptWatch(StateMixin):
                 "label": [h[2] for h in self._held], "time": [h[3] for h in self._held],
                 "source": [h[4] for h in self._held]}
 
-    @property
-    def _recent_state(self) -> dict:
-        return {str(m): list(r) for m, r in self._recent.items()}
-
-    @_recent_state.setter
-    def _recent_state(self, value: dict) -> None:
-        self._recent = {int(m): deque(r, maxlen=2 * self.config.concept_corroborate) for m, r in value.items()}
-
     def load_state_dict(self, state: dict) -> None:
-        """As StateMixin; a state saved before the per-class recent labels were kept starts them empty."""
-        super().load_state_dict({"_recent_state": {}, **state})
+        """As StateMixin; a state saved before the recent labels were kept starts without them."""
+        super().load_state_dict({"_recent_x": torch.zeros(0, 0), "_recent_y": torch.zeros(0, dtype=torch.long),
+                                 **state})
 
     @_held_state.setter
     def _held_state(self, value: dict) -> None:

@@ -162,9 +162,9 @@ class GuardConfig:
     # operator approves (or inputs drifted), or learn them after a corroboration window at bounded speed
     concept_min_count: int = 5  # contradictions of one (reference, given) pair before it is reported
     concept_corroborate: int = 5  # policy learn: contradictions of one pair before they are learned ...
-    concept_consistency: float = 0.5  # ... and its share of the last 2 x corroborate labels on its class's
-    # inputs (20 contradictions and no share test: a swapped digit waited ~200 labels at 5% feedback, and
-    # label noise accumulated towards it over a long stream)
+    concept_consistency: float = 0.5  # ... once one of them is what this share of the 2 x corroborate recent
+    # labels nearest it say (20 contradictions and no local test: a swapped digit waited ~200 labels at 5%
+    # feedback, and label noise accumulated towards it over a long stream)
     concept_max_share: float = 1.0  # policy learn: a pair's labels learned per window are at most this
     concept_rate_window: int = 200  # multiple of what its reference class brings in as many labels (its
     # reference share x window: 20 of 200 for a tenth); 10 of 200 flat held half of a swapped digit's

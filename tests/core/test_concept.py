@@ -178,15 +178,16 @@ def test_learn_policy_learns_a_swapped_class_and_releases_its_corroboration_wind
     [pair] = [p for p in w.suspected if p["pair"] == [1, 2]]
     assert pair["state"] == "learning"
     c = w.config.concept_corroborate
-    assert int(held.sum()) == c - 1, "the labels before corroboration are held, the rest learned"
+    n_held = int(held.sum())
+    assert c - 1 <= n_held <= 2 * c, "held until corroborated (5 labels, half of the 10 nearest), the rest learned"
     released = w.release()
-    assert [r[2] for r in released] == [2] * (c - 1) and w.status()["held"] == 0
+    assert [r[2] for r in released] == [2] * n_held and w.status()["held"] == 0
     assert w.rate_cap(1) == -(-w.config.concept_rate_window // 3), "a third of the reference: a third of a window"
 
 
 def test_label_noise_is_never_corroborated_as_a_concept_change():
     """10% of labels wrong at random over a long stream: pairs pass `concept_corroborate` in count
-    but never say what most of their class's labels say, so nothing is learned against the reference."""
+    but never say what most recent labels around them say, so nothing is learned against the reference."""
     w = watch_learning()
     g = torch.Generator().manual_seed(2)
     for seed in range(20):
@@ -203,8 +204,8 @@ def test_concept_state_from_before_the_recent_labels_loads():
     f, y = clusters(10, seed=3)
     feed(w, f, torch.where(y == 1, torch.tensor(2), y))
     state = w.state_dict()
-    assert state["_recent_state"]["1"] == [2] * 10
-    del state["_recent_state"]
+    assert len(state["_recent_y"]) > 0 and set(state["_recent_y"].tolist()) <= {0, 2}
+    del state["_recent_x"], state["_recent_y"]
     fresh = watch_learning()
     fresh.load_state_dict(state)
-    assert fresh.suspected == w.suspected and fresh.state_dict()["_recent_state"] == {}
+    assert fresh.suspected == w.suspected and len(fresh.state_dict()["_recent_y"]) == 0
