@@ -131,9 +131,11 @@ class ConceptWatch(StateMixin):
 
     # ------------------------------------------------------------------ screening
     def screen(self, features: torch.Tensor, given: torch.Tensor, x: torch.Tensor, seqs: list[int] | None,
-               times: list[float] | None, inputs_drifted: bool) -> torch.Tensor:
+               times: list[float] | None, inputs_drifted: bool, skip: torch.Tensor | None = None) -> torch.Tensor:
         """Bool mask (B,): labels held (contradicting the reference, not yet released).
-        `inputs_drifted`: the input monitor's corroboration (a confidence alarm now)."""
+        `inputs_drifted`: the input monitor's corroboration (a confidence alarm now). `skip` (B,):
+        labels quarantined already (suspected poisoning): not judged, counted, kept or released, so
+        they can neither corroborate a relabelling nor be learned through one."""
         n = len(given)
         held = torch.zeros(n, dtype=torch.bool)
         if not self.ready or n == 0:
@@ -142,8 +144,11 @@ class ConceptWatch(StateMixin):
         says, leans = self.judge(features)
         f = features.detach().to("cpu", torch.float32).flatten(1)
         spoken: list[int] = []  # this batch's labels the reference spoke for, joined to the recent ones at the end
+        skipped = skip.tolist() if skip is not None else [False] * n
         for i, (m, lean, g) in enumerate(zip(says.tolist(), leans.tolist(), given.tolist())):
             self._seen += 1
+            if skipped[i]:
+                continue
             if m < 0 and lean >= 0 and lean != g and self._pairs.get((lean, g), Pair(0, 0)).state != "watching":
                 m = lean
             if m < 0:

@@ -245,7 +245,7 @@ class Learner:
             # only an input shift that makes the model unsure corroborates a relabelling: classes or
             # features moving (a stream of one class, say) happen without the concept changing
             unsure = "confidence" in ((context or {}).get("drift") or {}).get("firing", [])
-            contradicts = self.concept.screen(self._features_of(x), y, x, seqs, times, unsure)
+            contradicts = self.concept.screen(self._features_of(x), y, x, seqs, times, unsure, skip=held)
             if self.gradient is not None:
                 self.gradient.concept_moved(self.concept.moved)
             statuses = [HELD if c and st == LEARNED else st for st, c in zip(statuses, contradicts.tolist())]

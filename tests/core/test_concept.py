@@ -209,3 +209,16 @@ def test_concept_state_from_before_the_recent_labels_loads():
     fresh = watch_learning()
     fresh.load_state_dict(state)
     assert fresh.suspected == w.suspected and len(fresh.state_dict()["_recent_y"]) == 0
+
+
+def test_quarantined_labels_neither_corroborate_nor_get_released():
+    """Labels the quarantine already holds as poisoning are not judged by the concept watch: a
+    relabelling carried only by them is never corroborated, and none of them is learned through it."""
+    w = watch_learning()
+    f, y = clusters(30, seed=5)
+    given = torch.where(y == 1, torch.tensor(2), y)
+    n = len(given)
+    held = w.screen(f, given, f, list(range(n)), [0.0] * n, inputs_drifted=False, skip=y == 1)
+    assert not held.any() and w.suspected == [] and w.release() == []
+    recent = w.state_dict()["_recent_y"]
+    assert 0 < int((recent == 2).sum()) <= int((y == 2).sum()), "quarantined labels are not recent consensus"
