@@ -143,6 +143,8 @@ class ConceptWatch(StateMixin):
             return held
         says, leans = self.judge(features)
         f = features.detach().to("cpu", torch.float32).flatten(1)
+        if self._recent_x.shape[1:] != f.shape[1:]:  # none kept yet (or another feature width): start over
+            self._recent_x, self._recent_y = f[:0], self._recent_y[:0]
         spoken: list[int] = []  # this batch's labels the reference spoke for, joined to the recent ones at the end
         skipped = skip.tolist() if skip is not None else [False] * n
         for i, (m, lean, g) in enumerate(zip(says.tolist(), leans.tolist(), given.tolist())):
@@ -176,8 +178,6 @@ class ConceptWatch(StateMixin):
                 self._held.append((seqs[i] if seqs else -1, x[i].detach().cpu().clone(), int(g),
                                    times[i] if times else 0.0, int(m)))
         if spoken:
-            if self._recent_x.shape[1:] != f.shape[1:]:  # none kept yet (or another feature width): start over
-                self._recent_x, self._recent_y = f[:0], self._recent_y[:0]
             self._recent_x = torch.cat([self._recent_x, f[spoken]])[-RECENT:]
             self._recent_y = torch.cat([self._recent_y, given[spoken].cpu().long()])[-RECENT:]
         return held
@@ -186,9 +186,8 @@ class ConceptWatch(StateMixin):
         """Share of label i's nearest recent labels (the 2 x `concept_corroborate` nearest of the kept
         ones and this batch's earlier ones) that say what it says."""
         before = [j for j in spoken if j < i]
-        kept = len(self._recent_x) and self._recent_x.shape[1:] == f.shape[1:]
-        pool_x = torch.cat([self._recent_x, f[before]]) if kept else f[before]
-        pool_y = torch.cat([self._recent_y, given[before].cpu().long()]) if kept else given[before].cpu().long()
+        pool_x = torch.cat([self._recent_x, f[before]])  # screen() made the kept features f's width
+        pool_y = torch.cat([self._recent_y, given[before].cpu().long()])
         k = min(2 * self.config.concept_corroborate, len(pool_y))
         if k == 0:
             return 0.0
