@@ -105,7 +105,7 @@ class ServingModel:
     >>> serving.predict(torch.randn(5, 4)).shape
     torch.Size([5, 3])
     >>> serving.status()["drift"]["detected"], serving.status()["label_free"]["available"]
-    (False, 'norm_stats, prior')
+    (False, 'input_polarity, norm_stats, prior')
     """
 
     def __init__(self, model: nn.Module, reference: torch.Tensor, config: HealConfig = HealConfig(),

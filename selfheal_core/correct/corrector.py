@@ -44,13 +44,18 @@ class LabelFreeCorrector:
         self.config = c = config
         self.task = task
         self.inputs: list[Corrector] = []  # adapt what the model computes from its inputs
+        float_ref = reference is not None and reference.is_floating_point() and len(reference) >= 2
+        # no statistics inside the model to re-estimate: align its inputs' (bench_heal: LayerNorm MLP
+        # 0.70 -> 0.44 continual error, where every entropy method stayed within 3 points of the source);
+        # with BatchNorm only a mirrored input is undone there, which no statistic inside can see
+        align = c.input_stats and not parts.batchnorms
+        if float_ref and (align or c.input_polarity):
+            # a polarity-only adapter follows the live skew at the BatchNorm statistics' momentum (0.02
+            # and 0.03 measured worse on Digits-C: rotate and salt flipped back and forth)
+            self.inputs.append(InputStatsAdapter(model, reference, c.input_momentum if align else c.momentum,
+                                                 c.noise_se, align=align, polarity=c.input_polarity))
         if c.norm_stats and parts.batchnorms:
             self.inputs.append(NormStatsAdapter(parts.batchnorms, c.momentum, noise_se=c.noise_se))
-        # no statistics inside the model to re-estimate: align its inputs' (bench_heal: LayerNorm MLP
-        # 0.70 -> 0.44 continual error, where every entropy method stayed within 3 points of the source)
-        if (c.input_stats and not parts.batchnorms and reference is not None and reference.is_floating_point()
-                and len(reference) >= 2):
-            self.inputs.append(InputStatsAdapter(model, reference, c.input_momentum, c.noise_se))
         if c.norm_affine and parts.affine_norms and trainee is not None and task.is_classifier:
             self.inputs.append(AffineNormAdapter(model, trainee, [n for n, _ in parts.affine_norms], task,
                                                  c.affine_lr, c.entropy_step_every, c.entropy_margin,
@@ -175,10 +180,19 @@ class LabelFreeCorrector:
                 "collapses": self.collapses}
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state) != {"parts", "share", "collapses"} or set(state["parts"]) != {p.name for p in self.parts}:
+        """A part missing from the state (saved before the part existed) starts from the source,
+        active when the saved input adaptation was (it would have started with the others)."""
+        if set(state) != {"parts", "share", "collapses"} or not set(state["parts"]) <= {p.name for p in self.parts}:
             raise ValueError(f"LabelFreeCorrector state does not match parts {[p.name for p in self.parts]}")
+        missing = [p for p in self.parts if p.name not in state["parts"]]
         for part in self.parts:
-            part.load_state_dict(state["parts"][part.name])
+            if part.name in state["parts"]:
+                part.load_state_dict(state["parts"][part.name])
+        adapting = self.config.when == "always" or any(p.active for p in self.inputs if p not in missing)
+        for part in missing:
+            part.reset()
+            if adapting and part in self.inputs:
+                part.activate()
         self._share, self.collapses = state["share"].clone(), int(state["collapses"])
 
     def status(self) -> dict:

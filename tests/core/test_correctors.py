@@ -38,10 +38,11 @@ class Case:
     model: nn.Module
     x: torch.Tensor  # shifted inputs to adapt on
     owned: Callable[[str], bool]  # which model state entries the corrector may change
+    steps: int = 8  # requests of 4 it needs to adapt
 
-    def serve(self, x: torch.Tensor, steps: int = 8) -> None:
+    def serve(self, x: torch.Tensor, steps: int | None = None) -> None:
         """Forward in requests of 4 as serving does, observing after each, then apply."""
-        for i in range(0, min(len(x), 4 * steps), 4):
+        for i in range(0, min(len(x), 4 * (steps or self.steps)), 4):
             xb = x[i:i + 4]
             norm = self.corrector if isinstance(self.corrector, NormStatsAdapter) else None
             with torch.no_grad():
@@ -92,7 +93,20 @@ def input_stats() -> Case:
                 lambda k: False)
 
 
-CASES = [norm_stats, norm_affine, entropy, prior, input_stats]
+def skewed(n: int, g: torch.Generator | None = None) -> torch.Tensor:
+    """Right-skewed features (exponential, skewness 2): what the polarity vote reads, as ink on paper."""
+    return torch.empty(n, 6).exponential_(generator=g)
+
+
+def input_polarity() -> Case:
+    model = ln_model()
+    g = torch.Generator().manual_seed(1)
+    # a skewness vote needs a few hundred samples: an EMA of ~100 is read against 4 standard errors
+    return Case(InputStatsAdapter(model, skewed(2000, g), momentum=0.01, align=False), model, -skewed(800, g),
+                lambda k: False, steps=200)
+
+
+CASES = [norm_stats, norm_affine, entropy, prior, input_stats, input_polarity]
 
 
 @pytest.mark.parametrize("make", CASES)
@@ -186,6 +200,23 @@ def test_activation_rules_label_shift_versus_input_shift():
     assert both.observe(obs(["confidence", "class_shift"])) == ["norm_affine", "entropy"], "input shift moves both"
 
 
+def test_a_state_saved_before_a_part_existed_loads_and_that_part_starts_from_the_source():
+    ref = torch.randn(50, 1, 4, 4)
+    old = lf_corrector(bn_model(), CorrectConfig(input_polarity=False), reference=ref)
+    new = lf_corrector(bn_model(), CorrectConfig(), reference=ref)
+    assert new.summary == "input_polarity, " + old.summary
+    new.inputs[0].activate()
+    new.load_state_dict(old.state_dict())
+    assert not new.active, "nothing was adapting: the new part waits for an alarm, as the others"
+    old.observe(obs(["confidence"], width=4))
+    assert old.norm_stats().active
+    new.load_state_dict(old.state_dict())
+    assert new.norm_stats().active and new.inputs[0].active, "adapting: the new part adapts with the others"
+    assert new.inputs[0].status()["samples"] == 0
+    with pytest.raises(ValueError, match="does not match"):
+        old.load_state_dict(new.state_dict())
+
+
 def test_when_always_starts_at_once_and_after_reset():
     lf = lf_corrector(bn_model(), CorrectConfig(when="always"))
     assert lf.active and lf.norm_stats().active and lf.prior.active
@@ -277,13 +308,57 @@ def test_input_stats_map_live_moments_onto_the_reference_and_skip_bad_rows():
     assert all(torch.isfinite(v).all() for v in case.corrector.state_dict().values() if torch.is_tensor(v))
 
 
-def test_input_stats_are_used_only_for_models_without_batchnorm():
+def test_input_stats_are_used_only_for_models_without_batchnorm_and_polarity_for_the_others():
     ref = torch.randn(50, 6)
     ln = lf_corrector(ln_model(), CorrectConfig(), reference=ref)
-    assert "input_stats" in ln.summary
+    assert "input_stats" in ln.summary and "input_polarity" not in ln.summary
     bn = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).eval()
-    assert "input_stats" not in lf_corrector(bn, CorrectConfig(), reference=ref).summary
+    assert lf_corrector(bn, CorrectConfig(), reference=ref).summary == "input_polarity, norm_stats, prior"
+    assert "input_polarity" not in lf_corrector(bn, CorrectConfig(input_polarity=False), reference=ref).summary
     assert "input_stats" not in lf_corrector(ln_model(), CorrectConfig(input_stats=False), reference=ref).summary
+    assert "input_polarity" in lf_corrector(ln_model(), CorrectConfig(input_stats=False), reference=ref).summary
+
+
+def test_input_polarity_undoes_a_mirrored_input_and_leaves_every_other_shift_alone():
+    """align=False: the identity on unchanged, rescaled, shifted or partly mirrored inputs; a mirrored
+    input is mapped back onto the reference's moments, its skewness' sign restored."""
+    g = torch.Generator().manual_seed(7)
+    reference = skewed(20_000, g)
+    streams = {"same": lambda x: x, "rescaled": lambda x: 3 * x - 2,
+               "two features mirrored": lambda x: x * torch.tensor([-1.0, -1, 1, 1, 1, 1]),
+               "mirrored": lambda x: 1 - x}
+    for name, shift in streams.items():
+        model = ln_model()
+        ad = InputStatsAdapter(model, reference, momentum=0.01, align=False)
+        ad.activate()
+        _fold(ad, model, [shift(skewed(4, g)) for _ in range(500)])
+        assert ad.mirrored == (name == "mirrored") and ad.status()["mirrored"] == ad.mirrored, name
+        if name != "mirrored":
+            assert ad._published is None and ad._served is None, f"{name}: not the identity"
+            continue
+        seen = []
+        model.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))  # runs after the transform
+        with torch.no_grad():
+            model(shift(skewed(20_000, g)))
+        back = seen[0]
+        assert (back.mean(0) / reference.mean(0) - 1).abs().max() < 0.2
+        assert (back.std(0) / reference.std(0) - 1).abs().max() < 0.2
+        assert ((back - back.mean(0)) ** 3).mean(0).gt(0).all(), "skewness back to the reference's sign"
+
+
+def test_input_stats_load_a_state_saved_before_the_third_moment_was_kept():
+    g = torch.Generator().manual_seed(8)
+    model, reference = ln_model(), skewed(2000, g)
+    ad = InputStatsAdapter(model, reference, momentum=0.01)
+    ad.activate()
+    _fold(ad, model, [skewed(4, g) * 2 + 1 for _ in range(200)])
+    old = {k: v for k, v in ad.state_dict().items() if k != "_cube"}
+    other = InputStatsAdapter(ln_model(), reference, momentum=0.01)
+    other.load_state_dict(old)
+    other.apply()
+    assert other.active and not other.mirrored and other.status()["samples"] == 200 * 4
+    ad.apply()
+    assert torch.equal(other._served[0], ad._served[0]) and torch.equal(other._served[1], ad._served[1])
 
 
 def _fold(adapter, model, batches):

@@ -51,7 +51,8 @@ def test_layernorm_and_norm_free_models_adapt_their_inputs_and_nothing_to_adapt_
         {"correct": {"prior": False}, "monitor": {"calibration_paths": 50}}))
     assert plain.status()["label_free"]["available"] == "input_stats"
     nothing = ServingModel(mlp(norm=None), torch.randn(100, 5), HealConfig.from_dict(
-        {"correct": {"prior": False, "input_stats": False}, "monitor": {"calibration_paths": 50}}))
+        {"correct": {"prior": False, "input_stats": False, "input_polarity": False},
+         "monitor": {"calibration_paths": 50}}))
     assert nothing.status()["label_free"]["available"] == "nothing to adapt; labelled feedback only"
 
 
@@ -75,7 +76,7 @@ def test_regression_model_is_monitored_on_outputs_and_features():
                            reference_targets=torch.randn(300, 2, generator=g))
     st = serving.status()
     assert st["task"] == "regression" and set(st["drift"]["scores"]) == {"feature_shift", "output_shift"}
-    assert st["label_free"]["available"] == "norm_stats"
+    assert st["label_free"]["available"] == "input_polarity, norm_stats"
     for _ in range(20):
         serving.predict(torch.randn(16, 5, generator=g) + 2)
     serving.drain()

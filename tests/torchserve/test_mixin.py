@@ -99,7 +99,7 @@ def test_explain_and_describe_keep_working(serve, trained):
     [described] = s.handler.handle([{"body": b""}], s.ctx)
     status = json.loads(described)
     assert status["version"] == 0 and status["task"] == "classification" and status["mode"] == "heal"
-    assert status["label_free"]["available"] == "norm_stats, prior" and status["handler"]["learner_mode"] == "off"
+    assert status["label_free"]["available"] == "input_polarity, norm_stats, prior" and status["handler"]["learner_mode"] == "off"
     assert status["monitor"]["calibrated_from"] == "given thresholds", "selfheal archive shipped the thresholds"
 
 
