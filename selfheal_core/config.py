@@ -105,7 +105,8 @@ class LearnConfig:
     steps: int = 20  # gradient steps per update
     batch_size: int = 32  # replay minibatch
     min_steps: int = 20  # steps shrink as labels per update grow (steps * update_every / labels, at least
-    # this): rare labels used more, plentiful ones at bounded compute. bench_tabular and bench_feedback set 5;
+    # this), each longer by steps / those: rare labels used more, plentiful ones at bounded compute and
+    # about the same distance moved per update. bench_tabular and bench_feedback set 5;
     # the default keeps `steps` until the serving paths (demo, attack, estimate, byom) are re-measured with it
     update_every: int = 2  # new training labels between updates (rotated digits, 1% feedback: 2 and 20
     # steps close 45% of the gap to the oracle, 4 and 10 steps 33%)

@@ -95,6 +95,18 @@ def test_steps_per_update_shrink_as_labels_per_update_grow():
     assert GradientLearner(model, LearnConfig(steps=3, min_steps=5), CLS3, "0").steps_for(100) == 3
 
 
+def test_fewer_steps_are_longer_in_proportion():
+    """An update of many labels takes min_steps steps at lr * steps / min_steps; one of few labels
+    `steps` steps at lr."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4)).eval()
+    learner = GradientLearner(model, LearnConfig(lr=1e-3, steps=20, min_steps=5, update_every=2), CLS3, "0")
+    for labels, lr in ((64, 4e-3), (2, 1e-3)):
+        learner.add(torch.randn(labels, 3), torch.randint(0, 4, (labels,)))
+        learner.step()
+        assert [g["lr"] for g in learner._opt.param_groups] == [pytest.approx(lr)], labels
+
+
 def test_parameter_sets():
     assert set(select_parameters(bn_model(), "norm_and_last", "4")) == {"1.weight", "1.bias", "4.weight", "4.bias"}
     with pytest.raises(ValueError, match="needs an output nn.Linear"):
