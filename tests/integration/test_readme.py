@@ -46,7 +46,9 @@ def test_serve_your_own_model_commands_run_as_written(tmp_path):
         subprocess.run([str(REPO / ".venv" / "bin" / "torchserve"), "--stop"], cwd=tmp_path, env=env,
                        capture_output=True, timeout=120)
     out = run.stdout
+    (tmp_path / "stdout.txt").write_text(out)  # the whole transcript, for a failure's diagnosis
+    (tmp_path / "stderr.txt").write_text(run.stderr)
     assert run.returncode == 0, f"exit {run.returncode}\n{out[-3000:]}\n{run.stderr[-3000:]}"
     assert re.search(r"X-Selfheal: version=0; drift=false(; accuracy=[0-9.]+)?; ids=", out) and '"predictions"' in out
-    assert '"accepted": 1' in out, out[-2000:]
+    assert '"accepted": 1' in out, f"{out[-2000:]}\n{run.stderr[-1000:]}"
     assert '"model": "tabular"' in out and '"log":' in out
