@@ -27,6 +27,13 @@ class Observation:
     fired: list[str] = field(default_factory=list)  # detectors that alarmed on this batch, in order
 
 
+def ema_weights(n: int, momentum: float, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A per-sample EMA over n samples in one step: (weights of samples 0..n-1, oldest first, as
+    m (1-m)^(n-1-k); the old estimate's weight (1-m)^n), in `like`'s dtype and device."""
+    keep = 1.0 - momentum
+    return momentum * keep ** torch.arange(n - 1, -1, -1, dtype=like.dtype, device=like.device), keep ** n
+
+
 def shrink_to_source(mean: torch.Tensor, var: torch.Tensor, src_mean: torch.Tensor, src_var: torch.Tensor,
                      momentum: float, noise_se: float, spread: torch.Tensor | None = None,
                      var_spread: torch.Tensor | float = 2.0, src_count: int | None = None,

@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfheal_core.correct.base import Corrector, Observation, shrink_to_source
+from selfheal_core.correct.base import Corrector, Observation, ema_weights, shrink_to_source
 
 MIN_VAR = 1e-3  # floor on per-feature variance: constant features (image borders) must not blow up
 SKEW_Z = 4.0  # a skewness counts in the polarity vote beyond this many of its standard errors
@@ -97,7 +97,7 @@ class InputStatsAdapter(Corrector):
         self._mean = self._ref_mean.clone()  # live moments (F,), float64; replaced, never changed in place
         self._sq = self._ref_var + self._ref_mean ** 2
         self._cube = self._ref_cube.clone()
-        self._fast = (self._mean, self._sq, self._cube)  # the same three moments with a short memory
+        self._fast = [self._mean, self._sq, self._cube]  # the same three moments with a short memory
         self._samples = 0
         self._active = False
         self._published: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, shift) for the hook
@@ -142,22 +142,24 @@ class InputStatsAdapter(Corrector):
         if not len(x):
             return
         moments = torch.stack([x, x * x, x ** 3])  # (3, n, F)
-        self._mean, self._sq, self._cube = _fold(moments, (self._mean, self._sq, self._cube), self.momentum)
+        self._mean, self._sq, self._cube = _fold(moments, [self._mean, self._sq, self._cube], self.momentum)
         self._samples += len(x)
+        mirrored = self.mirrored  # one vote per observe: _scale_shift takes it
         if self.polarity:
             self._fast = _fold(moments, self._fast, FAST_MOMENTUM)
             fast = self._vote(self._fast, FAST_MOMENTUM, FAST_SHARE, FAST_VOTES)
-            if fast is not None and fast != self.mirrored:
+            if fast is not None and fast != mirrored:
                 self._mean, self._sq, self._cube = self._fast  # the polarity changed: restart from the short memory
-        self._published = self._scale_shift()
+                mirrored = self.mirrored
+        self._published = self._scale_shift(mirrored)
 
     @property
     def mirrored(self) -> bool:
         """Whether the live inputs are the reference's with their sign flipped (the skewness vote)."""
-        return self.polarity and self._vote((self._mean, self._sq, self._cube), self.momentum,
+        return self.polarity and self._vote([self._mean, self._sq, self._cube], self.momentum,
                                             MIRROR_SHARE, MIRROR_VOTES) is True
 
-    def _vote(self, moments: tuple[torch.Tensor, ...], momentum: float, share: float,
+    def _vote(self, moments: list[torch.Tensor], momentum: float, share: float,
               min_votes: int) -> bool | None:
         """Mirrored (True), not (False) or undecided (None), by the skewness signs of the features
         whose live and reference skewness are both clearly non-zero."""
@@ -173,10 +175,10 @@ class InputStatsAdapter(Corrector):
             return True
         return False if total - flipped >= share * total else None
 
-    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _scale_shift(self, mirrored: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(scale, shift) mapping the live moments onto the reference's, shaped like one input;
         None for the identity (align=False and the input is not mirrored)."""
-        sign = -1.0 if self.mirrored else 1.0
+        sign = -1.0 if mirrored else 1.0
         if not self.align and sign > 0:
             return None
         mean, var = shrink_to_source(self._mean, (self._sq - self._mean ** 2).clamp_min(MIN_VAR),
@@ -208,10 +210,9 @@ class InputStatsAdapter(Corrector):
             var = (sq - mean ** 2).clamp_min(MIN_VAR)
             state = {**state, "_cube": self._ref_skew * var ** 1.5 + 3 * mean * sq - 2 * mean ** 3}
         if "_fast" not in state and "_cube" in state:
-            state = {**state, "_fast": (state["_mean"], state["_sq"], state["_cube"])}
+            state = {**state, "_fast": [state["_mean"], state["_sq"], state["_cube"]]}
         super().load_state_dict(state)
-        self._fast = tuple(self._fast)  # saved as a list
-        self._published = self._scale_shift() if self._samples else None
+        self._published = self._scale_shift(self.mirrored) if self._samples else None
         self._served = self._applied = None
         self._sync_hook()
 
@@ -220,13 +221,10 @@ class InputStatsAdapter(Corrector):
                 "mirrored": self.mirrored}
 
 
-def _fold(moments: torch.Tensor, old: tuple[torch.Tensor, ...], momentum: float) -> tuple[torch.Tensor, ...]:
-    """Per-sample EMA of (3, n, F) moments over the batch in one step: sample k (0 = oldest) weighs
-    m (1-m)^(n-1-k), the old estimate (1-m)^n."""
-    n, keep = moments.shape[1], 1.0 - momentum
-    w = momentum * keep ** torch.arange(n - 1, -1, -1, dtype=moments.dtype)
-    new = torch.einsum("n,knf->kf", w, moments)
-    return tuple(o * keep ** n + v for o, v in zip(old, new))
+def _fold(moments: torch.Tensor, old: list[torch.Tensor], momentum: float) -> list[torch.Tensor]:
+    """The per-sample EMA of (3, n, F) moments over the batch, in one step."""
+    w, keep = ema_weights(moments.shape[1], momentum, moments)
+    return [o * keep + v for o, v in zip(old, torch.einsum("n,knf->kf", w, moments))]
 
 
 def _skew(mean: torch.Tensor, sq: torch.Tensor, cube: torch.Tensor) -> torch.Tensor:

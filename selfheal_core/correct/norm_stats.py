@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from selfheal_core.correct.base import Corrector, Observation, shrink_to_source
+from selfheal_core.correct.base import Corrector, Observation, ema_weights, shrink_to_source
 
 
 class NormStatsAdapter(Corrector):
@@ -108,16 +108,14 @@ class NormStatsAdapter(Corrector):
             dims = list(range(2, x.dim()))
             mean = x.mean(dims) if dims else x  # per-sample moments (N, C)
             sq = (x * x).mean(dims) if dims else x * x
-            # Per-sample EMA over the N samples in one step: sample k (0 = oldest) weighs
-            # m (1-m)^(N-1-k), the old estimate (1-m)^N.
-            n, keep = len(x), 1.0 - self.momentum
-            w = self.momentum * keep ** torch.arange(n - 1, -1, -1, dtype=x.dtype, device=x.device)
-            means[i] = means[i].to(x.device) * keep ** n + w @ mean
-            sqs[i] = sqs[i].to(x.device) * keep ** n + w @ sq
+            n = len(x)
+            w, old = ema_weights(n, self.momentum, x)
+            means[i] = means[i].to(x.device) * old + w @ mean
+            sqs[i] = sqs[i].to(x.device) * old + w @ sq
             src = self._source[i][0].to(x.device, x.dtype)
             z = mean - src  # about a fixed centre, so folding many forwards at once stays exact
             q = sq - 2 * src * mean + src * src
-            noises[i] = noises[i].to(x.device) * keep ** n + torch.stack([w @ (z * z), w @ (q * q), w @ (z * q)])
+            noises[i] = noises[i].to(x.device) * old + torch.stack([w @ (z * z), w @ (q * q), w @ (z * q)])
             folded = max(folded, n)
         self._mean, self._sq, self._noise = means, sqs, noises
         self._samples += folded
