@@ -5,11 +5,29 @@ field says why it has its value.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Mapping
 
 ParamSet = Literal["auto", "all", "last_layer", "norm_and_last"]
 ConceptPolicy = Literal["hold", "learn"]
+
+
+def _typed(obj: Any, allow_inf: tuple[str, ...] = ()) -> None:
+    """Every int, float and bool field holds a value of its type (a YAML "abc" or a bool where a
+    number belongs is named, not a TypeError later); floats are finite unless listed in allow_inf."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        where = f"{type(obj).__name__}.{f.name}"
+        if f.type == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        if f.type == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where} must be a number, got {value!r}")
+            if math.isnan(value) or (math.isinf(value) and f.name not in allow_inf):
+                raise ValueError(f"{where} must be a finite number, got {value!r}")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -45,6 +63,7 @@ class MonitorConfig:
     seed: int = 0  # calibration is seeded so a restart gets the same thresholds
 
     def __post_init__(self) -> None:
+        _typed(self)
         _positive(self, "expected_run_time", "cusum_slack", "settle_samples", "error_rate_shift",
                   "calibration_paths", "ewma_lambda", "feature_dims", "calibration_margin")
         _unit(self, "error_rate_floor", "ewma_lambda", "calibration_margin")
@@ -84,6 +103,7 @@ class CorrectConfig:
     collapse_window: int = 500  # predictions in that share's memory
 
     def __post_init__(self) -> None:
+        _typed(self)
         _choice(self, "when", ("drift", "always"))
         _unit(self, "momentum", "input_momentum", "entropy_margin", "prior_momentum", "collapse_share")
         _positive(self, "affine_lr", "entropy_lr", "entropy_step_every", "collapse_window", "prior_quiet",
@@ -125,6 +145,7 @@ class LearnConfig:
     bayes_forgetting: float = 0.995  # per-label decay of old evidence: tracks drift (memory ~200 labels)
 
     def __post_init__(self) -> None:
+        _typed(self)
         _choice(self, "params", ("auto", "all", "last_layer", "norm_and_last"))
         _positive(self, "lr", "steps", "min_steps", "batch_size", "update_every", "recent_size", "reservoir_size",
                   "auto_max_params", "bayes_prior_var", "max_labels_per_update")
@@ -178,6 +199,7 @@ class GuardConfig:
     # by more than this is rolled back (the reference is trusted; approved concept changes relabel it)
 
     def __post_init__(self) -> None:
+        _typed(self)
         _positive(self, "holdout_every", "holdout_size", "quarantine_window", "quarantine_min_count",
                   "quarantine_min_sources", "corroborate", "overrepresented", "pair_max_rate", "pair_rate_window",
                   "concept_min_count", "concept_corroborate", "concept_max_share", "concept_rate_window",
@@ -186,6 +208,9 @@ class GuardConfig:
         _choice(self, "concept_change", ("hold", "learn"))
         if self.min_holdout < 0 or self.tolerance < 0 or self.significance < 0:
             raise ValueError("GuardConfig.min_holdout, tolerance and significance must be >= 0")
+        if self.min_holdout > self.holdout_size:
+            raise ValueError(f"GuardConfig.min_holdout ({self.min_holdout}) must be <= GuardConfig.holdout_size "
+                             f"({self.holdout_size}): no update could ever be validated")
 
 
 @dataclass(frozen=True)
@@ -198,13 +223,23 @@ class HealConfig:
     max_batch: int = 1_024  # larger inputs are refused: bounded work per call
     snapshot_interval_s: float = 1.0  # at most one published version per interval (rate limit)
     max_queued: int = 8_192  # predictions awaiting drain(); beyond this the oldest are shed
+    max_queued_bytes: int = 256 * 2 ** 20  # ... and the bytes they hold (outputs, features, inputs kept for
+    # input adaptation): a 3x224x224 input is 600 kB, so 8,192 of them would be 4.9 GB per worker
+    input_range: float = 3.0  # inputs with a feature beyond this multiple of its reference range past either
+    # end of that range are answered but never adapted on, monitored or learned from: one request of pixels
+    # at 1e18 once turned the shared BatchNorm statistics into inf (issue 26, case A); gain x1.6, contrast,
+    # brightness and noise corruptions all stay well within 3 (inf: no check)
     observe_every: int = 128  # predict() without defer monitors and adapts once this many samples are
     # queued: one vectorised pass instead of one per request (a detector or statistics update has a
     # fixed cost of ~1 ms); adaptation lags by at most this many samples (Digits-C continual, batch 64:
     # 64 -> error 0.474 and 2.0x a plain forward, 128 -> 0.480 and 1.8x, 256 -> 0.488)
 
     def __post_init__(self) -> None:
-        _positive(self, "max_batch", "max_queued", "observe_every")
+        _typed(self, allow_inf=("input_range",))
+        _positive(self, "max_batch", "max_queued", "observe_every", "max_queued_bytes", "input_range")
+        if self.observe_every > self.max_queued:
+            raise ValueError(f"HealConfig.observe_every ({self.observe_every}) must be <= HealConfig.max_queued "
+                             f"({self.max_queued}): predictions are shed before they are ever observed")
         if self.snapshot_interval_s < 0:
             raise ValueError(f"HealConfig.snapshot_interval_s must be >= 0, got {self.snapshot_interval_s}")
 

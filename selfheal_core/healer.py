@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from selfheal_core.config import HealConfig
-from selfheal_core.learner import Learner, UpdateResult, published_from_snapshot, restore_before
+from selfheal_core.learner import Learner, UpdateResult, published_from_snapshot
 from selfheal_core.model_parts import detached_copy, is_scripted
 from selfheal_core.monitor import merge_drift
 from selfheal_core.serving import ServingModel
@@ -131,7 +131,7 @@ class SelfHealer:
         result = self.learner.update(self.serving.context())
         if result.updated:
             self.serving.install(self.learner.published(self.serving.version))
-            self.serving._apply_pending()
+            self.serving.sync()
         self._maybe_snapshot()
         return result
 
@@ -148,10 +148,10 @@ class SelfHealer:
         dropped, since = self.learner.discard(source, target)
         result = {"pair": [source, target], "action": action, "dropped": len(dropped), "restored_version": None}
         if since is not None:
-            result["restored_version"] = restore_before(self.learner, since, self.store)
+            result["restored_version"] = self.learner.restore_before(since, self.store)
             self.catch_up()
             self.serving.install(self.learner.published(self.serving.version))
-            self.serving._apply_pending()
+            self.serving.sync()
         return result
 
     # ------------------------------------------------------------------ status and reset
@@ -171,7 +171,7 @@ class SelfHealer:
     def reset(self) -> None:
         """Back to the source weights; forget adaptation, buffers and drift state."""
         self.serving.reset()
-        self.serving._apply_pending()
+        self.serving.sync()
         self.learner.reset()
 
     # ------------------------------------------------------------------ state and snapshots
@@ -191,7 +191,7 @@ class SelfHealer:
             self.learner.load_state_dict(backup)
             raise
         self.serving.install(published)
-        self.serving._apply_pending()
+        self.serving.sync()
 
     def save_snapshot(self) -> int:
         """Publish the current state as a new version in the store."""
@@ -201,7 +201,7 @@ class SelfHealer:
         state, meta = self.learner.snapshot(self.serving.state_dict())
         version = self.store.save(state, meta)
         self.learner.mark_published(version)
-        self.serving.version = version
+        self.serving.published_as(version)
         self._last_snapshot = time.monotonic()
         return version
 
@@ -219,7 +219,8 @@ class SelfHealer:
         if loaded is not None:
             state, meta = loaded
             self.load_state_dict(state)
-            self.serving.version = self.learner.version = int(meta["version"])
+            self.learner.version = int(meta["version"])
+            self.serving.published_as(self.learner.version)
             log.info("resumed from snapshot %d", self.version)
         self.catch_up()
         return self.version

@@ -2,14 +2,22 @@
 
 Two threads may use a `ServingModel`, each owning what it writes:
 - the serving thread calls `predict`: it runs the forward and queues the
-  outputs, and it alone writes the model's tensors (`_apply_pending` copies
-  in what the other thread prepared: adapted statistics, published weights);
+  outputs, and it alone writes the model's tensors and hooks (`sync` copies
+  in what the other thread prepared: adapted statistics, published weights,
+  and registers or removes the correctors' hooks);
 - a background thread (or the same thread, without `defer`) calls `drain`:
   monitoring and label-free correction on everything queued, in one
   vectorised pass, and `install`, which prepares a published version.
-They meet only through a thread-safe deque and reference swaps, so no lock is
-shared and a forward never waits for the monitor. Labelled learning is not
-here at all: a `Learner` (another process in a server) publishes versions.
+They meet only through the `PredictionQueue` (its own small lock, held to move
+references) and reference swaps, so a forward never waits for the monitor.
+Labelled learning is not here at all: a `Learner` (another process in a
+server) publishes versions.
+
+No client reaches what others are served except through guarded paths: an
+input outside the reference's plausible range (`HealConfig.input_range`) or
+one the model answers with NaN or inf is answered, counted and never
+observed (monitor, estimate, label-free correction); adapted statistics that
+go non-finite are reset at once (`LabelFreeCorrector`).
 """
 from __future__ import annotations
 
@@ -27,12 +35,16 @@ from selfheal_core.correct import LabelFreeCorrector, Observation
 from selfheal_core.estimate import AccuracyEstimator
 from selfheal_core.model_parts import FeatureTap, ModelParts, detached_copy, find_parts, pool_inputs
 from selfheal_core.monitor import INPUT_SHIFT, LABEL_FREE, Monitor, ReferenceView
+from selfheal_core.plausible import PlausibleRange
+from selfheal_core.prediction_queue import PredictionQueue, nbytes
 from selfheal_core.reference import ReferenceReport, check_reference
 from selfheal_core.task import Task
 
 log = logging.getLogger(__name__)
 
 MIN_REFERENCE = 30  # the feature chart needs 30 vectors; fewer cannot calibrate a false-alarm rate
+UNTRUSTED_SHARE = 0.01  # recent inputs outside the reference's range beyond this share: no estimate
+TRUST_MARGIN = 0.02  # an estimate this far above the reference accuracy while the inputs shifted is not trusted
 
 
 def validate_reference(reference: Any) -> None:
@@ -145,12 +157,18 @@ class ServingModel:
         except BaseException:
             self.close()
             raise
-        self.version = 0  # the published version these weights come from (0: the source model)
-        self.counters = {"predictions": 0, "shed": 0, "drains": 0}
-        self._queue: deque[tuple] = deque()  # (raw, features, inputs) per forward, oldest first
-        self._queued = 0
+        self._version = 0  # the published version these weights come from (0: the source model)
+        # predictions: served; shed: predictions dropped unobserved (queue full); implausible: inputs outside
+        # the reference's range; nonfinite_outputs: answers with NaN or inf (neither is observed)
+        self.counters = {"predictions": 0, "shed": 0, "drains": 0, "implausible": 0, "nonfinite_outputs": 0}
+        self._range = (PlausibleRange(reference, config.input_range)
+                       if reference.is_floating_point() and math.isfinite(config.input_range) else None)
+        # (raw, features, inputs, keep) per forward, oldest first
+        self._queue = PredictionQueue(config.max_queued, config.max_queued_bytes)
         self._pending: Published | None = None  # a version prepared by install(), applied by the serving thread
         self._reset_pending = False
+        self._untrusted: deque[tuple[int, int, int]] = deque()  # (samples, implausible, nonfinite) per drain
+        self._window_counts: tuple[int, ...] = (0, 0, 0)  # their sums (drain thread writes, any thread reads)
         self._drift = self._drift_summary()
 
     def _calibrate_estimator(self, view: ReferenceView) -> None:
@@ -181,7 +199,7 @@ class ServingModel:
             norm = self.corrector.norm_stats()
             if norm is not None:
                 norm.deactivate()
-                norm._sync_hooks()
+                norm.sync_hooks()
 
     # ------------------------------------------------------------------ reference view
     @torch.no_grad()
@@ -216,15 +234,19 @@ class ServingModel:
 
         `defer`: leave the observation to a background thread calling `drain()`; else it runs
         here once `observe_every` samples are queued. `checked`: x already passed `check_input`.
+        Rows outside the reference's plausible range are answered and never observed.
         """
         x = x.to(self.device) if checked else self.check_input(x)
-        self._apply_pending()
+        self.sync()
+        keep = self._range.check(x) if self._range is not None else None  # (B,) bool: may reach shared state
+        if keep is not None and bool(keep.all()):
+            keep = None
         norm = self.corrector.norm_stats() if self.corrector else None
         # inference_mode, cheaper than no_grad: what the forward leaves is only read later,
         # outside it, where results are normal tensors again.
         with torch.inference_mode():
             if norm is not None and norm.active:
-                with norm.recording():
+                with norm.recording(keep):
                     raw = self.model(x)
             else:
                 raw = self.model(x)
@@ -232,19 +254,21 @@ class ServingModel:
         feats = self._features(x)
         keep_inputs = self.corrector is not None and self.corrector.needs_inputs and any(
             p.active for p in self.corrector.inputs if p.needs_inputs)
-        self._queue.append((raw, feats, x if keep_inputs else None))
-        self._queued += len(x)
-        while self._queued > self.config.max_queued and len(self._queue) > 1:
-            self._queued -= len(self._queue.popleft()[0])
-            self.counters["shed"] += 1
+        inputs = x if keep_inputs else None
+        shed = self._queue.put((raw, feats, inputs, keep), len(x), nbytes(raw, feats, inputs))
+        self.counters["shed"] += shed
         self.counters["predictions"] += len(x)
-        if not defer and self._queued >= self.config.observe_every:
+        if keep is not None:
+            self.counters["implausible"] += int((~keep).sum())
+        if not defer and self._queue.samples >= self.config.observe_every:
             self.drain()
-            self._apply_pending()
+            self.sync()
         return out.clone()  # a normal tensor: callers may use it in autograd (e.g. as a teacher)
 
-    def _apply_pending(self) -> None:
-        """Serving thread: copy prepared values into the model (a version, adapted statistics)."""
+    def sync(self) -> None:
+        """Serving thread: copy prepared values into the model (a published version, adapted
+        statistics) and put on or take off the correctors' hooks. `predict` calls it first; an
+        idle replica calls it to serve a newly installed version at once."""
         if self._reset_pending:
             self._reset_pending = False
             with torch.no_grad():
@@ -260,42 +284,98 @@ class ServingModel:
                         p.copy_(pending.weights[name])
             if self.corrector is not None:
                 self.corrector.rebase(pending.weights)
-            self.version = pending.version
+            self._version = pending.version
         if self.corrector is not None:
             self.corrector.apply()
 
     # ------------------------------------------------------------------ background thread
     def drain(self) -> int:
-        """Monitor and adapt on everything queued; returns the samples observed."""
-        items = [self._queue.popleft() for _ in range(len(self._queue))]
+        """Monitor and adapt on everything queued; returns the samples drained (observed or not)."""
+        items = self._queue.take_all()
         if not items:
             return 0
-        n = sum(len(r) for r, _, _ in items)
-        self._queued = max(self._queued - n, 0)
         with torch.no_grad():
-            raw = torch.cat([r for r, _, _ in items]).cpu()
-            feats = [f for _, f, _ in items]
+            raw = torch.cat([r for r, _, _, _ in items]).cpu()
+            n = len(raw)
+            feats = [f for _, f, _, _ in items]
             features = torch.cat(feats).to("cpu", torch.float64) if all(f is not None for f in feats) else None
-            inputs = [i for _, _, i in items]
-            probs = self.task.probs(raw)
-            values = None if self.task.is_classifier else self.task.values(raw)
-            fired = self.monitor.observe_predictions(probs, features, values)
-            if probs is not None:
-                self.estimator.observe(probs.max(1).values)
-            if self.corrector is not None:
-                obs = Observation(raw=raw, probs=probs, features=features, fired=fired,
-                                  inputs=torch.cat(inputs) if all(i is not None for i in inputs) else None)
-                started = self.corrector.observe(obs)
-                if started:
-                    log.info("%s drift after %d predictions: started %s", "+".join(fired),
-                             self.counters["predictions"], ", ".join(started))
+            inputs = [i for _, _, i, _ in items]
+            inputs_all = torch.cat(inputs) if all(i is not None for i in inputs) else None
+            plausible = torch.cat([torch.ones(len(r), dtype=torch.bool) if k is None else k.cpu()
+                                   for r, _, _, k in items])
+            finite = torch.isfinite(raw.reshape(n, -1)).all(1)
+            if features is not None:
+                finite &= torch.isfinite(features).all(1)
+            self.counters["nonfinite_outputs"] += int((~finite).sum())
+            self._note_untrusted(n, int((~plausible).sum()), int((plausible & ~finite).sum()))
+            use = plausible & finite
+            if not bool(use.all()):  # answered, never observed: nothing of it reaches shared state
+                raw = raw[use]
+                features = features[use] if features is not None else None
+                inputs_all = inputs_all[use.to(inputs_all.device)] if inputs_all is not None else None
+            if len(raw):
+                self._observe(raw, features, inputs_all)
         self.counters["drains"] += 1
         self._drift = self._drift_summary()
         return n
 
+    def _observe(self, raw: torch.Tensor, features: torch.Tensor | None, inputs: torch.Tensor | None) -> None:
+        probs = self.task.probs(raw)
+        values = None if self.task.is_classifier else self.task.values(raw)
+        fired = self.monitor.observe_predictions(probs, features, values)
+        if probs is not None:
+            self.estimator.observe(probs.max(1).values)
+        if self.corrector is not None:
+            obs = Observation(raw=raw, probs=probs, features=features, fired=fired, inputs=inputs)
+            started = self.corrector.observe(obs)
+            if started:
+                log.info("%s drift after %d predictions: started %s", "+".join(fired),
+                         self.counters["predictions"], ", ".join(started))
+
+    def _note_untrusted(self, n: int, implausible: int, nonfinite: int) -> None:
+        """Drain thread: the counts of the last `estimator.window` samples that no estimate can
+        speak for, summed into one immutable tuple that any thread may read."""
+        self._untrusted.append((n, implausible, nonfinite))
+        while len(self._untrusted) > 1 and sum(c[0] for c in self._untrusted) - self._untrusted[0][0] \
+                >= self.estimator.window:
+            self._untrusted.popleft()
+        self._window_counts = tuple(sum(c[k] for c in self._untrusted) for k in range(3))
+
+    def estimate_trust(self) -> str | None:
+        """Why the live accuracy estimate cannot be trusted now (None: it can). Confidence-based
+        estimates are blind where the model answers inputs unlike anything it was calibrated on:
+        inputs outside the reference's range, NaN answers, or a shift of the inputs after which the
+        model is surer than on the reference (a dead sensor channel read 1.000 at 28% accuracy)."""
+        total, implausible, nonfinite = self._window_counts
+        if nonfinite:
+            return "the model answered NaN or inf on recent inputs"
+        if implausible > UNTRUSTED_SHARE * total:
+            return "recent inputs lie outside the reference's range"
+        est, ref = self.estimator.estimate, self.estimator.reference_accuracy
+        shifted = set(self._drift["firing"]) & {n.value for n in INPUT_SHIFT}
+        if est is not None and ref is not None and shifted and est > ref + TRUST_MARGIN:
+            return "inputs shifted and the model is surer than on its reference: confidence cannot see its errors"
+        return None
+
+    def check_published(self, published: Published) -> None:
+        """ValueError naming the first weight a version has that this model cannot take (another
+        architecture's snapshot directory): it is then skipped, not installed and crashed on."""
+        params = dict(self.model.named_parameters())
+        for name, value in published.weights.items():
+            if name not in params:
+                raise ValueError(f"version {published.version} has weight {name!r}, which this model does not")
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(params[name].shape):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"version {published.version}: weight {name!r} is {shape}, this model's is "
+                                 f"{tuple(params[name].shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"version {published.version}: weight {name!r} is not finite")
+
     def install(self, published: Published) -> None:
         """Prepare a published version: the monitor re-reads its reference now, the weights are
-        copied in by the serving thread before its next forward."""
+        copied in by the serving thread before its next forward. ValueError (nothing changed) for a
+        version this model cannot take."""
+        self.check_published(published)
         if published.reference is not None:
             self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
             self._calibrate_estimator(published.reference)
@@ -304,13 +384,14 @@ class ServingModel:
     def reset(self) -> None:
         """Back to the source weights; forget adaptation and drift state (weights at the next forward)."""
         self._queue.clear()
-        self._queued = 0
+        self._untrusted.clear()
+        self._window_counts = (0, 0, 0)
         self._pending = None
         self._reset_pending = True
         if self.corrector is not None:
             self.corrector.reset()
         self.monitor.reset()
-        self.version = 0
+        self._version = 0
         self._drift = self._drift_summary()
 
     # ------------------------------------------------------------------ what others read
@@ -319,10 +400,19 @@ class ServingModel:
         return {"detected": state.detected, "firing": state.firing, "scores": state.scores}
 
     @property
+    def version(self) -> int:
+        """The published version the served weights come from (0: the source model)."""
+        return self._version
+
+    def published_as(self, version: int) -> None:
+        """The weights served now were just saved as `version` (one process: `SelfHealer`)."""
+        self._version = int(version)
+
+    @property
     def pending_version(self) -> int:
         """The version served after the next forward: installed but maybe not yet applied."""
         pending = self._pending
-        return pending.version if pending is not None else self.version
+        return pending.version if pending is not None else self._version
 
     @property
     def drift(self) -> dict:
@@ -347,8 +437,11 @@ class ServingModel:
                            else {"available": "off: monitor-only mode"}),
             "model": self.parts.describe(),
             "reference": self.reference_report.as_dict(),
-            "accuracy": self.estimator.status() if self.task.is_classifier else None,
+            "accuracy": (dict(self.estimator.status(), trusted=self.estimate_trust() is None,
+                              untrusted_reason=self.estimate_trust()) if self.task.is_classifier else None),
             "counters": dict(self.counters),
+            "queue": {"samples": self._queue.samples, "bytes": self._queue.bytes,
+                      "max_bytes": self._queue.max_bytes, "shed_bytes": self._queue.shed_bytes},
         }
 
     def state_dict(self) -> dict:

@@ -4,7 +4,8 @@ A corrector is fed drained batches (`observe`, off the request path) and may
 change what the served model computes. Serving state is written only by the
 thread that serves: `observe` computes new values and swaps them in by
 reference, and `apply()` (called before a forward, on the serving thread)
-copies them into the model. So a forward never reads a half-written tensor
+copies them into the model and registers or removes the part's hooks
+(`activate`/`reset` only set flags). So a forward never reads a half-written tensor
 and no lock is shared between the two threads.
 """
 from __future__ import annotations
@@ -129,6 +130,10 @@ class Corrector(StateMixin):
 
     def rebase(self, weights: dict[str, torch.Tensor]) -> None:
         """A new version's weights were installed: adapt from them from now on (serving thread)."""
+
+    def finite(self) -> bool:
+        """Whether everything this part serves is finite (False: it is reset at once)."""
+        return True
 
     def status(self) -> dict:
         return {"active": self._active}

@@ -79,6 +79,7 @@ class LabelFreeCorrector:
     def _reset(self) -> None:
         self._share = torch.zeros(self._width, dtype=torch.float64)  # EMA of predicted classes
         self.collapses = 0
+        self.nonfinite_resets = 0
         self._since_unsure = self.config.prior_quiet  # predictions since the last confidence alarm
         self._since_class = self.config.prior_quiet  # since a class-shift alarm without a confidence alarm
         if self.config.when == "always":
@@ -129,6 +130,13 @@ class LabelFreeCorrector:
         self._since_class += len(obs.raw)
         for part in self.parts:
             part.observe(obs)
+        for part in self.inputs:
+            if not part.finite():  # whatever caused it, non-finite statistics would answer NaN to everyone
+                part.reset()
+                part.activate()
+                self.nonfinite_resets += 1
+                log.warning("label-free %s went non-finite: reset to the source (%d so far)", part.name,
+                            self.nonfinite_resets)
         if obs.probs is not None and self._width:
             logits = obs.probs.clamp_min(1e-12).log()
             self._check_collapse((self.prior.adjust(logits) if self.prior else logits).argmax(1))
@@ -197,4 +205,4 @@ class LabelFreeCorrector:
 
     def status(self) -> dict:
         return {"available": self.summary, **{p.name: p.status() for p in self.parts},
-                "collapse_resets": self.collapses}
+                "collapse_resets": self.collapses, "nonfinite_resets": self.nonfinite_resets}

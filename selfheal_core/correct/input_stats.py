@@ -103,17 +103,15 @@ class InputStatsAdapter(Corrector):
         self._published: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, shift) for the hook
         self._served: tuple[torch.Tensor, torch.Tensor] | None = None  # what the hook uses (on its device)
         self._applied: object = None  # the published pair last taken by apply()
-        self._sync_hook()
 
     def activate(self) -> None:
-        self._active = True
-        self._sync_hook()
+        self._active = True  # the hook follows at the next apply(), on the serving thread
 
     def deactivate(self) -> None:
         self._active = False
-        self._sync_hook()
 
     def _sync_hook(self) -> None:
+        """Serving thread: the transform hook on the model exactly while active."""
         if self._active and self._hook is None:
             self._hook = self.model.register_forward_pre_hook(self._transform)
         elif not self._active and self._hook is not None:
@@ -190,6 +188,7 @@ class InputStatsAdapter(Corrector):
 
     def apply(self) -> None:
         """Serving thread: the hook uses the newest scale and shift from the next forward on."""
+        self._sync_hook()
         published = self._published
         if published is not self._applied:
             self._served, self._applied = published, published
@@ -199,8 +198,16 @@ class InputStatsAdapter(Corrector):
         self._reset()
 
     def remove(self) -> None:
+        """Serving thread (or at close): take the hook off the user's model now."""
         self._active = False
         self._sync_hook()
+
+    def finite(self) -> bool:
+        """Whether the live moments and the transform served from them are all finite."""
+        published = self._published
+        return bool(torch.isfinite(self._mean).all() and torch.isfinite(self._sq).all()
+                    and torch.isfinite(self._cube).all()
+                    and (published is None or all(torch.isfinite(t).all() for t in published)))
 
     def load_state_dict(self, state: dict) -> None:
         """As StateMixin; a state saved before the third moment was kept gets one with the
@@ -214,7 +221,6 @@ class InputStatsAdapter(Corrector):
         super().load_state_dict(state)
         self._published = self._scale_shift(self.mirrored) if self._samples else None
         self._served = self._applied = None
-        self._sync_hook()
 
     def status(self) -> dict:
         return {"active": self._active, "features": self._ref_mean.numel(), "samples": self._samples,

@@ -40,6 +40,7 @@ class NormStatsAdapter(Corrector):
         self._layers = list(layers)
         self._source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._layers]
         self._recording = False
+        self._keep: torch.Tensor | None = None  # rows of the forward being recorded to capture
         self._hooks: list = []  # registered only while adapting: an idle hook still costs every forward
         self._reset()
 
@@ -63,7 +64,13 @@ class NormStatsAdapter(Corrector):
     def _make_hook(self, i: int):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             if self._recording:
-                self._captured[i].append(inputs[0].detach())  # (B, C, ...): folded by observe()
+                x = inputs[0].detach()  # (B, C, ...): folded by observe()
+                keep = self._keep
+                if keep is not None:
+                    if not bool(keep.any()):
+                        return
+                    x = x[keep]  # rows outside the plausible range never reach the statistics
+                self._captured[i].append(x)
         return hook
 
     @property
@@ -71,10 +78,10 @@ class NormStatsAdapter(Corrector):
         return bool(self._layers)
 
     def activate(self) -> None:
-        self._active = True
-        self._sync_hooks()
+        self._active = True  # the hooks follow at the next apply(), on the serving thread
 
-    def _sync_hooks(self) -> None:
+    def sync_hooks(self) -> None:
+        """Serving thread: capture hooks on the layers exactly while active."""
         if self._active and not self._hooks:
             self._hooks = [layer.register_forward_pre_hook(self._make_hook(i)) for i, layer in enumerate(self._layers)]
         elif not self._active and self._hooks:
@@ -83,13 +90,16 @@ class NormStatsAdapter(Corrector):
             self._hooks = []
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Capture BN inputs during the forward pass run inside this block."""
+    def recording(self, keep: torch.Tensor | None = None) -> Iterator[None]:
+        """Capture BN inputs during the forward pass run inside this block; `keep` (B,) bool: only
+        these rows (None: all)."""
         self._recording = self._active and self.enabled
+        self._keep = keep
         try:
             yield
         finally:
             self._recording = False
+            self._keep = None
 
     @torch.no_grad()
     def observe(self, obs: Observation | None = None) -> None:
@@ -139,6 +149,7 @@ class NormStatsAdapter(Corrector):
 
     @torch.no_grad()
     def apply(self) -> None:
+        self.sync_hooks()
         stats = self._stats  # the source's own tensors until something is folded in: restored exactly
         if stats is self._applied:
             return
@@ -158,7 +169,6 @@ class NormStatsAdapter(Corrector):
         self._noise = [q.to(layer.running_mean.device) for q, layer in zip(self._noise, self._layers)]
         self._stats = self._adapted()
         self._applied = None
-        self._sync_hooks()
 
     def moments(self) -> dict:
         """The adapted statistics, for a learner that trains with what serving normalises with."""
@@ -168,7 +178,10 @@ class NormStatsAdapter(Corrector):
     def reset(self) -> None:
         """Restore the source statistics exactly and stop adapting (takes effect at `apply`)."""
         self._reset()
-        self._sync_hooks()
+
+    def finite(self) -> bool:
+        """Whether the statistics served are all finite."""
+        return all(bool(torch.isfinite(m).all() and torch.isfinite(v).all()) for m, v in self._stats)
 
     def status(self) -> dict:
         return {"layers": len(self._layers), "active": self._active, "samples": self._samples}

@@ -246,6 +246,7 @@ def test_norm_stats_folding_many_forwards_at_once_equals_one_at_a_time():
     def adapter(model):
         ad = NormStatsAdapter(find_parts(model, 4).batchnorms, momentum=0.05)
         ad.activate()
+        ad.apply()  # hooks go on on the serving thread, at apply()
         return ad
 
     one, many, ref = bn_model(), bn_model(), bn_model()
@@ -274,6 +275,7 @@ def test_norm_stats_pending_forwards_are_bounded():
     model = bn_model()
     ad = NormStatsAdapter(find_parts(model, 4).batchnorms, max_pending=4)
     ad.activate()
+    ad.apply()  # hooks go on on the serving thread, at apply()
     with torch.no_grad():
         for _ in range(10):
             with ad.recording():
@@ -331,6 +333,7 @@ def test_input_polarity_undoes_a_mirrored_input_and_leaves_every_other_shift_alo
         model = ln_model()
         ad = InputStatsAdapter(model, reference, momentum=0.01, align=False)
         ad.activate()
+        ad.apply()  # hooks go on on the serving thread, at apply()
         _fold(ad, model, [shift(skewed(4, g)) for _ in range(500)])
         assert ad.mirrored == (name == "mirrored") and ad.status()["mirrored"] == ad.mirrored, name
         if name != "mirrored":
@@ -360,6 +363,7 @@ def test_input_polarity_notices_a_polarity_change_within_tens_of_samples_and_onl
         model = nn.Sequential(nn.Linear(64, 3))
         ad = InputStatsAdapter(model, reference, momentum=0.01, align=False)
         ad.activate()
+        ad.apply()  # hooks go on on the serving thread, at apply()
         _fold(ad, model, [wide(4) for _ in range(100)])
         assert not ad.mirrored
         _fold(ad, model, [flip(wide(4)) for _ in range(20)])
@@ -376,6 +380,7 @@ def test_input_stats_load_states_saved_before_the_third_moment_or_the_short_memo
     model, reference = ln_model(), skewed(2000, g)
     ad = InputStatsAdapter(model, reference, momentum=0.01)
     ad.activate()
+    ad.apply()  # hooks go on on the serving thread, at apply()
     _fold(ad, model, [skewed(4, g) * 2 + 1 for _ in range(200)])
     ad.apply()
     for dropped in (("_cube", "_fast"), ("_fast",)):
@@ -419,6 +424,7 @@ def test_norm_stats_keep_the_source_on_inputs_that_did_not_move_and_adopt_a_real
             m = copy.deepcopy(model)
             ad = NormStatsAdapter(find_parts(m, 4).batchnorms, momentum=0.01, noise_se=noise_se)
             ad.activate()
+            ad.apply()  # hooks go on on the serving thread, at apply()
             _fold(ad, m, batches)
             adapted[noise_se, name] = m[1].running_mean.clone()
     kept = (adapted[3.0, "same"] == src_mean).float().mean()
@@ -435,6 +441,7 @@ def test_input_stats_keep_the_reference_on_inputs_that_did_not_move():
     model, reference = ln_model(), torch.randn(20_000, 6)
     ad = InputStatsAdapter(model, reference, momentum=0.003)
     ad.activate()
+    ad.apply()  # hooks go on on the serving thread, at apply()
     g = torch.Generator().manual_seed(6)
     _fold(ad, model, [torch.randn(4, 6, generator=g) for _ in range(500)])
     scale, shift = ad._published
@@ -445,6 +452,7 @@ def test_norm_stats_load_a_state_saved_before_the_noise_was_tracked():
     model = bn_model()
     ad = NormStatsAdapter(find_parts(model, 4).batchnorms, momentum=0.05)
     ad.activate()
+    ad.apply()  # hooks go on on the serving thread, at apply()
     _fold(ad, model, [torch.randn(4, 1, 4, 4) * 3 + 1 for _ in range(20)])
     old = {k: v for k, v in ad.state_dict().items() if k != "_noise"}
     other = NormStatsAdapter(find_parts(bn_model(), 4).batchnorms, momentum=0.05)

@@ -225,7 +225,7 @@ def test_config_validation():
 
 
 def test_deferred_predictions_are_monitored_by_drain_and_shed_when_it_lags(demo_model, reference, digits):
-    healer = make(demo_model, reference, config=HealConfig(max_queued=64))
+    healer = make(demo_model, reference, config=HealConfig(max_queued=64, observe_every=64))
     x, _ = stream(digits, "contrast", 200, seed=5)
     plain = healer.predict(x[:8], defer=True)
     assert healer.serving.monitor.state.scores["confidence"] == 0.0, "nothing monitored before the drain"

@@ -165,7 +165,7 @@ def test_guard_holds_back_every_kth_and_judges():
     other.load_state_dict(guard.state_dict())
     mine, theirs = guard.evaluate(bn_model()), other.evaluate(bn_model())
     assert mine[:2] == theirs[:2] and torch.equal(mine[2], theirs[2])
-    assert not Guard(GuardConfig(min_holdout=50), CLS3).ready and Guard(GuardConfig(), CLS3).evaluate(bn_model()) is None
+    assert not Guard(GuardConfig(min_holdout=20), CLS3).ready and Guard(GuardConfig(), CLS3).evaluate(bn_model()) is None
 
 
 def screen_all(q, pairs, conf=0.99, drifted=False):
