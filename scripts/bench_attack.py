@@ -9,6 +9,11 @@ learner process runs), labels in requests of 8, on a clean probe of the 593 test
   operator discards it;
 - broken_labeller_drift: rotated digits (rotate-4), 30% of the labels set to 8 by a broken
   labeller; rotated accuracy compared with the same run on clean labels;
+- drift_assisted_30: targeted_30 while the attacker sends contrast-5 images to the inference port
+  (a confidence alarm once released held labels);
+- out_of_radius_30: targeted_30 with the poisoned 3s scaled by 1.6 (beyond the reference's radius);
+- huge_input: one request of 8 digits of pixels 1e18 (and 3e38, 1e6) once adaptation is on; clean
+  accuracy served before and after;
 - concept_approved: the concept change of bench_feedback (classes 1 and 7 trade labels, inputs
   clean) with an operator approving both relabellings once reported; gap closed to an oracle
   retrained on the swapped training split.
@@ -75,11 +80,12 @@ def poisoned(n: int, share: float, seed: int, x_pool, y_pool):
     return x_pool[idx], given, mask
 
 
-def feed(healer: SelfHealer, x, y, batch: int = 8, on_report=None) -> None:
-    """Serve each input (so the monitor sees the stream), then give its label one request later."""
+def feed(healer: SelfHealer, x, y, batch: int = 8, on_report=None, traffic=None) -> None:
+    """Serve each input (so the monitor sees the stream), then give its label one request later.
+    `traffic`: other inputs served instead (an attacker's, to drift what the monitor sees)."""
     pending = None
     for i in range(0, len(y), batch):
-        healer.predict(x[i:i + batch])
+        healer.predict((traffic if traffic is not None else x)[i:i + batch])
         if pending is not None:
             healer.feedback(*pending)
         pending = (x[i:i + batch], y[i:i + batch])
@@ -112,6 +118,29 @@ def scenario(name, healer, probe, run, pair=(SOURCE, TARGET)) -> dict:
     return row
 
 
+def huge_input(model, x_ref, y_ref, x_te, y_te, work: Path) -> dict:
+    """Red team case A: once a confidence alarm switched statistics adaptation on, one request of 8
+    digits whose pixels are 1e18 (then 3e38); clean accuracy of what is served before and after."""
+    healer = make_healer(model, x_ref, y_ref, work, "hold")
+    for i in range(0, 400, 16):  # contrast drift: the alarm starts adaptation
+        healer.predict(corrupt(x_te[i % len(x_te):][:16], "contrast", 5, seed=i))
+    adapting = bool(healer.status()["label_free"]["norm_stats"]["active"])
+    served = lambda: float((torch.cat([healer.predict(x_te[i:i + 64]).argmax(1)  # noqa: E731
+                                       for i in range(0, len(x_te), 64)]) == y_te).float().mean())
+    before = served()
+    for value in (1e18, 3e38, 1e6):
+        healer.predict(torch.full((8,) + tuple(x_te.shape[1:]), value))
+    after = served()
+    status = healer.status()
+    row = {"adapting_before_attack": adapting, "clean_accuracy_before": before, "clean_accuracy_after": after,
+           "implausible_counted": status["counters"]["implausible"],
+           "nonfinite_resets": status["label_free"]["nonfinite_resets"],
+           "probe_accuracy_before": before, "probe_accuracy_after": after, "worst_class_recall_drop": None,
+           "quarantined": 0, "reported": status["counters"]["implausible"] > 0}
+    log.info("huge_input: %s", row)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
@@ -134,6 +163,21 @@ def main() -> None:
         x, given, _ = poisoned(n, share, seed, x_tr, y_tr)
         healer = make_healer(model, x_ref, y_ref, work / name, "hold")
         results[name] = scenario(name, healer, probe, lambda h: feed(h, x, given))
+
+    # poisoning that tries to escape the screen: the attacker drifts the traffic (contrast-5 images
+    # to the inference port) beside clean 3s labelled 8, or scales its poisoned 3s by 1.6 so they
+    # lie beyond the reference's radius in feature space
+    x, given, bad = poisoned(n600, 0.30, 8, x_tr, y_tr)
+    traffic = corrupt(x_tr[torch.randint(0, len(y_tr), (n600,), generator=torch.Generator().manual_seed(9))],
+                      "contrast", 5, seed=9)
+    healer = make_healer(model, x_ref, y_ref, work / "drift_assisted", "hold")
+    results["drift_assisted_30"] = scenario("drift_assisted_30", healer, probe,
+                                            lambda h: feed(h, x, given, traffic=traffic))
+    x, given, bad = poisoned(n600, 0.30, 10, x_tr, y_tr)
+    x = torch.where(bad[:, None, None, None], x * 1.6, x)
+    healer = make_healer(model, x_ref, y_ref, work / "out_of_radius", "hold")
+    results["out_of_radius_30"] = scenario("out_of_radius_30", healer, probe, lambda h: feed(h, x, given))
+    results["huge_input"] = huge_input(model, x_ref, y_ref, x_te, y_te, work / "huge")
 
     # policy learn, then an operator discards the relabelling once it is reported
     x, given, _ = poisoned(n600, 0.10, 1, x_tr, y_tr)
@@ -238,12 +282,17 @@ def main() -> None:
     log.info("concept_approved: %s", results["concept_approved"])
 
     bars = []
-    for name in ("targeted_10", "targeted_30", "drip_2", "targeted_10_learn_discard"):
+    for name in ("targeted_10", "targeted_30", "drip_2", "targeted_10_learn_discard", "drift_assisted_30",
+                 "out_of_radius_30"):
         r = results[name]
         drop = 100 * (r["probe_accuracy_before"] - r["probe_accuracy_after"])
         bars += [Bar(f"{name}: probe accuracy drop, points", round(drop, 2), "<=", 1.0),
                  Bar(f"{name}: worst class recall drop, points", r["worst_class_recall_drop"], "<=", 5.0),
                  Bar(f"{name}: reported", r["reported"], "==", True)]
+    h = results["huge_input"]
+    bars += [Bar("huge_input: clean accuracy drop after the request, points",
+                 round(100 * (h["clean_accuracy_before"] - h["clean_accuracy_after"]), 2), "<=", 0.5),
+             Bar("huge_input: adaptation was on when it came", h["adapting_before_attack"], "==", True)]
     b = results["broken_labeller_drift"]
     bars += [Bar("broken labeller: share of bad labels quarantined", round(b["bad_quarantined_share"], 3), ">=", 0.8),
              Bar("broken labeller: rotated accuracy, clean minus broken labels, points",

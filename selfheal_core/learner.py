@@ -14,9 +14,12 @@ so the weights it learns fit the statistics they will be served with.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -28,6 +31,7 @@ from selfheal_core.guard import Guard
 from selfheal_core.learn import BayesianLastLayer, GradientLearner
 from selfheal_core.model_parts import FeatureTap, find_parts, pool_inputs
 from selfheal_core.monitor import ON_FEEDBACK, Monitor, ReferenceView
+from selfheal_core.plausible import PlausibleRange
 from selfheal_core.quarantine import Quarantine
 from selfheal_core.serving import (Published, check_inputs, model_device, reference_outputs,
                                    validate_reference)
@@ -39,37 +43,6 @@ log = logging.getLogger(__name__)
 
 DELAYS_KEPT = 1_000  # label-to-weights delays kept for percentiles
 SNAPSHOT_FORMAT = 3
-
-
-def restore_before(learner: "Learner", seq: int, store) -> int:
-    """Put the learner back to the newest published version that absorbed no log row from `seq` on
-    (the source model if none is kept); returns that version (0: the source). The caller then
-    lets it re-read the log from there."""
-    keep_discarded = learner.concept.state_dict() if learner.concept else None
-    for version in reversed(store.versions() if store is not None else []):
-        try:
-            state, meta = store.load(version)
-        except (ValueError, OSError):
-            continue
-        if int(meta.get("feedback_seq", 0)) < seq:
-            counters = dict(learner.counters)
-            learner.load_state_dict(state["learner"], reference_of(state))
-            learner.counters = counters
-            break
-    else:
-        version, counters = 0, dict(learner.counters)
-        learner.reset()
-        learner.counters = counters
-    if keep_discarded is not None:  # the decisions taken since stay taken
-        for pair in keep_discarded["_pairs_state"]:
-            if pair["state"] in ("discarded", "approved"):
-                try:
-                    getattr(learner.concept, "discard" if pair["state"] == "discarded" else "approve")(*pair["pair"])
-                except KeyError:
-                    from selfheal_core.concept import Pair
-                    learner.concept._pairs[tuple(pair["pair"])] = Pair(*pair["pair"], state=pair["state"])
-    learner._dirty = True
-    return version
 
 
 def reference_of(state: dict) -> ReferenceView | None:
@@ -117,6 +90,8 @@ class Learner:
         self.learns = config.adapt and not self.parts.scripted  # else: labels are logged and watched only
         targets = self.task.check_targets(reference_targets, len(reference)) if reference_targets is not None else None
         self._reference = reference.to(self.device)
+        self._range = (PlausibleRange(reference, config.input_range)
+                       if reference.is_floating_point() and math.isfinite(config.input_range) else None)
         self._targets = targets
         self.input_shape, self.input_dtype = tuple(reference.shape[1:]), reference.dtype
         self._source = clone_state(model.state_dict())
@@ -197,13 +172,35 @@ class Learner:
         """Normalise as serving does: its adapted BatchNorm statistics, or the source ones."""
         norm = (context or {}).get("norm")
         for i, layer in enumerate(self._norm_layers):
-            if norm and norm.get("active") and i < len(norm["mean"]):
+            finite = bool(norm and norm.get("active") and i < len(norm["mean"])
+                          and torch.isfinite(norm["mean"][i]).all() and torch.isfinite(norm["sq"][i]).all())
+            if finite:  # a worker's non-finite statistics are not trained with (they reset there at once)
                 mu, sq = norm["mean"][i].to(layer.running_mean), norm["sq"][i].to(layer.running_mean)
                 layer.running_mean.copy_(mu)
                 layer.running_var.copy_((sq - mu ** 2).clamp_min(layer.eps))
             else:
                 layer.running_mean.copy_(self._norm_source[i][0])
                 layer.running_var.copy_(self._norm_source[i][1])
+
+    def _at_source_norms(self) -> bool:
+        return all(torch.equal(m.running_mean, mu) and torch.equal(m.running_var, var)
+                   for m, (mu, var) in zip(self._norm_layers, self._norm_source))
+
+    @contextmanager
+    def _source_norms(self) -> Iterator[None]:
+        """BatchNorm layers on their source statistics inside the block, as they were after it."""
+        if not self._norm_layers:
+            yield
+            return
+        saved = [(m.running_mean.clone(), m.running_var.clone()) for m in self._norm_layers]
+        self.use_context(None)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, (mu, var) in zip(self._norm_layers, saved):
+                    layer.running_mean.copy_(mu)
+                    layer.running_var.copy_(var)
 
     # ------------------------------------------------------------------ labels in
     def check_input(self, x) -> torch.Tensor:
@@ -241,11 +238,17 @@ class Learner:
         if self.quarantine is not None and self.learns:
             held = self.quarantine.screen(served, y, confidence.nan_to_num(0.0), drifted)
         statuses = [QUARANTINED if h else LEARNED for h in held.tolist()]
+        if self._range is not None:
+            # inputs no reference speaks for (beyond the plausible range) are logged, never learned
+            implausible = ~self._range.check(x).cpu()
+            statuses = [HELD if bad and st == LEARNED else st for st, bad in zip(statuses, implausible.tolist())]
+            held = held | implausible
         if self.concept is not None:
-            # only an input shift that makes the model unsure corroborates a relabelling: classes or
-            # features moving (a stream of one class, say) happen without the concept changing
-            unsure = "confidence" in ((context or {}).get("drift") or {}).get("firing", [])
-            contradicts = self.concept.screen(self._features_of(x), y, x, seqs, times, unsure, skip=held)
+            # each label is judged on its own input, read with the statistics the reference was read
+            # with: serving's adapted ones follow the traffic, which an attacker can drift (issue 26 B)
+            with self._source_norms():
+                feats = self._features_of(x)
+            contradicts = self.concept.screen(feats, y, x, seqs, times, skip=held)
             if self.gradient is not None:
                 self.gradient.concept_moved(self.concept.moved)
             statuses = [HELD if c and st == LEARNED else st for st, c in zip(statuses, contradicts.tolist())]
@@ -359,8 +362,11 @@ class Learner:
         original's. `view`: a restored version's, as it was read when the version was made."""
         self._view = view if view is not None else self._read_reference()
         if self.concept is not None:
-            feats = self._view.features
-            self.concept.fit(feats if feats is not None else self._features_of(self._reference), self._targets)
+            feats = self._view.features if view is None and self._at_source_norms() else None
+            if feats is None:
+                with self._source_norms():
+                    feats = self._features_of(self._reference)
+            self.concept.fit(feats, self._targets)
         if self.task.is_classifier and self._targets is not None:
             conf, pred = self._view.probs.max(1)
             self.estimator.calibrate(conf, pred == self._targets)
@@ -522,6 +528,29 @@ class Learner:
         self.absorbed = int(state["absorbed"])
         self.counters = {**self.counters, **state["counters"]}
         self._refit_reference(reference)
+
+    def restore_before(self, seq: int, store) -> int:
+        """Go back to the newest published version that absorbed no log row from `seq` on (the
+        source model if none is kept); returns that version (0: the source). Counters and the
+        operators' decisions stay; the caller then lets it re-read the log from there."""
+        decisions = self.concept.decisions() if self.concept else None
+        counters = dict(self.counters)
+        for version in reversed(store.versions() if store is not None else []):
+            try:
+                state, meta = store.load(version)
+            except (ValueError, OSError):
+                continue
+            if int(meta.get("feedback_seq", 0)) < seq:
+                self.load_state_dict(state["learner"], reference_of(state))
+                break
+        else:
+            version = 0
+            self.reset()
+        self.counters = counters
+        if decisions is not None:  # the decisions taken since stay taken
+            self.concept.reapply(decisions)
+        self._dirty = True
+        return version
 
     def reset(self) -> None:
         """Back to the source model; forget buffers, holdout, quarantine and the log position."""

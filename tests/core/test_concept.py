@@ -165,7 +165,7 @@ def watch_learning(**guard) -> tuple:
 
 def feed(w, feats, given):
     n = len(given)
-    return w.screen(feats, given, feats, list(range(n)), [0.0] * n, inputs_drifted=False)
+    return w.screen(feats, given, feats, list(range(n)), [0.0] * n)
 
 
 def test_learn_policy_learns_a_swapped_class_and_releases_its_corroboration_window():
@@ -218,7 +218,7 @@ def test_quarantined_labels_neither_corroborate_nor_get_released():
     f, y = clusters(30, seed=5)
     given = torch.where(y == 1, torch.tensor(2), y)
     n = len(given)
-    held = w.screen(f, given, f, list(range(n)), [0.0] * n, inputs_drifted=False, skip=y == 1)
+    held = w.screen(f, given, f, list(range(n)), [0.0] * n, skip=y == 1)
     assert not held.any() and w.suspected == [] and w.release() == []
     recent = w.state_dict()["_recent_y"]
     assert 0 < int((recent == 2).sum()) <= int((y == 2).sum()), "quarantined labels are not recent consensus"
