@@ -14,22 +14,18 @@ not at all; an error names the problem with an HTTP status (`IntakeError`).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Callable
 
 import torch
 
+from selfheal_core.errors import ClientError
 from selfheal_core.storage import (DuplicateFeedback, FeedbackLog, PredictionRecord, StorageError, ascii_safe,
                                    encode_target)
 from selfheal_core.task import Task
 
 
-class IntakeError(Exception):
-    """A feedback request refused with HTTP status `code` and an ASCII message."""
-
-    def __init__(self, code: int, message: str) -> None:
-        self.code = code
-        self.message = ascii_safe(message, 1_000)
-        super().__init__(self.message)
+IntakeError = ClientError  # one client-error type for every server (its older name here)
 
 
 def _echo(value: Any) -> str:
@@ -39,6 +35,9 @@ def _echo(value: Any) -> str:
 def _ids(pids: list[str]) -> str:
     shown = ", ".join(ascii_safe(p, 40) for p in pids[:5])
     return shown + (f" and {len(pids) - 5} more" if len(pids) > 5 else "")
+
+
+MAX_ID_CHARS = 64  # ids are 32 hex characters; anything longer or non-ASCII never was one
 
 
 class Intake:
@@ -54,17 +53,25 @@ class Intake:
         self.wait_s = wait_s
         self.on_append = on_append
         self.counters = {"accepted": 0, "refused": 0, "requests": 0}
+        self._lock = threading.Lock()  # guards the counters only: requests run concurrently (the log
+        # serialises appends and refuses an id answered twice), so one slow lookup blocks nobody else
 
     def submit(self, body: Any, source: str = "management-api") -> dict:
-        """Validate and append; returns the answer. IntakeError with nothing written on any problem."""
-        self.counters["requests"] += 1
+        """Validate and append; returns the answer. IntakeError with nothing written on any problem.
+        Safe to call from many threads at once."""
         try:
             result = self._submit(body, source)
         except IntakeError:
-            self.counters["refused"] += 1
+            self._count(refused=1)
             raise
-        self.counters["accepted"] += result["accepted"]
+        self._count(accepted=result["accepted"])
         return result
+
+    def _count(self, accepted: int = 0, refused: int = 0) -> None:
+        with self._lock:
+            self.counters["requests"] += 1
+            self.counters["accepted"] += accepted
+            self.counters["refused"] += refused
 
     def _submit(self, body: Any, source: str) -> dict:
         if not isinstance(body, dict):
@@ -102,6 +109,10 @@ class Intake:
         if not all(isinstance(it, dict) and isinstance(it.get("id"), str) and key in it for it in items):
             raise IntakeError(400, f'each feedback item must be {{"id": "<prediction id>", "{key}": ...}}')
         pids = [it["id"] for it in items]
+        bad = [p for p in pids if not (p.isascii() and p.isprintable() and 0 < len(p) <= MAX_ID_CHARS)]
+        if bad:
+            raise IntakeError(400, f"prediction id {_echo(bad[0])} is not an id selfheal hands out (printable "
+                                   f"ASCII, at most {MAX_ID_CHARS} characters)")
         if len(set(pids)) != len(pids):
             raise IntakeError(400, "the same prediction id appears twice in one request")
         targets = self._targets([it[key] for it in items], "feedback")
@@ -110,9 +121,12 @@ class Intake:
             if answered:
                 raise IntakeError(409, f"feedback already received for prediction id(s) {_ids(answered)}: "
                                        "feedback is taken once per prediction")
-            found, unknown = self._records().lookup(pids, self.wait_s)
+            found, unknown, pending = self._records().lookup(pids, self.wait_s)
         except StorageError as exc:
             raise IntakeError(exc.code, f"prediction record unavailable: {exc.message}") from None
+        if pending:  # handed out by a worker that has not written them (yet): not final, unlike 404
+            raise IntakeError(503, f"prediction id(s) {_ids(pending)} not recorded yet (their worker has not "
+                                   "written them: its disk may be full); retry later")
         if unknown:
             raise IntakeError(404, f"unknown prediction id(s) {_ids(unknown)} (never served, or older than the "
                                    "newest predictions kept)")

@@ -43,11 +43,6 @@ class ModelParts:
     affine_norms: tuple[tuple[str, nn.Module], ...]  # LayerNorm/GroupNorm layers with affine parameters
     scripted: bool
 
-    @property
-    def adaptable(self) -> bool:
-        """Whether parameters can be trained and hooks registered (eager nn.Module)."""
-        return not self.scripted
-
     def describe(self) -> dict:
         return {"head": self.head_name, "batchnorm_layers": len(self.batchnorms),
                 "affine_norm_layers": len(self.affine_norms), "scripted": self.scripted}
@@ -109,21 +104,3 @@ class FeatureTap:
 
     def remove(self) -> None:
         self._handle.remove()
-
-
-class HookSet:
-    """Hooks registered on a user's model, removed together (on reset of a part or a failed setup)."""
-
-    def __init__(self) -> None:
-        self._handles: list = []
-
-    def add(self, handle) -> None:
-        self._handles.append(handle)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __iter__(self) -> Iterator:
-        return iter(self._handles)

@@ -22,6 +22,7 @@ it was given disappears, or on SIGTERM.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hmac
 import importlib
 import json
@@ -41,8 +42,9 @@ from typing import Any
 import torch
 
 from selfheal_core import Learner
+from selfheal_core.faults import Faults
 from selfheal_core.intake import Intake, IntakeError
-from selfheal_core.learner import reference_of, restore_before
+from selfheal_core.learner import reference_of
 from selfheal_core.storage import DISCARDED, LEARNED, StorageError, open_storage
 from selfheal_torchserve.errors import ERROR_TYPES, RequestError
 from selfheal_torchserve.mixin import ROLE_ENV
@@ -127,31 +129,42 @@ class LearnerService:
         self.active = False
         self.resumed = False
         self.warnings: list[str] = []
-        self.log_error: str | None = None
+        self.faults = Faults()  # storage, publish, learn, status: open until that part next succeeds
         self._last_publish = 0.0
         self._context: tuple[float, dict | None] = (0.0, None)
         self.snapshot_status: dict = {}
         self.commands: queue.Queue = queue.Queue()  # decisions from the HTTP threads, run by the loop
         self.intake: Intake | None = None  # for its counters in the status record
+        self.checks_concepts = learner.concept is not None  # fixed at construction: HTTP threads may read it
 
     # ------------------------------------------------------------------ decisions (HTTP threads)
-    def decide(self, body: dict, timeout: float = 60.0) -> dict:
-        """Queue an operator's decision on a suspected relabelling for the loop; its result."""
-        pair, action = body.get("pair"), body.get("action")
+    def decide(self, body: Any, timeout: float = 60.0) -> dict:
+        """Queue an operator's decision on a suspected relabelling for the loop; its result. A
+        decision not taken within `timeout` is cancelled, never carried out later."""
+        pair, action = (body.get("pair"), body.get("action")) if isinstance(body, dict) else (None, None)
         if action not in ("approve", "discard") or not (isinstance(pair, list) and len(pair) == 2
                                                         and all(isinstance(v, int) and not isinstance(v, bool)
                                                                 for v in pair)):
             raise RequestError(400, 'a decision is {"pair": [served_class, given_class], "action": "approve" | '
                                     '"discard"} (pairs: GET /feedback/{model}, concept.suspected)')
-        if self.learner.concept is None:
+        if not self.checks_concepts:
             raise RequestError(409, "this model has no labelled reference to check labels against: nothing is held")
-        done: queue.Queue = queue.Queue()
+        done: concurrent.futures.Future = concurrent.futures.Future()
         self.commands.put((tuple(pair), action, done))
         self.wake.set()
         try:
-            ok, result = done.get(timeout=timeout)
-        except queue.Empty:
-            raise RequestError(503, "the learner did not take the decision in time (is it the active learner?)")
+            try:
+                ok, result = done.result(timeout=timeout)
+            except concurrent.futures.TimeoutError:
+                if done.cancel():  # the loop had not claimed it: it never runs
+                    raise RequestError(503, "the learner did not take the decision in time (is it the active "
+                                            "learner?); nothing was changed") from None
+                ok, result = done.result()  # claimed just now: its outcome is the answer
+        except RequestError:
+            raise
+        except Exception as exc:
+            raise RequestError(503, f"the learner failed to carry out the decision: {type(exc).__name__}: "
+                                    f"{exc}") from None
         if not ok:
             raise RequestError(404, result)
         return result
@@ -162,10 +175,14 @@ class LearnerService:
                 (source, target), action, done = self.commands.get_nowait()
             except queue.Empty:
                 return
+            if not done.set_running_or_notify_cancel():
+                continue  # its requester gave up and was told nothing changed
             try:
-                done.put((True, self._decide(source, target, action)))
+                done.set_result((True, self._decide(source, target, action)))
             except KeyError as exc:
-                done.put((False, str(exc.args[0])))
+                done.set_result((False, str(exc.args[0])))
+            except Exception as exc:  # the requester hears of it; the loop goes on
+                done.set_exception(exc)
 
     def _decide(self, source: int, target: int, action: str) -> dict:
         learner, log_ = self.learner, self.storage.log
@@ -178,9 +195,10 @@ class LearnerService:
             log_.set_status(dropped, DISCARDED)
             result = {"pair": [source, target], "action": action, "dropped": len(dropped), "restored_version": None}
             if since is not None:  # some of its labels were learned: back to a version from before them
-                result["restored_version"] = restore_before(learner, since, self.storage.snapshots)
+                result["restored_version"] = learner.restore_before(since, self.storage.snapshots)
         log.warning("operator decision: %s relabelling %d -> %d: %s", action, source, target, result)
         self._publish()
+        result["concept"] = learner.status()["concept"]  # read here, by the loop that owns the learner
         return result
 
     # ------------------------------------------------------------------ the loop
@@ -196,12 +214,14 @@ class LearnerService:
                             self._resume()
                         self._run_commands()
                         worked = self._step()
-                self.log_error = None
+                self.faults.ok("storage")
+                self.faults.ok("learn")
             except StorageError as exc:
-                self.log_error = exc.message
-                log.warning("learning paused: %s", exc.message)
-            except Exception:
-                log.exception("learning step failed")
+                if self.faults.failed("storage", exc.message):
+                    log.warning("learning paused: %s", exc.message)
+            except Exception as exc:  # kept in status and metrics until a step succeeds again
+                if self.faults.failed("learn", f"{type(exc).__name__}: {exc}"):
+                    log.exception("learning step failed")
             board = time.monotonic() >= next_status
             if board or worked:
                 self._publish_status(board)
@@ -215,9 +235,17 @@ class LearnerService:
         loaded = self.storage.snapshots.load_latest()
         if loaded is not None:
             state, meta = loaded
-            self.learner.load_state_dict(state["learner"], reference_of(state))
-            self.learner.version = int(meta["version"])
-            log.info("resumed from version %d (log absorbed to %d)", self.learner.version, self.learner.absorbed)
+            try:
+                self.learner.load_state_dict(state["learner"], reference_of(state))
+                self.learner.version = int(meta["version"])
+                log.info("resumed from version %d (log absorbed to %d)", self.learner.version,
+                         self.learner.absorbed)
+            except (ValueError, KeyError, RuntimeError, TypeError) as exc:  # another model's, or an older format
+                self.learner.reset()
+                msg = (f"the newest snapshot (version {meta.get('version')}) does not fit this model ({exc}); "
+                       "learning starts from the source model and publishes above it")
+                log.warning("%s", msg)
+                self.warnings.append(msg[:500])
         last = self.storage.log.stats()["last_seq"]
         if self.learner.absorbed > last:
             msg = (f"the newest snapshot absorbed feedback-log row {self.learner.absorbed} but the log ends at {last}: "
@@ -254,32 +282,46 @@ class LearnerService:
         return rows is not None
 
     def _publish(self) -> None:
-        state, meta = self.learner.snapshot()
-        version = self.storage.snapshots.save(state, meta)
-        self.learner.mark_published(version)
+        """Save the learner's state as a new version; a failure stays in `faults` (and the learner
+        dirty, so the next round retries) until a publish succeeds."""
         self._last_publish = time.monotonic()
+        try:
+            state, meta = self.learner.snapshot()
+            version = self.storage.snapshots.save(state, meta)
+        except StorageError as exc:
+            if self.faults.failed("publish", exc.message):
+                log.warning("publishing failed: %s", exc.message)
+            return
+        self.faults.ok("publish")
+        self.learner.mark_published(version)
         log.info("published version %d (log absorbed to %d)", version, self.learner.absorbed)
 
     def _publish_status(self, board: bool = True) -> None:
-        """Refresh the status the HTTP threads read; write it to the status board when `board`."""
-        status = self.learner.status()
+        """Refresh the status the HTTP threads read; write it to the status board when `board`.
+        Never raises: what fails here is kept in `faults` like any other failure."""
         try:
+            status = self.learner.status()
             log_stats = self.storage.log.stats()
-            self.log_error = None if self.log_error is None or self.active else self.log_error
+            self.faults.ok("log")
         except StorageError as exc:
-            log_stats, self.log_error = None, exc.message
+            status, log_stats = self.learner.status(), None
+            self.faults.failed("log", exc.message)
         lag = (log_stats["last_seq"] - self.learner.absorbed) if log_stats and self.active else None
+        faults = self.faults.snapshot()
+        storage_error = (faults.get("storage") or faults.get("log") or {}).get("error")
         payload = {"role": "learner", "pid": os.getpid(), "host": socket.gethostname(), "active": self.active,
-                   "learning": self.learn, "log": log_stats, "lag": lag, "log_error": self.log_error,
-                   "warnings": list(self.warnings),
+                   "learning": self.learn, "log": log_stats, "lag": lag, "log_error": storage_error,
+                   "faults": faults, "warnings": list(self.warnings),
                    "intake": dict(self.intake.counters) if self.intake is not None else None, **status}
         self.snapshot_status = payload
         if not board:
             return
         try:
             self.storage.status.put(self.member, payload)
+            self.faults.ok("status")
         except StorageError as exc:
-            log.warning("status record: %s", exc.message)
+            if self.faults.failed("status", exc.message):
+                log.warning("status record: %s", exc.message)
 
     def current_status(self) -> dict:
         """The learner's status with the log read now (appends since the last step show as lag)."""
@@ -299,7 +341,6 @@ class IntakeServer(ThreadingHTTPServer):
     def __init__(self, service: LearnerService, intake: Intake, model: str, secret: str,
                  settings: HandlerSettings) -> None:
         self.service, self.intake, self.model, self.secret, self.settings = service, intake, model, secret, settings
-        self.lock = threading.Lock()  # one intake at a time: appends are serialised by the log anyway
         super().__init__(("127.0.0.1", 0), _Handler)
 
 
@@ -367,16 +408,16 @@ class _Handler(BaseHTTPRequestHandler):
             except RequestError as err:
                 self._send(err.code, err.body())
                 return
-            self._send(200, dict(result, concept=self.server.service.learner.status()["concept"]))
+            self._send(200, result)
             return
         try:
-            with self.server.lock:
-                result = self.server.intake.submit(body)
+            # no lock: a slow id lookup must not hold up other labellers (the log serialises appends)
+            result = self.server.intake.submit(body)
         except IntakeError as err:
             self._send(err.code, {"code": err.code, "type": ERROR_TYPES.get(err.code, "Error"),
                                   "message": err.message})
             return
-        result["model_version"] = self.server.service.learner.version
+        result["model_version"] = self.server.service.snapshot_status.get("version")
         self._send(200, result)
 
 

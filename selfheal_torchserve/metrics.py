@@ -21,7 +21,9 @@ GAUGES = ("selfheal_drift", "selfheal_drift_score", "selfheal_drift_episodes", "
           "selfheal_feedback_accepted", "selfheal_feedback_quarantined", "selfheal_feedback_refused",
           "selfheal_updates_accepted", "selfheal_updates_rolled_back", "selfheal_learner_lag",
           "selfheal_label_delay_p50", "selfheal_label_delay_p99", "selfheal_snapshot_age",
-          "selfheal_concept_suspected")
+          "selfheal_concept_suspected", "selfheal_accuracy_trusted", "selfheal_errors", "selfheal_error_open",
+          "selfheal_implausible_inputs")
+DIMENSIONS = {"selfheal_drift_score": ["Detector"], "selfheal_errors": ["Component"], "selfheal_error_open": ["Component"]}
 UNITS = {"selfheal_accuracy_estimated": "percent", "selfheal_accuracy_observed": "percent",
          "selfheal_label_delay_p50": "s", "selfheal_label_delay_p99": "s", "selfheal_snapshot_age": "s"}
 
@@ -36,7 +38,7 @@ class MetricsEmitter:
         self._gauges = {}
         declared = True
         for name in GAUGES:
-            dims = ["ModelName", "Level", "Detector"] if name == "selfheal_drift_score" else ["ModelName", "Level"]
+            dims = ["ModelName", "Level", *DIMENSIONS.get(name, [])]
             try:
                 self._gauges[name] = cache.get_metric(name, MetricTypes.GAUGE)
             except Exception:  # not in the metrics config: logged, but not exported to Prometheus
@@ -52,8 +54,17 @@ class MetricsEmitter:
         self._gauges[name].add_or_update(float(value), [self.model_name, "Model", *extra])
 
     def emit(self, serving: dict, drift: dict, learner: dict | None, published_at: float | None,
-             estimated: float | None) -> None:
-        """One sample of every gauge: the worker's serving status, its merged drift, the learner's record."""
+             estimated: float | str | None, faults: dict | None = None) -> None:
+        """One sample of every gauge: the worker's serving status, its merged drift, the learner's record
+        and every component's failures (`estimated` "untrusted": no estimate is exported, trusted 0)."""
+        trusted = not isinstance(estimated, str)
+        estimated = estimated if trusted else None
+        self._set("selfheal_accuracy_trusted", int(trusted))
+        self._set("selfheal_implausible_inputs", serving["counters"].get("implausible", 0))
+        for source in (faults or {}, (learner or {}).get("faults") or {}):
+            for component, entry in source.items():
+                self._set("selfheal_errors", entry["count"], component)
+                self._set("selfheal_error_open", int(entry["error"] is not None), component)
         self._set("selfheal_drift", int(bool(drift.get("detected"))))
         for detector, score in drift.get("scores", {}).items():
             self._set("selfheal_drift_score", score, detector)

@@ -94,6 +94,8 @@ def as_tensor(value: Any, dtype: torch.dtype, what: str = "inputs") -> torch.Ten
     """A numeric tensor from nested lists; RequestError naming the problem."""
     if isinstance(value, dict) and set(value) == {"b64"}:
         raise RequestError(400, f"{what}: base64 inputs need a handler that decodes them (e.g. images)")
+    if _has_bool(value):  # torch.tensor takes true as 1: a client's type error must not become data
+        raise RequestError(400, f"{what} must be numbers, not true or false")
     try:
         return torch.tensor(value, dtype=dtype)
     except (TypeError, ValueError, RuntimeError, OverflowError):
@@ -110,9 +112,16 @@ def decode_b64(value: Any) -> bytes:
         raise RequestError(400, "b64: not valid base64") from None
 
 
-def header(context, idx: int, name: str) -> str | None:
-    """Request header by case-insensitive name (TorchServe passes them case-sensitively)."""
-    for key, value in (context.get_all_request_header(idx) or {}).items():
-        if key.lower() == name.lower():
-            return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
-    return None
+def _has_bool(value: Any) -> bool:
+    """Whether a nested list holds a JSON boolean (one pass; lists of numbers are checked by type)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool):
+            return True
+        if isinstance(v, list):
+            if v and isinstance(v[0], list):
+                stack.extend(v)
+            elif any(type(e) is bool or isinstance(e, list) for e in v):
+                stack.extend(e for e in v if isinstance(e, (bool, list)))
+    return False

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from selfheal_core import ServingModel
+from selfheal_core.faults import Faults
 from selfheal_core.learner import published_from_snapshot
 from selfheal_core.monitor import merge_drift
 from selfheal_core.storage import StorageError, open_storage
@@ -46,25 +47,36 @@ def server_workdir() -> Path:
 CALIBRATION_FILE = "selfheal_calibration.pt"  # detector thresholds computed by `selfheal archive`
 
 
-def header_value(version: int, drift: dict, ids: list[str], accuracy: float | None = None) -> str:
+UNTRUSTED = "untrusted"  # the header's accuracy when no confidence-based estimate can speak
+UNKNOWN = "unknown"  # the header's drift when monitoring is failing
+
+
+def header_value(version: int, drift: dict, ids: list[str], accuracy: float | str | None = None,
+                 monitoring: bool = True) -> str:
     """`version=3; drift=true; detectors=confidence,feature_shift; accuracy=0.874; ids=<id>,<id>`
-    (accuracy: the live estimate without labels, classifiers only)."""
+    (accuracy: the live estimate without labels, classifiers only; `untrusted` where it cannot be
+    trusted). `monitoring` False: the monitor is failing, so drift is `unknown`, never `false`."""
     detectors = f"; detectors={','.join(drift['firing'])}" if drift["firing"] else ""
-    estimate = f"; accuracy={accuracy:.3f}" if accuracy is not None else ""
-    return (f"version={version}; drift={'true' if drift['detected'] else 'false'}{detectors}{estimate}; "
-            f"ids={','.join(ids)}")
+    estimate = (f"; accuracy={accuracy}" if isinstance(accuracy, str)
+                else f"; accuracy={accuracy:.3f}" if accuracy is not None else "")
+    state = UNKNOWN if not monitoring else "true" if drift["detected"] else "false"
+    return f"version={version}; drift={state}{detectors}{estimate}; ids={','.join(ids)}"
 
 
 def parse_header(value: str) -> dict:
-    """The X-Selfheal header as {"version", "drift", "detectors", "accuracy", "ids"}.
+    """The X-Selfheal header as {"version", "drift", "detectors", "accuracy", "ids"}; drift is None
+    when unknown (monitoring failing), accuracy None when absent or untrusted.
 
     >>> parse_header("version=3; drift=true; detectors=confidence; accuracy=0.874; ids=a1,b2")
     {'version': 3, 'drift': True, 'detectors': ['confidence'], 'accuracy': 0.874, 'ids': ['a1', 'b2']}
+    >>> parse_header("version=3; drift=unknown; accuracy=untrusted; ids=a1")["drift"]
     """
     fields = dict(part.strip().split("=", 1) for part in value.split(";") if "=" in part)
-    return {"version": int(fields["version"]), "drift": fields["drift"] == "true",
+    accuracy = fields.get("accuracy")
+    return {"version": int(fields["version"]),
+            "drift": None if fields["drift"] == UNKNOWN else fields["drift"] == "true",
             "detectors": [d for d in fields.get("detectors", "").split(",") if d],
-            "accuracy": float(fields["accuracy"]) if "accuracy" in fields else None,
+            "accuracy": float(accuracy) if accuracy not in (None, UNTRUSTED) else None,
             "ids": [i for i in fields.get("ids", "").split(",") if i]}
 
 
@@ -121,6 +133,7 @@ class WorkerRuntime:
             self.storage.open_record()  # announce this writer before handing out ids
         except StorageError as exc:
             log.warning("prediction record: %s (feedback by id waits until it can be written)", exc.message)
+        self.faults = Faults()  # monitor, record, sync, status, learner: open until that job next succeeds
         self._failed_version = 0  # a published version that could not be loaded (not retried)
         self._learner: dict | None = None  # the learner's status record, read every status interval
         self._drift = self.serving.drift
@@ -131,8 +144,8 @@ class WorkerRuntime:
             from selfheal_torchserve.metrics import MetricsEmitter
 
             self.metrics = MetricsEmitter(context.metrics, self.model_name)
-        self._install_latest()
-        self._apply = self.serving._apply_pending
+        self._job("sync", self._install_latest)
+        self._apply = self.serving.sync
         self._apply()
         self._stop = threading.Event()
         self._warned: dict[str, float] = {}
@@ -184,44 +197,70 @@ class WorkerRuntime:
         if self.settings.envelope:
             return {"response": answer, "selfheal": {"ids": ids, "model_version": version, "drift": drift,
                                                      "estimated_accuracy": self._estimate}}
-        context.set_response_header(idx, HEADER, header_value(version, drift, ids, self._estimate))
+        context.set_response_header(idx, HEADER, header_value(version, drift, ids, self.estimate_field,
+                                                              not self.faults.is_open("monitor")))
         return answer
+
+    @property
+    def estimate_field(self) -> float | str | None:
+        """The live estimate as the header gives it: `untrusted` where it cannot be trusted."""
+        if self._estimate is not None and self.serving.estimate_trust() is not None:
+            return UNTRUSTED
+        return self._estimate
 
 
     # ------------------------------------------------------------------ background thread
     def _loop(self) -> None:
         next_sync = next_status = 0.0
         while not self._stop.wait(self.settings.drain_interval_s):
-            try:
-                drained = self.serving.drain()
-                self._flush()
-                now = time.monotonic()
-                if now >= next_sync:
-                    next_sync = now + self.settings.sync_interval_s
-                    self._install_latest()
-                status_due = now >= next_status
-                if status_due:
-                    next_status = now + self.settings.status_interval_s
-                    self._write_status()
-                    self._learner = self.learner_status()
-                    if self.supervisor is not None:
-                        self.supervisor.tick()
-                errors = (self._learner or {}).get("errors")
-                serving = self.serving.drift
-                self._drift = merge_drift(serving, errors) if errors else serving
-                if drained or status_due:  # the estimate moves with new predictions or new labels only
-                    self._estimate = self.estimated_accuracy(self._learner)
-                if status_due and self.metrics is not None:
-                    self.metrics.emit(self.serving.status(), self._drift, self._learner, self._published_at,
-                                      self._estimate)
-            except Exception:  # keep serving; the next round retries
-                log.exception("selfheal background step failed")
+            self.step(next_sync, next_status)
+            now = time.monotonic()
+            if now >= next_sync:
+                next_sync = now + self.settings.sync_interval_s
+            if now >= next_status:
+                next_status = now + self.settings.status_interval_s
+
+    def step(self, sync_due_at: float = 0.0, status_due_at: float = 0.0) -> None:
+        """One round of the background jobs, each on its own: one that fails is kept in `faults`
+        (status, metrics; a failing monitor makes the header say drift=unknown) until it next
+        succeeds, and the others still run."""
+        now = time.monotonic()
+        drained = self._job("monitor", self.serving.drain)
+        self._job("record", self._flush)
+        if now >= sync_due_at:
+            self._job("sync", self._install_latest)
+        status_due = now >= status_due_at
+        if status_due:
+            self._job("status", self._write_status)
+            self._learner = self._job("learner", self.learner_status)
+            if self.supervisor is not None:
+                self._job("supervisor", self.supervisor.tick)
+        errors = (self._learner or {}).get("errors")
+        serving = self.serving.drift
+        self._drift = merge_drift(serving, errors) if errors else serving
+        if drained or status_due:  # the estimate moves with new predictions or new labels only
+            self._estimate = self._job("estimate", lambda: self.estimated_accuracy(self._learner))
+        if status_due and self.metrics is not None:
+            self._job("metrics", lambda: self.metrics.emit(self.serving.status(), self._drift, self._learner,
+                                                           self._published_at, self.estimate_field,
+                                                           self.faults.snapshot()))
+
+    def _job(self, name: str, fn):
+        try:
+            result = fn()
+        except Exception as exc:  # keep serving; kept in faults until the job succeeds again
+            if self.faults.failed(name, f"{type(exc).__name__}: {exc}"):
+                log.exception("selfheal background job %s failed", name)
+            return None
+        self.faults.ok(name)
+        return result
 
     def _flush(self) -> None:
         try:
             self.storage.predictions.flush()
         except StorageError as exc:  # kept in memory and retried: ids handed out stay resolvable
             self._warn("record", f"prediction record: {exc.message}")
+            raise
 
     def _warn(self, key: str, message: str, every_s: float = 60.0) -> None:
         if time.monotonic() - self._warned.get(key, -every_s) >= every_s:
@@ -238,17 +277,20 @@ class WorkerRuntime:
             loaded = store.load_latest()
         except StorageError as exc:
             self._warn("snapshots", f"snapshot store: {exc.message}")
-            return
+            raise
         if loaded is None or int(loaded[1]["version"]) <= self.serving.pending_version:
             self._failed_version = latest
             return
         try:
             self.serving.install(published_from_snapshot(*loaded))
             self._published_at = loaded[1].get("created")
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:  # skipped, not retried; serving goes on
             self._failed_version = int(loaded[1]["version"])
-            self._warn("install", f"cannot install version {loaded[1]['version']}: {exc}")
+            self.faults.failed("install", f"version {loaded[1]['version']} skipped: {exc}")
+            self._warn("install", f"cannot install version {loaded[1]['version']}, serving version "
+                                  f"{self.serving.pending_version} on: {exc}")
             return
+        self.faults.ok("install")
         log.info("installing published version %d", loaded[1]["version"])
 
     def _write_status(self) -> None:
@@ -259,6 +301,7 @@ class WorkerRuntime:
             self.storage.status.put(self.member, payload)
         except StorageError as exc:
             self._warn("status", f"status records: {exc.message}")
+            raise
 
     # ------------------------------------------------------------------ status
     def learner_status(self) -> dict | None:
@@ -287,6 +330,7 @@ class WorkerRuntime:
         if learner and isinstance(learner.get("errors"), dict):
             status["drift"] = merge_drift(status["drift"], learner["errors"])
         status["learner"] = learner
+        status["faults"] = self.faults.snapshot()
         status["handler"] = {"worker": self.member, "pid": os.getpid(), "optimizer_steps": StepCounter.steps,
                              "storage": self.storage.describe(),
                              "learner_mode": self.settings.learner, "envelope": self.settings.envelope}

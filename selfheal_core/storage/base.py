@@ -313,9 +313,12 @@ class PredictionRecord(ABC):
         prefix was never handed out (404 at once) and waits only for ids still on their way."""
         self._write([], self._prefix, -1)
 
-    def lookup(self, pids: list[str], wait_s: float = 5.0) -> tuple[dict, list[str]]:
-        """(found, unknown): waits up to `wait_s` for ids whose writer has not written them yet
-        (a worker flushes every fraction of a second), not for ids that cannot exist."""
+    def lookup(self, pids: list[str], wait_s: float = 5.0) -> tuple[dict, list[str], list[str]]:
+        """(found, unknown, pending): waits up to `wait_s` for ids whose writer has not written them
+        yet (a worker flushes every fraction of a second), not for ids that cannot exist; `pending`:
+        still unwritten at the deadline (their writer may be unable to write: not final), `unknown`:
+        never handed out or gone. An id beyond what its writer could hold unwritten (its capacity)
+        cannot be on its way: a forged one is unknown at once."""
         import time
 
         deadline = time.monotonic() + wait_s
@@ -329,9 +332,9 @@ class PredictionRecord(ABC):
             found.update(self.get([p for p in pids if p not in found]))
             missing = [p for p in pids if p not in found]
             waiting = [p for p in missing if parsed[p] is not None and parsed[p][0] in written
-                       and parsed[p][1] > written[parsed[p][0]]]
+                       and written[parsed[p][0]] < parsed[p][1] <= written[parsed[p][0]] + self.capacity + 1]
             if not waiting or time.monotonic() >= deadline:
-                return found, missing
+                return found, [p for p in missing if p not in waiting], waiting
             time.sleep(0.05)
 
 
@@ -378,13 +381,11 @@ class SnapshotStore(ABC):
         versions = self.versions()
         return versions[-1] if versions else 0
 
-    def load_latest(self, skip_above: int | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """The newest valid version (at most `skip_above`), skipping corrupt ones; None if none."""
+    def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The newest valid version, skipping corrupt ones; None if none."""
         import logging
 
         for version in reversed(self.versions()):
-            if skip_above is not None and version > skip_above:
-                continue
             try:
                 return self.load(version)
             except (ValueError, OSError) as exc:
@@ -425,6 +426,3 @@ class StatusBoard(ABC):
     @abstractmethod
     def read(self, max_age_s: float | None = None) -> dict[str, dict[str, Any]]:
         """{member: payload} of records written within `max_age_s` (all when None)."""
-
-    @abstractmethod
-    def remove(self, member: str) -> None: ...

@@ -13,6 +13,7 @@ atomically. Everything is created 0600.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -35,9 +36,21 @@ _TMP = ".tmp-snapshot-"
 _STALE_TMP_S = 600.0  # temp files older than this belong to a writer that died
 
 
+def storage_error(exc: OSError, where: Path) -> StorageFull | StorageUnavailable:
+    """An OSError of the model store as the storage error a caller reports: full (no space, no
+    inodes, over quota) or unavailable (read-only, permission, anything else), naming where."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space (or no inodes) left in {where}: {exc.strerror}")
+    return StorageUnavailable(f"cannot write in {where}: {exc.strerror or exc}")
+
+
 def _write_atomic(path: Path, data: bytes, prefix: str, durable: bool = True) -> Path:
-    """Write `data` to a 0600 temp file next to `path` (fsynced if `durable`); returns the temp path."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    """Write `data` to a 0600 temp file next to `path` (fsynced if `durable`); returns the temp path.
+    Every OSError, creating the temp file included, is a StorageError naming the directory."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    except OSError as exc:  # read-only file system, no inodes, no permission
+        raise storage_error(exc, path.parent) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -46,9 +59,7 @@ def _write_atomic(path: Path, data: bytes, prefix: str, durable: bool = True) ->
                 os.fsync(f.fileno())
     except OSError as exc:
         os.unlink(tmp)
-        if exc.errno == 28:  # ENOSPC
-            raise StorageFull(f"no space left in {path.parent}: {exc.strerror}") from exc
-        raise
+        raise storage_error(exc, path.parent) from exc
     return Path(tmp)
 
 
@@ -89,7 +100,10 @@ class FileSnapshotStore(SnapshotStore):
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def versions(self) -> list[int]:
-        found = (_NAME.match(p.name) for p in self.directory.iterdir())
+        try:
+            found = [_NAME.match(p.name) for p in self.directory.iterdir()]
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot list {self.directory}: {exc.strerror or exc}") from exc
         return sorted(int(m.group(1)) for m in found if m)
 
     def path(self, version: int) -> Path:
@@ -108,9 +122,14 @@ class FileSnapshotStore(SnapshotStore):
                     break
                 except FileExistsError:
                     version += 1
+            _fsync_dir(self.directory)
+        except OSError as exc:  # read-only, no inodes for the link, gone: a storage error, not a crash
+            raise storage_error(exc, self.directory) from exc
         finally:
-            os.unlink(tmp)
-        _fsync_dir(self.directory)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         self._prune()
         log.info("snapshot %d written to %s", version, self.directory)
         return version
@@ -148,7 +167,10 @@ class FileLease(Lease):
     def try_acquire(self) -> bool:
         if self._fd is not None:
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise storage_error(exc, self.path.parent) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -183,7 +205,10 @@ class FileStatusBoard(StatusBoard):
         path = self._path(member)
         # not fsynced: a status record is rewritten every few seconds, and a torn one fails its checksum
         tmp = _write_atomic(path, pack({"time": time.time(), "payload": payload}), ".tmp-status-", durable=False)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise storage_error(exc, self.directory) from exc
 
     def read(self, max_age_s: float | None = None) -> dict[str, dict[str, Any]]:
         out, now = {}, time.time()
@@ -195,17 +220,3 @@ class FileStatusBoard(StatusBoard):
             if max_age_s is None or now - obj["time"] <= max_age_s:
                 out[path.stem] = dict(obj["payload"], _time=obj["time"])
         return out
-
-    def remove(self, member: str) -> None:
-        try:
-            self._path(member).unlink()
-        except FileNotFoundError:
-            pass
-
-
-def check_writable(directory: Path) -> None:
-    """StorageUnavailable naming the directory if it cannot hold snapshots."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageUnavailable(f"cannot create {directory}: {exc.strerror}") from exc

@@ -20,6 +20,7 @@ optional `psycopg` package (`pip install 'selfheal[postgres]'`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from typing import Any, Iterator, Sequence
@@ -34,6 +35,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from selfheal_core.storage.base import (DuplicateFeedback, FeedbackLog, Lease, PredictionRecord, SnapshotStore,
                                         StatusBoard, StorageFull, StorageUnavailable)
 from selfheal_core.storage.files import pack, unpack
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS selfheal_feedback2 (
@@ -301,8 +304,20 @@ class PostgresLease(Lease):
         self._conn: psycopg.Connection | None = None
 
     def try_acquire(self) -> bool:
+        """Whether this process holds the lease now. A connection psycopg has not yet seen fail is
+        asked (one round trip): after a network drop the server may have ended the session and its
+        lock, and another learner taken it; trusting the local object let both publish."""
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            return True
+            try:
+                self._conn.execute("SELECT 1")
+                return True
+            except psycopg.Error:
+                log.warning("the learner lease's connection to PostgreSQL was lost: the lease is gone")
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
         self._conn = None
         try:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10, application_name="selfheal-lease",
@@ -352,7 +367,3 @@ class PostgresStatusBoard(StatusBoard):
                 continue
             out[member] = dict(obj["payload"], _time=obj["time"])
         return out
-
-    def remove(self, member: str) -> None:
-        with self._lock, self._db.errors():
-            self._db.conn().execute("DELETE FROM selfheal_status WHERE model = %s AND member = %s", (self.model, member))

@@ -72,7 +72,8 @@ def test_feedback_with_inputs_goes_through_preprocess(tmp_path):
     ({"instances": [[1, 2, 3]], "targets": [1.0]}, 400, "regression"),
     ({"instances": [[1, 2, 3]]}, 400, "feedback needs"),
     ([1, 2], 400, "JSON object"),
-    ({"feedback": [{"id": "caf\u00e9\u2603", "label": 1}]}, 404, "caf\\xe9\\u2603"),
+    ({"feedback": [{"id": "caf\u00e9\u2603", "label": 1}]}, 400, "caf\\xe9\\u2603"),
+    ({"feedback": [{"id": "\udc80", "label": 1}]}, 400, "not an id"),
 ])
 def test_bad_classification_feedback(tmp_path, body, code, words):
     intake, _, _, _ = make(tmp_path)

@@ -97,7 +97,7 @@ def test_prediction_record_is_bounded_shared_and_waited_for(pg_url, model):
     ids = rec.add(x, torch.arange(600) % 10, torch.full((600,), 0.5))
     assert len(rec) == 300, "pruned to capacity"
     other_worker = storage(pg_url, model).predictions
-    found, unknown = other_worker.lookup([ids[-1], "0" * 32], wait_s=5)
+    found, unknown, _ = other_worker.lookup([ids[-1], "0" * 32], wait_s=5)
     assert torch.equal(found[ids[-1]][0], x[-1]) and int(found[ids[-1]][1]) == 599 % 10
     assert unknown == ["0" * 32]
     assert storage(pg_url, model + "-other").predictions.get([ids[-1]]) == {}
@@ -155,3 +155,20 @@ def test_reconnects_after_the_server_restarts(model):
             append(log, torch.zeros(1, 3), [2], pids=["b"])
         assert append(log, torch.zeros(1, 3), [2], pids=["b"]) == [2]  # ... the next reconnects
         assert log.stats()["entries"] == 2
+
+
+def test_a_lease_whose_session_the_server_ended_is_not_held_any_more(pg_url, model):
+    """The lease trusted its connection object: after the server ended the session (a network drop,
+    an operator), a second learner took the lock and both believed they held it (issue 26)."""
+    import psycopg
+
+    a, b = storage(pg_url, model), storage(pg_url, model)
+    lease_a, lease_b = a.lease("learner"), b.lease("learner")
+    assert lease_a.try_acquire() and not lease_b.try_acquire()
+    pid = lease_a._conn.info.backend_pid
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert lease_b.try_acquire(), "the lock was freed with the session"
+    assert not lease_a.try_acquire(), "a learner whose session ended does not hold the lease"
+    for s in (a, b):
+        s.close()

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 import torch
+
+from tests.conftest import wait_until
 
 
 IMG = [[0.5] * 8] * 8
@@ -91,11 +94,29 @@ def test_feedback_goes_through_the_management_endpoint_only(server, reference):
     ("get", "/feedback/digits/quarantine", 405, "POST"),
     ("put", "/feedback/digits", 405, "POST"),
     ("delete", "/feedback/digits", 405, "POST"),
+    ("patch", "/feedback/digits", 405, "GET, POST"),
+    ("head", "/feedback/digits", 405, None),
+    ("options", "/feedback/digits", 204, None),
+    ("patch", "/feedback/digits/quarantine", 405, "POST"),
 ])
 def test_feedback_endpoint_routes(server, method, path, code, words):
+    """Methods the serving SDK has no hook for (PATCH, HEAD, OPTIONS) answered 500 before the plugin
+    answered them itself (issue 26 F)."""
     r = requests.request(method, server.ts.management_url + path, json={"feedback": []},
                          headers=server.ts.headers("management"), timeout=10)
-    assert r.status_code == code and words in r.json()["message"], r.text
+    assert r.status_code == code, (method, path, r.status_code, r.text)
+    if words is not None:
+        assert words in r.json()["message"], r.text
+    if code in (204, 405) and method in ("patch", "head", "options"):
+        assert "POST" in r.headers["Allow"]
+
+
+@pytest.mark.parametrize("body", [[1, 2], "approve", 3, {"pair": [1, True], "action": "approve"}])
+def test_a_quarantine_decision_that_is_not_an_object_is_a_400(server, body):
+    """A list, string or number body answered 503 (issue 26 E)."""
+    r = requests.post(server.ts.management_url + "/feedback/digits/quarantine", data=json.dumps(body),
+                      headers=server.ts.headers("management"), timeout=30)
+    assert r.status_code == 400 and "pair" in r.json()["message"], r.text
 
 
 def test_feedback_by_prediction_id(server, reference):
@@ -122,10 +143,14 @@ BAD = [
     ("deep", None, DEEP, 400, "nested deeper"),
     ("long number", None, b'{"data": ' + b"7" * 6000 + b"}", 400, "characters"),
     ("non-ascii", {"data": "\u00e9\u2603\U0001f600"}, None, 400, "numeric"),
+    ("booleans", {"instances": [[[True] * 8] * 8]}, None, 400, "true or false"),
 ]
 BAD_FEEDBACK = [
     ("unknown id", {"feedback": [{"id": "0" * 32, "label": 1}]}, 404, "unknown"),
-    ("non-ascii id", {"feedback": [{"id": "\u00e9\u2603\U0001f600", "label": 1}]}, 404, "unknown"),
+    ("non-ascii id", {"feedback": [{"id": "\u00e9\u2603\U0001f600", "label": 1}]}, 400, "not an id"),
+    ("lone surrogate id", {"feedback": [{"id": "\udc80", "label": 1}]}, 400, "not an id"),
+    ("forged id", {"feedback": [{"id": "f" * 32, "label": 1}]}, 404, "unknown"),
+    ("boolean input", {"instances": [[[True] * 8] * 8], "labels": [1]}, 400, "true or false"),
     ("non-ascii label", {"feedback": [{"id": "x", "label": "\u2603"}]}, 400, "not an integer"),
     ("label out of range", {"instances": [IMG], "labels": [10]}, 422, "out of range"),
     ("negative label", {"instances": [IMG], "labels": [-1]}, 422, "out of range"),
@@ -177,3 +202,44 @@ def test_a_bad_request_does_not_fail_its_batch_neighbours(server, reference):
 def test_body_over_server_limit_refused(server, size):
     r = server.predict(None, raw=b"[" + b"0," * (size // 2) + b"0]")
     assert 400 <= r.status_code < 500
+
+
+def test_ids_that_are_not_yet_written_hold_up_no_other_labeller(server, reference):
+    """13 concurrent requests with ids a worker could still be writing (a real id's prefix, the next
+    counters) each waited 5 s under one intake lock, and an honest label behind them got 504 (issue
+    26 D). Now they wait side by side and answer 503 (not yet recorded: not final, unlike 404), and
+    the honest label is answered at once."""
+    r = server.predict({"instances": reference[0][:1].tolist()})
+    [real] = server.ids(r)
+    prefix, counter = real[:20], int(real[20:], 16)
+    forged = [{"feedback": [{"id": f"{prefix}{counter + 1000 + k:012x}", "label": 1}]} for k in range(13)]
+    honest = server.predict({"instances": reference[0][1:2].tolist()})
+    with ThreadPoolExecutor(14) as pool:
+        slow = [pool.submit(server.feedback, body) for body in forged]
+        time.sleep(0.2)  # the forged ones are in: the honest label comes behind them
+        started = time.monotonic()
+        ok = server.feedback({"feedback": [{"id": server.ids(honest)[0], "label": int(reference[1][1])}]})
+        took = time.monotonic() - started
+        codes = [f.result().status_code for f in slow]
+    assert ok.status_code == 200, ok.text
+    assert took < 4.0, f"the honest label waited {took:.1f} s behind ids it has nothing to do with"
+    assert set(codes) == {503}, codes
+
+
+def test_one_request_of_huge_pixels_is_answered_and_changes_nothing(server, reference):
+    """Red team case A over TorchServe: 8 digits of pixels 1e18 and 3e38 are answered, counted as
+    implausible, and what others are served stays the same."""
+    probe = reference[0][:8]
+    settled = server.settled()  # labels of earlier tests learned and published: no version arrives meanwhile
+    server.serving_version(probe.tolist(), at_least=settled["version"])
+    before = probe_probs(server, probe)
+    for value in (1e18, 3e38):
+        r = server.predict({"instances": [[[value] * 8] * 8] * 8})
+        assert r.status_code == 200, r.text
+    assert probe_probs(server, probe) == before
+    status = wait_until(server.status, lambda st: st["counters"]["implausible"] >= 16 and st["counters"]["drains"]
+                        and not st["accuracy"]["trusted"], 30,
+                        "the worker counts the implausible inputs and says its estimate cannot be trusted")
+    assert "outside" in status["accuracy"]["untrusted_reason"]
+    assert server.selfheal(server.predict({"instances": probe.tolist()}))["accuracy"] is None, \
+        "the header says untrusted, not a number"
