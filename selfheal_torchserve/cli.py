@@ -3,7 +3,8 @@
     selfheal reference --inputs val.npz --labels val_labels.npy --out reference.pt [--model-file ... ]
     selfheal archive --name mymodel --model-file model.py --weights weights.pt --reference reference.pt
     selfheal learn --mar model_store/mymodel.mar          # a learner of its own (PostgreSQL deployments)
-    selfheal replay --url http://127.0.0.1:8080 --model mymodel --stream stream.npz
+    selfheal replay stream.npz --inference-url http://127.0.0.1:8080 --model mymodel
+    selfheal paths [--write-config config.properties]     # every path TorchServe needs, absolute
 
 Exit status 2 with a message naming the problem for anything a user can fix.
 """
@@ -167,9 +168,18 @@ def cmd_reference(args) -> int:
     if labels is not None:
         if len(labels) != len(inputs):
             raise UsageError(f"{len(labels)} labels for {len(inputs)} inputs")
+        if args.task != "regression" and labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            bad = labels[labels != labels.round()][0].item()
+            raise UsageError(f"label {bad} is not a whole number: class labels are integers (--task regression "
+                             "for real-valued targets)")
         labels = labels.long() if args.task != "regression" else labels.float()
+        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+            raise UsageError("the targets contain NaN or inf")
     if inputs.is_floating_point():
         inputs = inputs.float()
+        if not bool(torch.isfinite(inputs).all()):
+            rows = int((~torch.isfinite(inputs.reshape(len(inputs), -1))).any(1).sum())
+            raise UsageError(f"{rows} reference input(s) contain NaN or inf: a reference must be finite")
     if len(inputs) > args.size:
         idx = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(args.seed))[: args.size]
         inputs = inputs[idx]
@@ -208,6 +218,23 @@ def calibrate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     return serving.monitor.calibration()
 
 
+def read_config(path: Path) -> dict:
+    """A model-config YAML as a mapping, its handler section a mapping; UsageError naming the problem."""
+    if not path.exists():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path} is not valid YAML: {str(exc)[:300]}") from None
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise UsageError(f"--config {path}: expected a mapping of settings, got {type(config).__name__}")
+    if config.get("handler") is not None and not isinstance(config["handler"], dict):
+        raise UsageError(f"--config {path}: handler must be a mapping of settings, got "
+                         f"{type(config['handler']).__name__}")
+    return config
+
+
 def cmd_archive(args) -> int:
     """torch-model-archiver with the selfheal handler, the reference and a model-config."""
     reference = Path(args.reference)
@@ -216,6 +243,11 @@ def cmd_archive(args) -> int:
     from selfheal_torchserve.loading import load_reference
 
     inputs, targets = load_reference(reference)
+    config = read_config(Path(args.config)) if args.config else {}
+    section = config.get("handler") or {}
+    for key in ("model_class", "model_kwargs", "model_factory"):  # built as the server will build it
+        if key in section and not getattr(args, key, None):
+            setattr(args, key, json.dumps(section[key]) if key == "model_kwargs" else section[key])
     model = load_model(args)
     report = check_reference(model, inputs, targets, args.task)
     for w in report["warnings"]:
@@ -223,7 +255,7 @@ def cmd_archive(args) -> int:
     if report["looks_fitted"] and not args.allow_fitted:
         raise UsageError("refusing a reference that looks like training data (see the warning); build one from "
                          "held-out data, or pass --allow-fitted")
-    config: dict[str, Any] = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    config = read_config(Path(args.config)) if args.config else {}
     config.setdefault("minWorkers", 1)
     config.setdefault("maxWorkers", 1)
     handler_section = dict(config.get("handler") or {})
@@ -318,11 +350,46 @@ def cmd_replay(args) -> int:
     return 0
 
 
+PLUGIN_JAR = "selfheal-feedback.jar"
+
+
+def plugin_dir() -> Path | None:
+    """Where the feedback plugin's jar is: $SELFHEAL_PLUGINS, or build/plugins of a source checkout."""
+    import os
+
+    for where in (os.environ.get("SELFHEAL_PLUGINS"), Path(__file__).resolve().parent.parent / "build" / "plugins"):
+        if where and (Path(where) / PLUGIN_JAR).exists():
+            return Path(where).resolve()
+    return None
+
+
 def cmd_paths(args) -> int:
-    """Where the installed package keeps what config.properties and Grafana need."""
+    """Every path TorchServe needs, absolute, so that a config.properties works from any directory;
+    with --write-config, a config.properties with them (from the repository's, or a minimal one)."""
     from selfheal_torchserve.metrics import METRICS_YAML
 
-    print(f"metrics_config={METRICS_YAML}")
+    plugins = plugin_dir()
+    store = Path(args.model_store).resolve()
+    paths = {"metrics_config": str(METRICS_YAML), "plugins_path": str(plugins) if plugins else None,
+             "model_store": str(store)}
+    for key, value in paths.items():
+        print(f"{key}={value}" if value else f"# {key}: {PLUGIN_JAR} not found; build it with `make setup` "
+              "(plugins/build.sh) or set SELFHEAL_PLUGINS to its folder")
+    if args.write_config:
+        template = Path(__file__).resolve().parent.parent / "config.properties"
+        lines = template.read_text().splitlines() if template.exists() else [
+            "inference_address=http://127.0.0.1:8080", "management_address=http://127.0.0.1:8081",
+            "metrics_address=http://127.0.0.1:8082", "metrics_mode=prometheus"]
+        out, seen = [], set()
+        for line in lines:
+            key = line.split("=", 1)[0].strip()
+            if key in paths and not line.lstrip().startswith("#"):
+                seen.add(key)
+                line = f"{key}={paths[key]}" if paths[key] else f"# {line}"
+            out.append(line)
+        out += [f"{k}={v}" for k, v in paths.items() if k not in seen and v]
+        Path(args.write_config).write_text("\n".join(out) + "\n")
+        print(f"wrote {args.write_config}")
     return 0
 
 
@@ -386,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", default="replay_out")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=cmd_replay)
-    pth = sub.add_parser("paths", help="print where the installed metrics.yaml is (for config.properties)")
+    pth = sub.add_parser("paths", help="print every path TorchServe needs (metrics.yaml, the feedback plugin, "
+                                       "the model store), absolute")
+    pth.add_argument("--model-store", default="model_store", help="the model store to name (default ./model_store)")
+    pth.add_argument("--write-config", help="also write a config.properties with these paths absolute")
     pth.set_defaults(func=cmd_paths)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

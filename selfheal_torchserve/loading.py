@@ -54,7 +54,7 @@ def build_model(model_dir: str | Path, model_file: str, weights: str | None, set
     except TypeError as exc:
         raise RuntimeError(f"{what}({', '.join(f'{k}=...' for k in settings.model_kwargs)}) failed: {exc}; give the "
                            "constructor arguments as model_kwargs in the handler section of the model-config "
-                           "yaml (or a model_factory)") from exc
+                           "yaml, or as --model-kwargs '{...}' to the selfheal command (or a model_factory)") from exc
     if not isinstance(model, nn.Module):
         raise RuntimeError(f"{what} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:

@@ -14,6 +14,35 @@ from selfheal_core import HealConfig
 from selfheal_core.task import TaskKind
 
 
+def _whole(obj: Any, name: str, low: int, high: int) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{_where(obj)}{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _real(obj: Any, name: str, low: float, high: float) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{_where(obj)}{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+
+def _where(obj: Any) -> str:
+    return "handler setting json_limits." if isinstance(obj, JsonLimits) else "handler setting "
+
+
+def _mapping(kind: type, value: Any, what: str) -> dict:
+    """A YAML section as keyword arguments of `kind`: a mapping of its fields, unknown keys named."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a mapping of settings, got {type(value).__name__}")
+    valid = {f.name for f in fields(kind)}
+    unknown = set(value) - valid
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(map(str, unknown))}; valid: {sorted(valid)}")
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class JsonLimits:
     """Bounds on a JSON request body, so one client cannot exhaust a worker that serves others."""
@@ -21,6 +50,15 @@ class JsonLimits:
     max_depth: int = 32  # nesting of arrays and objects
     max_number_chars: int = 64  # digits of one number (Python refuses ints over 4,300 digits anyway)
     max_string_chars: int = 65_536  # one string (base64 images stay well inside the body limit)
+
+    def __post_init__(self) -> None:
+        _whole(self, "max_depth", 1, 1_000)
+        _whole(self, "max_number_chars", 1, 4_300)
+        _whole(self, "max_string_chars", 1, 1 << 30)
+
+    @classmethod
+    def from_dict(cls, value: Any) -> "JsonLimits":
+        return cls(**_mapping(cls, value, "handler setting json_limits"))
 
 
 @dataclass(frozen=True)
@@ -53,19 +91,25 @@ class HandlerSettings:
     learner_nice: int = 19  # niceness of the learner process: serving keeps the CPU when it is short
     # (bench_serve at batch 1 with 5% feedback: label-to-weights p99 2.2 s at 19, the same order as at 10)
     feedback_wait_s: float = 5.0  # how long feedback by id waits for an id a worker has not recorded yet
+    custom: dict = field(default_factory=dict)  # your own handler's settings: passed through untouched (the
+    # handler reads them as `self.selfheal_settings.custom`); selfheal checks every other key
     heal: HealConfig = field(default_factory=HealConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()  # checked whole at construction, however it was built
 
     @classmethod
     def from_yaml(cls, section: dict | None) -> "HandlerSettings":
-        section = dict(section or {})
-        valid = {f.name for f in fields(cls)}
-        unknown = set(section) - valid
-        if unknown:
-            raise ValueError(f"unknown selfheal handler settings {sorted(unknown)}; valid: {sorted(valid)}")
+        try:
+            section = _mapping(cls, section, "selfheal handler settings")
+        except ValueError as exc:
+            raise ValueError(f"{exc} (settings of your own handler go under handler.custom)") from None
         heal = section.get("heal")
+        if heal is not None and heal is not False and not isinstance(heal, dict):
+            raise ValueError(f"handler setting heal must be a mapping (or false), got {type(heal).__name__}")
         section["heal"] = (HealConfig(adapt=False) if heal is False else HealConfig.from_dict(heal))
-        if isinstance(section.get("json_limits"), dict):
-            section["json_limits"] = JsonLimits(**section["json_limits"])
+        if "json_limits" in section:
+            section["json_limits"] = JsonLimits.from_dict(section["json_limits"])
         if os.environ.get("SELFHEAL_SNAPSHOT_DIR"):
             section["snapshot_dir"] = os.environ["SELFHEAL_SNAPSHOT_DIR"]
         if os.environ.get("SELFHEAL_LOG_URL"):  # deployment-specific, like the store: not baked into the .mar
@@ -75,6 +119,34 @@ class HandlerSettings:
         return settings
 
     def validate(self) -> None:
+        """ValueError naming the first setting out of its range or of the wrong type."""
+        for name in ("task", "reference_file", "snapshot_dir", "log_url", "learner"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"handler setting {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("model_class", "model_factory"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"handler setting {name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.envelope, bool):
+            raise ValueError(f"handler setting envelope must be true or false, got {self.envelope!r}")
+        if not isinstance(self.json_limits, JsonLimits) or not isinstance(self.heal, HealConfig):
+            raise ValueError("handler settings json_limits and heal must be mappings of their settings")
+        if not isinstance(self.custom, dict):
+            raise ValueError(f"handler setting custom must be a mapping, got {type(self.custom).__name__}")
+        ref = self.reference_file.replace("\\", "/")
+        if not ref or ref.startswith("/") or ".." in ref.split("/"):
+            raise ValueError(f"handler setting reference_file must be a path inside the .mar (relative, no '..'), "
+                             f"got {self.reference_file!r}")
+        _whole(self, "snapshot_keep", 1, 1_000)
+        _whole(self, "max_instances", 1, 1_000_000)
+        _whole(self, "max_body_bytes", 1, 1 << 31)
+        _whole(self, "recent_predictions", 1, 100_000_000)
+        _whole(self, "learner_threads", 1, 1_024)
+        _whole(self, "learner_nice", 0, 19)
+        if self.torch_threads is not None:
+            _whole(self, "torch_threads", 1, 1_024)
+        for name in ("drain_interval_s", "sync_interval_s", "status_interval_s"):
+            _real(self, name, 0.01, 3_600)  # below 10 ms a background loop only burns the CPU it serves with
+        _real(self, "feedback_wait_s", 0, 600)
         if self.task not in {k.value for k in TaskKind}:
             raise ValueError(f"handler setting task must be one of {[k.value for k in TaskKind]}, got {self.task!r}")
         if not isinstance(self.model_kwargs, dict):
@@ -83,12 +155,6 @@ class HandlerSettings:
             raise ValueError(f"handler setting model_factory must be 'module:function', got {self.model_factory!r}")
         if self.learner not in ("auto", "external", "off"):
             raise ValueError(f"handler setting learner must be auto, external or off, got {self.learner!r}")
-        for name in ("max_instances", "max_body_bytes", "recent_predictions", "snapshot_keep"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"handler setting {name} must be > 0")
-        for name in ("drain_interval_s", "sync_interval_s", "status_interval_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"handler setting {name} must be > 0")
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
