@@ -68,14 +68,15 @@ class Pair:
 class ConceptWatch(StateMixin):
     """Finds labels that contradict the trusted reference; holds them by pair under a policy."""
 
-    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels", "_recent_x", "_recent_y")
+    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels", "_trusted", "_recent_x", "_recent_y")
 
     def __init__(self, config: GuardConfig, k: int = 10) -> None:
         self.config = config
         self.policy = config.concept_change
         self.k = k
         self._ref_feats = torch.zeros(0, 0, dtype=torch.float64)  # (R, F) reference through the current weights
-        self._ref_labels = torch.zeros(0, dtype=torch.long)  # (R,) trusted labels (relabelled on approval)
+        self._trusted = torch.zeros(0, dtype=torch.long)  # (R,) the reference's own labels, never changed
+        self._ref_labels = self._trusted  # (R,) as the approved relabellings have them (all at once: a swap)
         self._radius = float("inf")
         self._ref_dirs = self._ref_feats  # (R, F) the reference features' directions (unit length)
         self._dir_radius = float("inf")
@@ -91,14 +92,15 @@ class ConceptWatch(StateMixin):
     def reset(self) -> None:
         """Forget pairs and held labels; the reference labels go back to the trusted ones at the next fit."""
         self._reset()
-        self._ref_labels = torch.zeros(0, dtype=torch.long)
+        self._trusted = self._ref_labels = torch.zeros(0, dtype=torch.long)
 
     # ------------------------------------------------------------------ the reference
     @torch.no_grad()
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """The labelled reference through the current weights: features (R, F), labels (R,)."""
         if not len(self._ref_labels):
-            self._ref_labels = labels.cpu().long().clone()
+            self._trusted = labels.cpu().long().clone()
+            self._ref_labels = self._trusted.clone()
         self._ref_feats = features.detach().to("cpu", torch.float64)
         self._radius = _radius(self._ref_feats, 0.95)
         self._ref_dirs = torch.nn.functional.normalize(self._ref_feats, dim=1)
@@ -263,11 +265,21 @@ class ConceptWatch(StateMixin):
         Returns the held (seq, x, label, time) to learn."""
         pair = self._get(source, target)
         pair.state = "approved"
-        self._ref_labels = torch.where(self._ref_labels == source, torch.tensor(target), self._ref_labels)
+        self._relabel()
         released = [h for h in self._held if h[4] == source and h[2] == target]
         self._held = [h for h in self._held if not (h[4] == source and h[2] == target)]
         pair.learned += len(released)
         return [h[:4] for h in released]
+
+    def _relabel(self) -> None:
+        """The reference labels under every approved relabelling, mapped from the trusted ones at
+        once: approving 1 -> 2 and then 2 -> 1 (a swap) used to relabel the reference's new 2s back
+        to 1, merging both classes into one, and the swapped classes were never learned."""
+        mapping = {p.source: p.target for p in self._pairs.values() if p.state == "approved"}
+        labels = self._trusted.clone()
+        for source, target in mapping.items():
+            labels[self._trusted == source] = target
+        self._ref_labels = labels
 
     def discard(self, source: int, target: int) -> list[int]:
         """The relabelling is poisoning: its held labels are dropped (their seqs returned) and later
@@ -335,9 +347,10 @@ class ConceptWatch(StateMixin):
                 "source": [h[4] for h in self._held]}
 
     def load_state_dict(self, state: dict) -> None:
-        """As StateMixin; a state saved before the recent labels were kept starts without them."""
+        """As StateMixin; a state saved before the recent labels were kept starts without them, one
+        saved before the trusted labels were kept apart takes its reference labels as trusted."""
         super().load_state_dict({"_recent_x": torch.zeros(0, 0), "_recent_y": torch.zeros(0, dtype=torch.long),
-                                 **state})
+                                 "_trusted": state.get("_ref_labels", self._trusted), **state})
 
     @_held_state.setter
     def _held_state(self, value: dict) -> None:

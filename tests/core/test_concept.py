@@ -72,6 +72,37 @@ def test_approval_learns_the_new_concept_and_the_reference_follows(demo_model, r
     assert recall3(h, digits) < 0.5, "approved: the model learns that these inputs are 8s"
 
 
+def test_an_approved_swap_relabels_the_reference_at_once_and_is_learned(demo_model, reference, digits, tmp_path):
+    """Classes 1 and 7 trade meaning; an operator approves both relabellings once reported. The
+    second approval used to map the reference's new 7s back to 1 (both classes merged), and the
+    swapped classes stayed wrong after approval (issue 26: a text model, 1.5% and 7.8% right)."""
+    h = SelfHealer(copy.deepcopy(demo_model), reference[0], reference_labels=reference[1])  # no store: faster
+    x_tr, y_tr, x_te, y_te = digits
+    trusted = reference[1]
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, len(y_tr), (800,), generator=g)
+    x, y = x_tr[idx], y_tr[idx].clone()
+    swap = {1: 7, 7: 1}
+    y = torch.tensor([swap.get(int(v), int(v)) for v in y])
+    approved = set()
+    for i in range(0, len(y), 8):
+        h.predict(x[i:i + 8])
+        h.feedback(x[i:i + 8], y[i:i + 8])
+        suspected = [p["pair"] for p in h.learner.concept.suspected] if len(approved) < 2 else []
+        for pair in ((1, 7), (7, 1)):
+            if pair not in approved and list(pair) in suspected:
+                h.decide(*pair, "approve")
+                approved.add(pair)
+    assert approved == {(1, 7), (7, 1)}, "both relabellings reported"
+    labels = h.learner.concept.reference_labels
+    assert torch.equal(labels[trusted == 1], torch.full_like(labels[trusted == 1], 7))
+    assert torch.equal(labels[trusted == 7], torch.full_like(labels[trusted == 7], 1)), "a swap, not a merge"
+    with torch.no_grad():
+        pred = h.model(x_te).argmax(1)
+    for old, new in swap.items():
+        assert float((pred[y_te == old] == new).float().mean()) >= 0.7, f"class {old} inputs now answered {new}"
+
+
 def test_discard_under_learn_returns_to_a_version_from_before(demo_model, reference, digits, tmp_path):
     h = healer(demo_model, reference, tmp_path, policy="learn")
     before = recall3(h, digits)
