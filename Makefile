@@ -1,13 +1,14 @@
 # selfheal: two commands on a fresh machine.
 #   make demo   set up, then serve the digits CNN with TorchServe, drift it, watch it heal
 #   make test   set up, then run unit and integration tests (what .ci/run calls)
+#   make test-quick   the core alone (no servers), for the edit-test loop
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PLUGIN := build/plugins/selfheal-feedback.jar
 
-.PHONY: setup demo test test-unit clean
+.PHONY: setup demo test test-unit test-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17: install a JRE (e.g. apt-get install openjdk-17-jre-headless)"; exit 1; }
@@ -30,6 +31,10 @@ test: setup
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/core selfheal_core
+
+# The core without servers, databases or benchmarks: a couple of minutes on 2 cores.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q tests/core selfheal_core -k "not postgres and not pg_"
 
 clean:
 	rm -rf $(VENV) build demo_out model_store/*.mar model_store/snapshots/*/
