@@ -42,6 +42,7 @@ from selfheal_torchserve.settings import HandlerSettings
 log = logging.getLogger(__name__)
 
 ROLE_ENV = "SELFHEAL_ROLE"  # "learner" in the learner process: load the model, do not serve
+BACKGROUND_ENV = "SELFHEAL_BACKGROUND"  # "0": no background thread; the caller steps the runtime (tests)
 
 
 class SelfHealMixin:
@@ -70,6 +71,7 @@ class SelfHealMixin:
         from selfheal_torchserve.worker import WorkerRuntime  # worker-only machinery
 
         self.selfheal = WorkerRuntime(context, settings, model, inputs, targets, handler=self)
+        self.selfheal.start(background=os.environ.get(BACKGROUND_ENV, "1") != "0")
         self.initialized = True
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
@@ -96,10 +98,13 @@ class SelfHealMixin:
 
         def answer(idx: int, response: Any, rows: slice, outs: torch.Tensor, inputs: torch.Tensor) -> Any:
             if not recorded:  # once per batch: ids for every input, the version and drift served
-                recorded.update(ids=rt.record(inputs, outs), version=rt.version, drift=rt.drift)
+                recorded.update(ids=rt.record(inputs, outs), version=rt.version, drift=rt.drift, answered=0)
+            recorded["answered"] += 1
             return rt.respond(context, idx, response, recorded["ids"][rows], recorded["version"], recorded["drift"])
 
-        return per_request(self, data, context, rt.check, answer)
+        outputs = per_request(self, data, context, rt.check, answer)
+        rt.note_batch(len(data), recorded.get("answered", 0))
+        return outputs
 
     def inference(self, data: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The served model's (corrected) outputs; monitoring and adaptation follow off the request path.

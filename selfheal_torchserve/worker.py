@@ -134,6 +134,8 @@ class WorkerRuntime:
         except StorageError as exc:
             log.warning("prediction record: %s (feedback by id waits until it can be written)", exc.message)
         self.faults = Faults()  # monitor, record, sync, status, learner: open until that job next succeeds
+        # TorchServe batches: count, requests, the largest, and those mixing refused and answered requests
+        self.batches = {"batches": 0, "requests": 0, "largest": 0, "mixed": 0}
         self._failed_version = 0  # a published version that could not be loaded (not retried)
         self._learner: dict | None = None  # the learner's status record, read every status interval
         self._drift = self.serving.drift
@@ -154,14 +156,22 @@ class WorkerRuntime:
             from selfheal_torchserve.supervisor import LearnerSupervisor
 
             self.supervisor = LearnerSupervisor(self.workdir, self.model_name, context, type(handler), settings)
+        self._thread: threading.Thread | None = None
+
+    def start(self, background: bool = True) -> "WorkerRuntime":
+        """Start the model's learner process (waiting until it is up) and, with `background`, the
+        thread that runs `step()`; without it the caller steps (tests: no second drainer races it)."""
+        if self.supervisor is not None:
             self.supervisor.tick()
             self.supervisor.wait_ready(60.0)
-        self._thread = threading.Thread(target=self._loop, name=f"selfheal-{self.model_name}", daemon=True)
-        self._thread.start()
+        if background:
+            self._thread = threading.Thread(target=self._loop, name=f"selfheal-{self.model_name}", daemon=True)
+            self._thread.start()
         log.info("selfheal ready: model %s (%s, %s), version %d, label-free: %s, storage %s, learner %s",
                  self.model_name, self.serving.task.kind.value, self.serving.mode, self.serving.version,
                  self.serving.corrector.summary if self.serving.corrector else "off (monitor-only)",
-                 self.storage.describe(), settings.learner)
+                 self.storage.describe(), self.settings.learner)
+        return self
 
     # ------------------------------------------------------------------ request thread
     def check(self, x: Any) -> torch.Tensor:
@@ -176,7 +186,22 @@ class WorkerRuntime:
             raise RequestError(400, f"bad inputs: {exc}") from None
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.serving.predict(x, defer=True, checked=True)
+        """Outputs for a checked batch; TorchServe's batch of requests may together exceed
+        `max_batch` (each request was checked alone), so it is forwarded in chunks of at most that."""
+        limit = self.serving.config.max_batch
+        if len(x) <= limit:
+            return self.serving.predict(x, defer=True, checked=True)
+        return torch.cat([self.serving.predict(x[i:i + limit], defer=True, checked=True)
+                          for i in range(0, len(x), limit)])
+
+    def note_batch(self, requests: int, answered: int) -> None:
+        """Serving thread: how TorchServe batched requests (status: batching works, and a refused
+        request shared batches with answered ones)."""
+        b = self.batches
+        b["batches"] += 1
+        b["requests"] += requests
+        b["largest"] = max(b["largest"], requests)
+        b["mixed"] += int(0 < answered < requests)
 
     def record(self, x: torch.Tensor, outputs: torch.Tensor) -> list[str]:
         """Prediction ids, one per input, resolvable by feedback once the record is flushed (what was
@@ -331,6 +356,7 @@ class WorkerRuntime:
             status["drift"] = merge_drift(status["drift"], learner["errors"])
         status["learner"] = learner
         status["faults"] = self.faults.snapshot()
+        status["batches"] = dict(self.batches)
         status["handler"] = {"worker": self.member, "pid": os.getpid(), "optimizer_steps": StepCounter.steps,
                              "storage": self.storage.describe(),
                              "learner_mode": self.settings.learner, "envelope": self.settings.envelope}
@@ -339,7 +365,8 @@ class WorkerRuntime:
     def close(self) -> None:
         """Stop the background thread (tests; TorchServe ends workers by killing them)."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         if self.supervisor is not None:
             self.supervisor.close()
         self.serving.close()

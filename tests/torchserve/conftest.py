@@ -18,6 +18,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from selfheal_bench.examples import data
 from selfheal_torchserve import cli
+from selfheal_torchserve.mixin import BACKGROUND_ENV
 
 REPO = Path(__file__).resolve().parent.parent.parent
 EXAMPLES = REPO / "selfheal_bench" / "examples"
@@ -83,7 +84,7 @@ class Served:
         rows = [{"body": b} if isinstance(b, (bytes, bytearray)) else {"body": json.dumps(b).encode()}
                 for b in bodies]
         out = self.handler.handle(rows, self.ctx)
-        self.handler.selfheal.serving.drain()
+        self.handler.selfheal.step()  # the runtime's background round, here: no thread of its own races it
         return [(self.ctx.get_response_status(i)[0], o, dict(self.ctx.get_response_headers(i)))
                 for i, o in enumerate(out)]
 
@@ -114,6 +115,7 @@ def serve(archives, tmp_path, monkeypatch):
 
     def make(name: str, args: list[str], handler_section: dict | None = None) -> Served:
         monkeypatch.setenv("SELFHEAL_SNAPSHOT_DIR", str(tmp_path / f"snapshots-{len(opened)}"))
+        monkeypatch.setenv(BACKGROUND_ENV, "0")
         served = Served(archives(name, args, handler_section), name)
         opened.append(served)
         return served

@@ -38,6 +38,24 @@ def test_envelope_puts_selfheal_in_the_body(serve, trained, reference):
     assert body["selfheal"]["drift"]["detected"] is False and len(body["response"]["predictions"]) == 2
 
 
+def test_a_batch_of_requests_beyond_max_batch_is_forwarded_in_chunks(serve, trained, reference):
+    """Each request passed max_batch alone; TorchServe's batch of them together did not, and went
+    into one forward unchecked (issue 26). Now it is forwarded in chunks of at most max_batch."""
+    s = serve("digits", digits_args(trained), {"heal": {"max_batch": 4, "observe_every": 4}})
+    x = reference[0]
+    sizes: list[int] = []
+    hook = s.handler.model.register_forward_hook(lambda _m, args, _out: sizes.append(len(args[0])))
+    res = s.call([{"instances": np_list(x[i:i + 3])} for i in range(0, 9, 3)])
+    hook.remove()
+    assert sizes and max(sizes) <= 4, sizes
+    assert [code for code, _, _ in res] == [200, 200, 200]
+    labels = [p["label"] for _, body, _ in res for p in body["predictions"]]
+    with torch.no_grad():
+        assert labels == s.handler.model(x[:9]).argmax(1).tolist()
+    status = s.handler.selfheal.describe()
+    assert status["batches"]["largest"] == 3 and status["counters"]["predictions"] == 9
+
+
 DEEP = ("[" * 1200 + "]" * 1200).encode()
 BAD = [
     (b"{not json", 400, "not valid JSON"),
