@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from selfheal_bench.data import corrupt, load_digits_split
 from selfheal_bench.harness import RESULTS, Bar, demo_model, write_report
+from selfheal_bench.train import fit
 from selfheal_core import FileSnapshotStore, HealConfig, SelfHealer
 from selfheal_core.storage import SQLiteFeedbackLog
 
@@ -243,16 +243,7 @@ def main() -> None:
     n_concept = int(3000 * scale)
     idx = torch.randint(0, len(y_te), (n_concept,), generator=torch.Generator().manual_seed(6))
     x_c, y_c = x_te[idx], swap(y_te[idx])
-    oracle = copy.deepcopy(model).train()
-    opt = torch.optim.Adam(oracle.parameters(), lr=1e-3)
-    for _ in range(2 if args.tiny else 15):
-        perm = torch.randperm(len(y_tr))
-        for i in range(0, len(y_tr), 32):
-            b = perm[i:i + 32]
-            opt.zero_grad()
-            F.cross_entropy(oracle(x_tr[b]), swap(y_tr[b])).backward()
-            opt.step()
-    oracle.eval()
+    oracle = fit(copy.deepcopy(model), x_tr, swap(y_tr), 2 if args.tiny else 15, lr=1e-3, batch=32, seed=None)
     h = make_healer(model, x_ref, y_ref, work / "concept", "hold")
     served, approved_at = [], {}
     g = torch.Generator().manual_seed(7)

@@ -24,19 +24,15 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import PHASES  # noqa: E402
-
-from selfheal_bench.data import CORRUPTIONS, corrupt, load_digits_split, resample  # noqa: E402
-from selfheal_bench.harness import REPO, RESULTS, Bar, demo_model, write_report  # noqa: E402
-from selfheal_core import HealConfig, SelfHealer  # noqa: E402
+from selfheal_bench.data import CORRUPTIONS, DEMO_PHASES as PHASES, corrupt, load_digits_split, resample
+from selfheal_bench.harness import REPO, RESULTS, Bar, demo_model, write_report
+from selfheal_core import HealConfig, SelfHealer
 
 log = logging.getLogger("bench_estimate")
 WINDOW = 500

@@ -22,26 +22,21 @@ random; 30% of the labels deliberately wrong, all claiming one class.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo import split_reference, train  # noqa: E402
-
-from selfheal_bench.data import corrupt, load_digits_split, resample  # noqa: E402
-from selfheal_core import GuardConfig, HealConfig, LearnConfig, SelfHealer  # noqa: E402
+from selfheal_bench.data import corrupt, load_digits_split, resample
+from selfheal_bench.harness import bench_parser
+from selfheal_bench.train import fit, split_reference, train
+from selfheal_core import GuardConfig, HealConfig, LearnConfig, SelfHealer
 
 log = logging.getLogger("bench_feedback")
-REPO = Path(__file__).resolve().parent.parent
 BATCH = 8
 SWAP = (1, 7)  # the concept change: these two classes trade labels
 TARGET = 7  # the class the adversarial labeller pushes
@@ -72,18 +67,9 @@ def drifted_training_split(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def oracle(model: nn.Module, kind: str, epochs: int) -> nn.Module:
     """Periodic full retraining, the upper bound: fine-tune every weight on the labelled drifted split."""
-    model = copy.deepcopy(model)
     x, y = drifted_training_split(kind)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 32):
-            idx = perm[i:i + 32]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    # in eval mode, as it always was: BatchNorm keeps the source statistics while the weights move
+    return fit(copy.deepcopy(model), x, y, epochs, lr=1e-3, batch=32, seed=0, train_mode=False)
 
 
 class Static:
@@ -157,12 +143,7 @@ def run(method, x: torch.Tensor, y: torch.Tensor, rate: float, delay: int, seed:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "feedback.json")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("selfheal_core").setLevel(logging.WARNING)
+    args = bench_parser(__doc__, "feedback.json").parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     n, skip = (600, 200) if args.tiny else (6_000, 2_000)

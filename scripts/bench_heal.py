@@ -20,28 +20,23 @@ samples).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo import split_reference, train  # noqa: E402
-
-from selfheal_bench.data import CORRUPTIONS, corrupt, load_digits_split  # noqa: E402
-from selfheal_bench.tta import PEERS  # noqa: E402
-from selfheal_core import HealConfig, SelfHealer  # noqa: E402
+from selfheal_bench.data import CORRUPTIONS, corrupt, load_digits_split
+from selfheal_bench.tta import PEERS
+from selfheal_bench.train import fit, split_reference, train
+from selfheal_bench.harness import bench_parser
+from selfheal_core import HealConfig, SelfHealer
 
 log = logging.getLogger("bench_heal")
-REPO = Path(__file__).resolve().parent.parent
 
 
 class LayerNormMLP(nn.Module):
@@ -59,17 +54,7 @@ class LayerNormMLP(nn.Module):
 def train_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     x, y, _, _ = split_reference(seed, 300)
-    model = LayerNormMLP()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(40):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return fit(LayerNormMLP(), x, y, 40, seed=seed)
 
 
 # ----------------------------------------------------------------------------- streams
@@ -161,15 +146,12 @@ def windows(correct: torch.Tensor, size: int = 1_000) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "heal.json")
+    ap = bench_parser(__doc__, "heal.json")
     ap.add_argument("--batches", default="64,1")
     ap.add_argument("--models", default="cnn_bn,mlp_ln", help="comma-separated subset")
     ap.add_argument("--streams", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--methods", default="", help="comma-separated subset (default: all)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)  # the serving case: one worker, one core; also steadier timings
     t0 = time.time()
     cnn, _ = train(seed=0)

@@ -18,31 +18,26 @@ its clean false-alarm rate matches ours on the same clean stream.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo import split_reference, train  # noqa: E402
-
-from selfheal_bench.data import CORRUPTIONS, corrupt, load_digits_split  # noqa: E402
-from selfheal_core.config import MonitorConfig  # noqa: E402
-from selfheal_core.model_parts import find_parts  # noqa: E402
-from selfheal_core.task import Task, TaskKind  # noqa: E402
-from selfheal_core.monitor import (ClassShiftDetector, ConfidenceDetector, ErrorRateDetector,  # noqa: E402
+from selfheal_bench.data import CORRUPTIONS, corrupt, load_digits_split
+from selfheal_bench.train import split_reference, train
+from selfheal_bench.harness import bench_parser
+from selfheal_core.config import MonitorConfig
+from selfheal_core.model_parts import find_parts
+from selfheal_core.task import Task, TaskKind
+from selfheal_core.monitor import (ClassShiftDetector, ConfidenceDetector, ErrorRateDetector,
                                    FeatureShiftDetector, Monitor, ReferenceView, normalized_entropy)
 
 log = logging.getLogger("bench_monitor")
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -227,12 +222,9 @@ def tune(make_param: Callable[[float], Callable[[], object]], runner, clean: lis
 
 # ----------------------------------------------------------------------------- the benchmark
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="a few short streams, no peer tuning (smoke test)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "monitor.json")
+    ap = bench_parser(__doc__, "monitor.json")
     ap.add_argument("--ert", type=int, default=10_000)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from river import drift
     from river.drift import binary
 

@@ -23,7 +23,6 @@ it runs as root and wrk is missing.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -40,11 +39,10 @@ import psutil
 import requests
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo import split_reference, train  # noqa: E402
-
-from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample  # noqa: E402
-from selfheal_bench.torchserve import REPO, TorchServe, build_archive  # noqa: E402
+from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample
+from selfheal_bench.torchserve import REPO, TorchServe, build_archive
+from selfheal_bench.train import save_demo
+from selfheal_bench.harness import bench_parser
 
 log = logging.getLogger("bench_serve")
 
@@ -209,17 +207,14 @@ def write_bodies(path: Path, x) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
+    ap = bench_parser(__doc__, "serve.json")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured wrk run per configuration and round")
     ap.add_argument("--rss-requests", type=int, default=200_000, help="long healing run for RSS growth (0: skip)")
     ap.add_argument("--grid", default="1x1,1x8,2x8", help="workers x batch configurations, comma-separated")
     ap.add_argument("--kinds", default="plain,monitor,heal", help="handlers to measure (plain first: the baseline)")
     ap.add_argument("--rounds", type=int, default=3, help="measurements per handler, in rotating order (medians)")
     ap.add_argument("--learner-nice", type=int, default=19, help="niceness of the learner process")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("selfheal_bench").setLevel(logging.WARNING)
     wrk = ensure_wrk()
     seconds, warmup = (2.0, 1.0) if args.tiny else (args.seconds, 3.0)
@@ -234,10 +229,7 @@ def main() -> None:
         model_dir.mkdir()
         import torch
 
-        model, _ = train(seed=0)
-        _, _, x_ref, y_ref = split_reference(0, 300)
-        torch.save(model.state_dict(), model_dir / "digits_cnn.pt")
-        torch.save({"inputs": x_ref, "labels": y_ref}, model_dir / "reference.pt")
+        save_demo(model_dir)
         _, _, x_te, y_te = load_digits_split(seed=0)
         xc, _ = resample(x_te, y_te, 1000, seed=1)
         xd, yd = resample(x_te, y_te, 1000, seed=2)

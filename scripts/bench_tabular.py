@@ -31,23 +31,22 @@ time per 1,000 samples counts predicting and learning.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfheal_bench.harness import bench_parser
+from selfheal_bench.train import fit
 from selfheal_core import GuardConfig, HealConfig, LearnConfig, SelfHealer
 
 log = logging.getLogger("bench_tabular")
-REPO = Path(__file__).resolve().parent.parent
 REQUEST = 16
 RATES = (0.05, 1.0)
 
@@ -96,19 +95,9 @@ def make_mlp(d: int, out: int, batchnorm: bool, x: torch.Tensor) -> nn.Module:
 
 
 def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, epochs: int, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            out = model(x[idx])
-            loss = F.cross_entropy(out, y[idx].long()) if task == "classification" else F.mse_loss(out[:, 0], y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, target.long()) if task == "classification" else F.mse_loss(out[:, 0], target)
+    return fit(model, x, y, epochs, loss=loss, seed=seed)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -251,13 +240,9 @@ def run_stream(name: str, pre: int, n: int, epochs: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
+    ap = bench_parser(__doc__, "tabular.json")
     ap.add_argument("--streams", default="sea,hyperplane,friedman")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tabular.json")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("selfheal_core").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     pre, n, epochs = (1_500, 2_000, 5) if args.tiny else (5_000, 20_000, 30)
     t0 = time.time()

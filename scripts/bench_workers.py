@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,10 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo import split_reference, train  # noqa: E402
-
-from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample  # noqa: E402
-from selfheal_bench.torchserve import REPO, TorchServe, build_archive  # noqa: E402
+from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample
+from selfheal_bench.torchserve import REPO, TorchServe, build_archive
+from selfheal_bench.train import save_demo
+from selfheal_torchserve.worker import parse_header
 
 log = logging.getLogger("bench_workers")
 
@@ -54,24 +52,25 @@ def run(model_dir: Path, work: Path, workers: int, stream, probe) -> dict:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # all labels absorbed, one version everywhere
             st = ts.feedback("digits", method="get").json()
-            versions = {ts_predict(ts, px[:8])["model_version"] for _ in range(12)}
-            if st["log"]["absorbed"] == st["log"]["last_seq"] and len(versions) == 1:
+            versions = {ts_predict(ts, px[:8])[1] for _ in range(12)}
+            if st["absorbed"] == st["log"]["last_seq"] and len(versions) == 1:
                 break
             time.sleep(1)
         labels = []
         for i in range(0, len(py), 50):
-            labels += [p["label"] for p in ts_predict(ts, px[i:i + 50])["predictions"]]
+            labels += [p["label"] for p in ts_predict(ts, px[i:i + 50])[0]["predictions"]]
         acc = float((torch.tensor(labels) == py).float().mean())
     return {"workers": workers, "accuracy": acc, "versions_seen": sorted(versions), "labels": st["log"]["entries"]}
 
 
-def ts_predict(ts: TorchServe, x) -> dict:
+def ts_predict(ts: TorchServe, x) -> tuple[dict, int]:
+    """The answer's body and the model version its X-Selfheal header names."""
     import requests
 
     r = requests.post(f"{ts.inference_url}/predictions/digits", json={"instances": as_numpy_list(x)},
                       headers=ts.headers("inference"), timeout=60)
     r.raise_for_status()
-    return r.json()
+    return r.json(), parse_header(r.headers["X-Selfheal"])["version"]
 
 
 def main() -> None:
@@ -83,10 +82,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_workers-"))
     model_dir = work / "model"
     model_dir.mkdir()
-    model, _ = train(seed=0)
-    _, _, x_ref, y_ref = split_reference(0, 300)
-    torch.save(model.state_dict(), model_dir / "digits_cnn.pt")
-    torch.save({"inputs": x_ref, "labels": y_ref}, model_dir / "reference.pt")
+    model, _ = save_demo(model_dir)
     _, _, x_te, y_te = load_digits_split(seed=0)
     xs, ys = resample(x_te, y_te, args.samples, seed=21)
     xp, yp = resample(x_te, y_te, 500, seed=22)

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo import split_reference, train  # noqa: E402
-
-from selfheal_bench.data import corrupt, load_digits_split, resample  # noqa: E402
-from selfheal_core import HealConfig, FileSnapshotStore, SelfHealer  # noqa: E402
+from selfheal_bench.data import corrupt, load_digits_split, resample
+from selfheal_bench.train import split_reference, train
+from selfheal_core import HealConfig, FileSnapshotStore, SelfHealer
 
 
 def main() -> None:

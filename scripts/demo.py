@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -22,18 +21,15 @@ import numpy as np
 import requests
 import torch
 
-from selfheal_bench.data import corrupt, load_digits_split, resample
+from selfheal_bench.data import DEMO_PHASES, corrupt, load_digits_split, resample
 from selfheal_bench.models import DigitsCNN
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive
+from selfheal_bench.train import save_demo
 from selfheal_torchserve import replay
 
 log = logging.getLogger("demo")
 
-PHASES = [  # (name, corruption, severity, samples)
-    ("clean", None, 0, 600),
-    ("contrast-5", "contrast", 5, 1200),
-    ("rotate-4", "rotate", 4, 1500),
-]
+PHASES = DEMO_PHASES
 
 
 def make_stream(seed: int = 0):
@@ -64,10 +60,7 @@ def main() -> None:
     t0 = time.time()
     model_dir = REPO / "build" / "model"
     if not (model_dir / "digits_cnn.pt").exists():
-        from train_demo import main as train_main  # noqa: E402  (scripts/ is on sys.path when run as a script)
-
-        sys.argv = [sys.argv[0], "--out", str(model_dir)]
-        train_main()
+        save_demo(model_dir)
     mar = build_archive(model_dir, REPO / "model_store")
     log.info("archived %s", mar)
     snapshots = REPO / "model_store" / "snapshots"

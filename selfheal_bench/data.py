@@ -104,6 +104,13 @@ CORRUPTIONS: dict[str, Callable] = {
 }
 
 
+DEMO_PHASES = [  # the demo's stream (scripts/demo.py, bench_estimate): (name, corruption, severity, samples)
+    ("clean", None, 0, 600),
+    ("contrast-5", "contrast", 5, 1200),
+    ("rotate-4", "rotate", 4, 1500),
+]
+
+
 def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
     """Apply corruption `name` at `severity` (1..5) to images x (N, 1, 8, 8); result clipped to [0, 1]."""
     if name not in CORRUPTIONS:

@@ -46,14 +46,24 @@ class Bar:
 def demo_model(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The demo CNN trained on the digits (train split less 300 held out), and those 300 as the
     labelled reference: (model, reference inputs, reference labels)."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    from train_demo import split_reference, train
+    from selfheal_bench.train import split_reference, train
 
     model, _ = train(seed=seed)
     _, _, x_ref, y_ref = split_reference(seed, 300)
     return model.eval(), x_ref, y_ref
+
+
+def bench_parser(doc: str | None, out_name: str) -> "argparse.ArgumentParser":
+    """A benchmark's command line: --tiny (a smoke run) and --out (default bench/results/<out_name>);
+    logging set up as every benchmark logs (selfheal_core's own lines only from warnings up)."""
+    import argparse
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("selfheal_core").setLevel(logging.WARNING)
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a smoke run: seconds to a few minutes, numbers not meaningful")
+    ap.add_argument("--out", type=Path, default=RESULTS / out_name)
+    return ap
 
 
 def write_report(path: Path, bars: list[Bar], started: float, **data: Any) -> dict:

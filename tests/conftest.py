@@ -1,7 +1,6 @@
 """Shared fixtures: the demo model trained once per session, its reference, deadline-bound waits."""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 T = TypeVar("T")
 
 
@@ -30,13 +28,10 @@ def wait_until(fetch: Callable[[], T], done: Callable[[T], bool], timeout: float
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory) -> Path:
     """Trained demo CNN weights and reference sample (train_demo.py's output)."""
-    from train_demo import split_reference, train
+    from selfheal_bench.train import save_demo
 
     out = tmp_path_factory.mktemp("model")
-    model, _ = train(seed=0)
-    _, _, x_ref, y_ref = split_reference(0, 300)
-    torch.save(model.state_dict(), out / "digits_cnn.pt")
-    torch.save({"inputs": x_ref, "labels": y_ref}, out / "reference.pt")
+    save_demo(out)
     return out
 
 

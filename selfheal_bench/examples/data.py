@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from selfheal_bench.data import load_digits_split
+from selfheal_bench import train
 from selfheal_bench.models import DigitsCNN
 
 
@@ -28,21 +29,10 @@ class Split:
 
 def fit(make, x: torch.Tensor, y: torch.Tensor, loss, epochs: int, lr: float = 3e-3,
         seed: int = 0) -> nn.Module:
-    """A model from `make()` (after seeding: the same weights in any process), trained with Adam on
-    minibatches of 64; returned in eval mode."""
+    """A model from `make()` (after seeding: the same weights in any process), trained by the shared
+    loop (`selfheal_bench.train.fit`); returned in eval mode."""
     torch.manual_seed(seed)
-    model = make()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            loss(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return train.fit(make(), x, y, epochs, lr=lr, loss=loss, seed=seed)
 
 
 # ---------------------------------------------------------------------------- images

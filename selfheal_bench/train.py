@@ -1,0 +1,75 @@
+"""The one training loop every benchmark, example and the demo use, and the demo CNN's training.
+
+`fit` is Adam on shuffled minibatches; the digits CNN is trained on the train split less a
+held-out reference sample (`split_reference`), which is what `selfheal reference` wants:
+drawn from the training distribution but never fitted on.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfheal_bench.data import load_digits_split
+from selfheal_bench.models import DigitsCNN
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 3e-3, batch: int = 64,
+        loss: Loss = F.cross_entropy, seed: int | None = 0, train_mode: bool = True) -> nn.Module:
+    """Train `model` with Adam for `epochs` passes over (x, y) in shuffled minibatches; returns it in
+    eval mode. `seed`: the shuffling's own generator (None: the global one); `train_mode` False
+    fine-tunes in eval mode (BatchNorm keeps the statistics it has)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    for _ in range(epochs):
+        if train_mode:
+            model.train()
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            loss(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def split_reference(seed: int = 0, size: int = 300):
+    """Train split minus a held-out reference sample: (x_fit, y_fit, x_ref, y_ref).
+
+    The reference is drawn from the training distribution but not fitted on, so
+    detector calibration sees the confidence of unseen in-distribution inputs
+    (a fitted sample would look over-confident and make clean traffic alarm).
+    """
+    x_tr, y_tr, _, _ = load_digits_split(seed=seed)
+    perm = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(seed + 1))
+    ref, keep = perm[:size], perm[size:]
+    return x_tr[keep], y_tr[keep], x_tr[ref].clone(), y_tr[ref].clone()
+
+
+def train(seed: int = 0, epochs: int = 20, reference_size: int = 300) -> tuple[DigitsCNN, dict]:
+    """The demo CNN trained on the train split less the reference; the model and its test accuracy."""
+    torch.manual_seed(seed)
+    x_tr, y_tr, _, _ = split_reference(seed, reference_size)
+    _, _, x_te, y_te = load_digits_split(seed=seed)
+    model = fit(DigitsCNN(), x_tr, y_tr, epochs, seed=seed)
+    with torch.no_grad():
+        acc = (model(x_te).argmax(1) == y_te).float().mean().item()
+    return model, {"test_accuracy": acc, "train_size": len(y_tr), "test_size": len(y_te)}
+
+
+def save_demo(out, seed: int = 0, reference_size: int = 300) -> tuple[DigitsCNN, dict]:
+    """Train the demo CNN and write what `selfheal archive` takes: <out>/digits_cnn.pt (state_dict)
+    and <out>/reference.pt ({"inputs", "labels"}, the held-out reference sample)."""
+    from pathlib import Path
+
+    out = Path(out)
+    model, info = train(seed=seed, reference_size=reference_size)
+    _, _, x_ref, y_ref = split_reference(seed, reference_size)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "digits_cnn.pt")
+    torch.save({"inputs": x_ref, "labels": y_ref}, out / "reference.pt")
+    return model, info
