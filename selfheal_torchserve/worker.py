@@ -139,7 +139,9 @@ class WorkerRuntime:
         self._failed_version = 0  # a published version that could not be loaded (not retried)
         self._learner: dict | None = None  # the learner's status record, read every status interval
         self._drift = self.serving.drift
-        self._estimate: float | None = None  # live accuracy estimate, refreshed by the background thread
+        # live accuracy estimate, refreshed by the background thread; before any prediction was observed
+        # the reference's own accuracy (the first answers carried no estimate at all)
+        self._estimate: float | None = self.serving.estimator.reference_accuracy
         self._published_at: float | None = None  # when the newest version seen was published
         self.metrics = None
         if getattr(context, "metrics", None) is not None:

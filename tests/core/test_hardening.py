@@ -130,3 +130,29 @@ def test_the_prediction_queue_sheds_the_oldest_beyond_its_byte_budget_and_counts
 def test_config_is_checked_whole_and_names_the_fields(bad, message):
     with pytest.raises(ValueError, match=message):
         HealConfig.from_dict(bad)
+
+
+def test_a_shift_that_makes_the_model_surer_is_not_trusted():
+    """A dead or saturated sensor channel made the live estimate read 1.000 at 28% accuracy: a
+    confidence-based estimate cannot see errors the model is sure of. When the inputs shifted and
+    the model is surer than on its reference, the estimate says it cannot be trusted."""
+    torch.manual_seed(3)
+    ref = torch.randn(400, 4)
+    labels = (ref[:, 0] + 0.5 * ref[:, 1] + 0.8 * torch.randn(400) > 0).long()  # ~80% accurate
+    model = nn.Sequential(nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0, -0.5, 0, 0], [1.0, 0.5, 0, 0]]))
+        model[0].bias.zero_()
+    monitor_only = HealConfig(monitor=MonitorConfig(calibration_paths=50, expected_run_time=2_000), adapt=False)
+    serving = ServingModel(model, ref, monitor_only, reference_targets=labels)
+    serving.predict(torch.randn(400, 4))
+    serving.drain()
+    assert serving.status()["accuracy"]["trusted"], "in distribution: trusted"
+    stuck = torch.randn(3000, 4)
+    stuck[:, 1] = 3.0  # a channel stuck high: every answer is the same, and sure
+    for i in range(0, 3000, 100):
+        serving.predict(stuck[i:i + 100])
+    serving.drain()
+    status = serving.status()
+    assert status["drift"]["detected"] and status["accuracy"]["estimate"] > status["accuracy"]["reference_accuracy"]
+    assert not status["accuracy"]["trusted"] and "surer" in status["accuracy"]["untrusted_reason"]
