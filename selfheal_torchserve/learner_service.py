@@ -248,13 +248,18 @@ class LearnerService:
                 self.warnings.append(msg[:500])
         last = self.storage.log.stats()["last_seq"]
         if self.learner.absorbed > last:
-            msg = (f"the newest snapshot absorbed feedback-log row {self.learner.absorbed} but the log ends at {last}: "
-                   f"the log was lost or replaced ({self.storage.log.path}); re-based at row 0, so new labels are "
-                   "learned (weights kept)")
-            log.warning("%s", msg)
-            self.warnings.append(msg)
-            self.learner.absorbed = 0
+            self._rebase_log(last)
         self.resumed = True
+
+    def _rebase_log(self, last: int) -> None:
+        """The log ends before the learner's position: it was lost, replaced or truncated (at start,
+        or while running). Re-read from row 0 so that new labels are learned (weights kept)."""
+        msg = (f"the learner had absorbed feedback-log row {self.learner.absorbed} but the log ends at {last}: "
+               f"the log was lost or replaced ({self.storage.log.path}); re-based at row 0, so new labels are "
+               "learned (weights kept)")
+        log.warning("%s", msg)
+        self.warnings.append(msg)
+        self.learner.absorbed = 0
 
     def _serving_context(self) -> dict | None:
         """What serving normalises with now: the freshest worker status record (cached ~1 s)."""
@@ -273,6 +278,8 @@ class LearnerService:
         context = self._serving_context()
         rows = next(self.storage.log.entries(after=learner.absorbed, batch=self.settings.heal.learn.max_labels_per_update),
                     None)
+        if rows is None and learner.absorbed and self.storage.log.stats()["last_seq"] < learner.absorbed:
+            self._rebase_log(self.storage.log.stats()["last_seq"])
         if rows is not None:
             learner.absorb_entries(rows, context, self.storage.log)
         if learner.update_due:

@@ -14,6 +14,7 @@ answer 503 or 507 for the request that hit it and keep serving.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -22,6 +23,8 @@ from typing import Iterator, Sequence
 
 from selfheal_core.storage.base import (DuplicateFeedback, FeedbackLog, PredictionRecord, StorageFull,
                                         StorageUnavailable)
+
+log = logging.getLogger(__name__)
 
 _LOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -96,9 +99,43 @@ class SQLiteFeedbackLog(FeedbackLog):
     def __init__(self, path: str | Path = ":memory:") -> None:
         self.path = str(path)
         self._lock = threading.Lock()
+        self.reopened = 0  # times the file was found deleted, replaced or truncated under us and reopened
         with translated(self.path):
-            self._conn = connect(path, "FULL")
-            self._migrate()
+            self._open()
+
+    def _open(self) -> None:
+        self._conn = connect(self.path, "FULL")
+        self._migrate()
+        self._file = self._identity()  # (device, inode, size) after our last write
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        if self.path == ":memory:":
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size
+
+    def _guard_file(self) -> None:
+        """Before a write (lock held): the file we write must be the one at `path`. A connection
+        keeps writing to a file deleted or replaced under it, and a truncated one is garbage: labels
+        acknowledged afterwards were gone after a restart (issue 26 J). Then the connection is
+        reopened on what is at `path` now (a new log if none), so what is acknowledged is on disk;
+        the learner sees a log that ends before its position and re-reads it from the start."""
+        if self.path == ":memory:":
+            return
+        now, before = self._identity(), self._file
+        if now is not None and before is not None and now[:2] == before[:2] and now[2] >= before[2]:
+            return
+        log.warning("the feedback log %s was deleted, replaced or truncated while in use: reopened (labels "
+                    "acknowledged from now on are in the file at that path)", self.path)
+        try:
+            self._conn.close()
+        except sqlite3.Error:
+            pass
+        self._open()
+        self.reopened += 1
 
     def _migrate(self) -> None:
         cols = [r[1] for r in self._conn.execute("PRAGMA table_info(feedback)").fetchall()]
@@ -121,12 +158,14 @@ class SQLiteFeedbackLog(FeedbackLog):
 
     def _insert(self, rows: list[tuple]) -> list[int]:
         with self._lock, translated(self.path):
+            self._guard_file()
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 seqs = [self._conn.execute(
                     "INSERT INTO feedback (pid, target, served, confidence, source, status, time, shape, input) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
                 self._conn.execute("COMMIT")
+                self._file = self._identity()
             except sqlite3.IntegrityError:
                 self._conn.execute("ROLLBACK")
                 raise DuplicateFeedback([r[0] for r in rows if r[0] is not None]) from None

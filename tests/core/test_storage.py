@@ -245,3 +245,28 @@ def test_status_records_round_trip_and_age_out(tmp_path):
     assert board.read(max_age_s=-1) == {}
     with pytest.raises(ValueError, match="member"):
         board.put("../x", {})
+
+
+@pytest.mark.parametrize("damage", ["deleted", "replaced", "truncated"])
+def test_labels_acknowledged_after_the_log_file_is_damaged_are_on_disk(tmp_path, damage):
+    """The connection kept writing to a log file deleted, replaced or truncated under it, and the
+    labels acknowledged afterwards were gone after a restart (issue 26 J)."""
+    path = tmp_path / "feedback.sqlite"
+    log_ = SQLiteFeedbackLog(path)
+    x = torch.randn(3, 2)
+    log_.append(x, ["1", "2", "3"], [None] * 3, [None] * 3)
+    if damage == "deleted":
+        path.unlink()
+    elif damage == "replaced":
+        other = SQLiteFeedbackLog(tmp_path / "other.sqlite")
+        other.close()
+        os.replace(tmp_path / "other.sqlite", path)
+    else:
+        os.truncate(path, 0)
+    seqs = log_.append(torch.randn(2, 2), ["4", "5"], [None] * 2, [None] * 2)
+    assert log_.reopened == 1 and len(seqs) == 2
+    log_.close()
+    reopened = SQLiteFeedbackLog(path)  # a restart
+    targets = [t for rows in reopened.entries() for t in rows.target]
+    assert targets[-2:] == ["4", "5"], "what was acknowledged after the damage is in the file"
+    reopened.close()
