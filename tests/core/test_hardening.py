@@ -156,3 +156,19 @@ def test_a_shift_that_makes_the_model_surer_is_not_trusted():
     status = serving.status()
     assert status["drift"]["detected"] and status["accuracy"]["estimate"] > status["accuracy"]["reference_accuracy"]
     assert not status["accuracy"]["trusted"] and "surer" in status["accuracy"]["untrusted_reason"]
+
+
+def test_a_version_of_another_architecture_is_refused_and_serving_goes_on():
+    """An old snapshot directory of another model crashed the worker at start, in a loop (issue 26
+    K): install copied weights of the wrong shape on the serving thread."""
+    from selfheal_core.serving import Published
+
+    serving = ServingModel(bn_cnn(), reference(), config())
+    before = serving.predict(clean(4, 0))
+    other = {"0.weight": torch.zeros(8, 1, 3, 3)}  # another architecture's first convolution
+    with pytest.raises(ValueError, match="0.weight"):
+        serving.install(Published(version=7, weights=other))
+    with pytest.raises(ValueError, match="does not"):
+        serving.install(Published(version=7, weights={"head.weight": torch.zeros(3)}))
+    assert serving.pending_version == 0
+    assert torch.equal(serving.predict(clean(4, 0)), before) and serving.version == 0

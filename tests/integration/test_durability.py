@@ -49,3 +49,32 @@ def test_sigkill_worker_loses_no_label_and_resumes_version(start_server):
         assert all(m["based_on"] == m["parent"] for m in lineage)
     db = sqlite3.connect(server.snapshots / "digits" / "feedback.sqlite")
     assert db.execute("SELECT COUNT(*), COUNT(DISTINCT seq) FROM feedback").fetchone() == (121, 121)
+
+
+def test_a_snapshot_directory_of_another_architecture_is_skipped_not_crashed_on(start_server, tmp_path, reference):
+    """A model served over an old snapshot directory of another architecture crashed its worker at
+    start, in a loop (issue 26 K). Now the worker skips that version with the reason (faults) and
+    serves; the learner starts from the source model and publishes above it."""
+    import torch
+
+    from selfheal_core.learner import SNAPSHOT_FORMAT
+    from selfheal_core.storage import FileSnapshotStore
+
+    snapshots = tmp_path / "snapshots"
+    other = {"format": SNAPSHOT_FORMAT, "weights": {"features.0.weight": torch.zeros(5, 3, 7, 7)}, "learner": {}}
+    FileSnapshotStore(snapshots / "digits").save(other, {"feedback_seq": 0})
+    x, y = reference
+    with start_server(snapshots=snapshots) as server:
+        r = server.predict({"instances": x[:4].tolist()})
+        # version 0, or 2 once the learner republished the source model above the foreign version
+        assert r.status_code == 200 and server.version(r) != 1, r.text
+        status = wait_until(server.status, lambda st: (st.get("faults") or {}).get("install", {}).get("count"), 60,
+                            "the worker reports the version it skipped")
+        assert "version 1 skipped" in status["faults"]["install"]["last_error"]
+        fb = server.feedback({"instances": x[:40].tolist(), "labels": y[:40].tolist()})
+        assert fb.status_code == 200, fb.text
+        learner = server.settled()
+        assert any("does not fit this model" in w for w in learner["warnings"])
+        assert server.serving_version(x[:4].tolist(), at_least=2) >= 2, "a version above the foreign one is served"
+        faults = server.status()["faults"]
+        assert faults["install"].get("error") is None, faults  # (TorchServe drops null fields)
