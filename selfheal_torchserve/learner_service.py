@@ -331,7 +331,9 @@ class LearnerService:
                 log.warning("status record: %s", exc.message)
 
     def current_status(self) -> dict:
-        """The learner's status with the log read now (appends since the last step show as lag)."""
+        """The learner's status with the log read now (appends since the last step show as lag), and
+        each live worker's version and open faults (a worker that cannot write its prediction record
+        shows here, where a labeller looks, not only in that worker's own status)."""
         status = dict(self.snapshot_status)
         try:
             status["log"] = self.storage.log.stats()
@@ -339,6 +341,13 @@ class LearnerService:
                 status["lag"] = status["log"]["last_seq"] - int(status.get("absorbed", 0))
         except StorageError as exc:
             status["log"], status["log_error"] = None, exc.message
+        try:
+            records = self.storage.status.read(CONTEXT_MAX_AGE_S)
+            status["workers"] = {m: {"version": r.get("version"),
+                                     "faults": {c: f for c, f in (r.get("faults") or {}).items() if f.get("error")}}
+                                 for m, r in records.items() if r.get("role") == "worker"}
+        except StorageError as exc:
+            status["workers"] = {"error": exc.message}
         return status
 
 

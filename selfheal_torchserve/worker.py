@@ -323,7 +323,8 @@ class WorkerRuntime:
     def _write_status(self) -> None:
         payload = {"role": "worker", "pid": os.getpid(), "version": self.serving.version,
                    "drift": self.serving.drift, "context": self.serving.context(),
-                   "counters": dict(self.serving.counters), "optimizer_steps": StepCounter.steps}
+                   "counters": dict(self.serving.counters), "optimizer_steps": StepCounter.steps,
+                   "faults": self.faults.snapshot()}
         try:
             self.storage.status.put(self.member, payload)
         except StorageError as exc:

@@ -121,3 +121,16 @@ def test_storage_failures_answer_503_and_507_naming_the_cause(tmp_path):
     with pytest.raises(IntakeError) as err:
         intake.submit(refused_body)
     assert err.value.code == 507 and "/data/fb.sqlite" in err.value.message
+
+
+def test_ids_their_worker_has_not_written_answer_503_not_a_final_404(tmp_path):
+    """A worker whose disk is full keeps its ids in memory; feedback for them answered 404 "never
+    served", which a labeller takes as final, and 200 once space returned (issue 26 I)."""
+    intake, _, _, appended = make(tmp_path, wait_s=0.3)
+    worker = open_storage("m", tmp_path).open_record()  # another process's record: its buffer is its own
+    ids = worker.add(torch.randn(2, 3), torch.tensor([1, 2]), torch.tensor([0.9, 0.8]))  # not flushed
+    with pytest.raises(IntakeError) as err:
+        intake.submit({"feedback": [{"id": ids[0], "label": 1}]})
+    assert err.value.code == 503 and "not recorded yet" in err.value.message and not appended
+    worker.flush()  # space returned
+    assert intake.submit({"feedback": [{"id": ids[0], "label": 1}]})["accepted"] == 1
