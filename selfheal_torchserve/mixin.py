@@ -75,7 +75,13 @@ class SelfHealMixin:
         self.initialized = True
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
-        """BaseHandler's eager-model loader, with constructor arguments or a factory."""
+        """BaseHandler's eager-model loader, with constructor arguments or a factory. A base class of
+        the user's own that loads its model itself keeps doing so (the mixin comes first in the MRO
+        and used to replace it silently)."""
+        own = _own_loader(type(self))
+        if own is not None:
+            log.info("the model is loaded by %s._load_pickled_model (your handler's own loader)", own.__qualname__)
+            return super()._load_pickled_model(model_dir, model_file, model_pt_path)
         return build_model(model_dir, model_file, model_pt_path, self.selfheal_settings, self.device)
 
     # ------------------------------------------------------------------ requests
@@ -114,3 +120,14 @@ class SelfHealMixin:
     # ------------------------------------------------------------------ status
     def describe_handle(self) -> str:
         return json.dumps(self.selfheal.describe())
+
+
+def _own_loader(cls: type) -> type | None:
+    """The first class after SelfHealMixin in cls's MRO that defines `_load_pickled_model` itself,
+    unless it is TorchServe's BaseHandler (whose loader the mixin extends)."""
+    mro = cls.__mro__
+    after = mro[mro.index(SelfHealMixin) + 1:]
+    owner = next((c for c in after if "_load_pickled_model" in vars(c)), None)
+    if owner is None or owner.__module__.startswith("ts."):
+        return None
+    return owner

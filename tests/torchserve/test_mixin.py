@@ -165,3 +165,24 @@ def test_constructor_arguments_missing_names_the_setting(tmp_path, trained):
     config.write_text(yaml.safe_dump(cfg))
     with pytest.raises(RuntimeError, match="model_kwargs"):
         Served(model_dir, "tabular")
+
+
+def test_a_base_handler_s_own_model_loader_is_kept():
+    """The mixin came first in the MRO and silently replaced a user's own `_load_pickled_model`."""
+    from ts.torch_handler.base_handler import BaseHandler
+
+    from selfheal_torchserve import SelfHealMixin
+    from selfheal_torchserve.mixin import _own_loader
+
+    class MyBase(BaseHandler):
+        def _load_pickled_model(self, model_dir, model_file, model_pt_path):
+            return "mine"
+
+    class Mine(SelfHealMixin, MyBase):
+        pass
+
+    class Stock(SelfHealMixin, BaseHandler):
+        pass
+
+    assert _own_loader(Mine) is MyBase and _own_loader(Stock) is None
+    assert Mine()._load_pickled_model("d", "f", "p") == "mine"
