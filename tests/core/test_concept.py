@@ -60,6 +60,45 @@ def test_targeted_relabelling_is_held_and_reported(demo_model, reference, digits
     assert recall3(h, digits) >= before - 0.05, "nothing of the relabelling was learned"
 
 
+def test_hold_is_not_released_by_drift_the_attacker_sends(demo_model, reference, digits, tmp_path):
+    """Issue 26 B: clean 3s labelled 8 (30%) while the attacker sends contrast-5 images to the
+    inference port. The confidence alarm counted as corroboration and 458 of 600 were learned."""
+    h = healer(demo_model, reference, tmp_path)
+    before = recall3(h, digits)
+    x, y = relabelled(digits, 240, 0.3, seed=7)
+    x_tr = digits[0]
+    traffic = corrupt(x_tr[torch.randint(0, len(x_tr), (240,), generator=torch.Generator().manual_seed(7))],
+                      "contrast", 5, seed=7)
+    for i in range(0, 240, 8):
+        h.predict(traffic[i:i + 8])
+        h.feedback(x[i:i + 8], y[i:i + 8])
+    st = h.status()
+    assert "confidence" in st["drift"]["firing"], "the attacker's traffic raised the alarm"
+    assert any(p["pair"] == [3, 8] and p["state"] == "suspected" for p in st["concept"]["suspected"])
+    by_status = st["feedback_log"]["by_status"]
+    assert by_status.get("held", 0) + by_status.get("quarantined", 0) >= 0.9 * int(0.3 * 240), by_status
+    # the weights learned, read as the reference is (serving's statistics follow the attacker's traffic)
+    with torch.no_grad(), h.learner._source_norms():
+        learned = float((h.learner.model(digits[2][digits[3] == 3]).argmax(1) == 3).float().mean())
+    assert learned >= before - 0.1, "the red team's run: class-3 recall 1.000 -> 0.016"
+
+
+def test_inputs_scaled_out_of_the_radius_are_still_judged(demo_model, reference, digits, tmp_path):
+    """Issue 26 C: 3s scaled by 1.6 and labelled 8 lay beyond the reference's radius, were never
+    judged and all learned. By direction the reference still speaks for them."""
+    h = healer(demo_model, reference, tmp_path)
+    before = recall3(h, digits)
+    x, y = relabelled(digits, 240, 0.3, seed=8)
+    x = torch.where((y == 8)[:, None, None, None], x * 1.6, x)  # the relabelled 3s (and honest 8s) scaled
+    for i in range(0, 240, 8):
+        h.predict(x[i:i + 8])
+        h.feedback(x[i:i + 8], y[i:i + 8])
+    st = h.status()
+    assert any(p["pair"] == [3, 8] for p in st["concept"]["suspected"]), "reported"
+    assert st["concept"]["held"] >= 40, st["concept"]
+    assert recall3(h, digits) >= before - 0.1
+
+
 def test_approval_learns_the_new_concept_and_the_reference_follows(demo_model, reference, digits, tmp_path):
     h = healer(demo_model, reference, tmp_path)
     x, y = relabelled(digits, 240, 0.3, seed=1)
