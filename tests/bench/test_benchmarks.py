@@ -79,3 +79,14 @@ def test_bench_tabular_tiny(tmp_path):
                 "labelfree_minus_static"):
         assert key in sea
     assert friedman["task"] == "regression" and friedman["arf_5pct_after_drift"] > 0
+
+
+def test_bench_workers_small(tmp_path):
+    """The README's workers benchmark runs (one and two workers learning from the same labels)."""
+    out = tmp_path / "workers.json"
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_workers.py"), "--samples", "160",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["workers"] for r in result["rows"]] == [1, 2]
+    assert all(len(r["versions_seen"]) == 1 and r["labels"] > 0 for r in result["rows"])
