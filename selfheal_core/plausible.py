@@ -40,11 +40,24 @@ class PlausibleRange:
         span = span.clamp_min(typical if typical > 0 else 1.0)  # constant features: the typical span
         self._lo = lo - multiple * span  # (F,) float32: 8 bytes a feature (1.2 MB for 3x224x224)
         self._hi = hi + multiple * span
+        # a box inside every feature's bounds: a batch whose values all lie in it passes with one
+        # reduction instead of a comparison per value (the common case for images: one scale)
+        self._box = (float(self._lo.max()), float(self._hi.min()))
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # bounds per device, made once
 
     @property
     def nbytes(self) -> int:
         return self._lo.numel() * self._lo.element_size() * 2
+
+    def screen(self, x: torch.Tensor) -> torch.Tensor | None:
+        """None when every row of x is plausible (the common case, one reduction), else `check(x)`."""
+        low, high = self._box
+        if low <= high and x.numel() == len(x) * self._lo.numel() and len(x):
+            least, most = torch.aminmax(x)
+            if low <= float(least) and float(most) <= high:  # NaN fails both comparisons
+                return None
+        keep = self.check(x)
+        return None if bool(keep.all()) else keep
 
     def check(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) bool: True where every feature of the row lies within the bounds (NaN fails)."""

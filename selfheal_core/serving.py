@@ -238,9 +238,8 @@ class ServingModel:
         """
         x = x.to(self.device) if checked else self.check_input(x)
         self.sync()
-        keep = self._range.check(x) if self._range is not None else None  # (B,) bool: may reach shared state
-        if keep is not None and bool(keep.all()):
-            keep = None
+        keep = self._range.screen(x) if self._range is not None else None  # (B,) bool or None: all may
+        # reach shared state
         norm = self.corrector.norm_stats() if self.corrector else None
         # inference_mode, cheaper than no_grad: what the forward leaves is only read later,
         # outside it, where results are normal tensors again.
