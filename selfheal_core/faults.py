@@ -26,16 +26,21 @@ class Faults:
     (False, 2, None)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, components: tuple[str, ...] = ()) -> None:
         self._lock = threading.Lock()
         self._state: dict[str, dict] = {}  # component -> {"error", "since", "last", "count", "last_error"}
+        for component in components:  # known from the start: status and metrics show them at 0
+            self._state[component] = self._fresh()
+
+    @staticmethod
+    def _fresh() -> dict:
+        return {"error": None, "since": None, "last": None, "count": 0, "last_error": None}
 
     def failed(self, component: str, message: str) -> bool:
         """Record a failure; True when it opens (the component was fine before): log it then."""
         now = time.time()
         with self._lock:
-            entry = self._state.setdefault(component, {"error": None, "since": None, "last": None, "count": 0,
-                                                       "last_error": None})
+            entry = self._state.setdefault(component, self._fresh())
             opened = entry["error"] is None
             entry.update(error=message[:500], last=now, count=entry["count"] + 1, last_error=message[:500])
             if opened:

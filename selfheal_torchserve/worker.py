@@ -133,7 +133,8 @@ class WorkerRuntime:
             self.storage.open_record()  # announce this writer before handing out ids
         except StorageError as exc:
             log.warning("prediction record: %s (feedback by id waits until it can be written)", exc.message)
-        self.faults = Faults()  # monitor, record, sync, status, learner: open until that job next succeeds
+        # each background job's failures, open until that job next succeeds
+        self.faults = Faults(("monitor", "record", "sync", "install", "status", "learner", "metrics"))
         # TorchServe batches: count, requests, the largest, and those mixing refused and answered requests
         self.batches = {"batches": 0, "requests": 0, "largest": 0, "mixed": 0}
         self._failed_version = 0  # a published version that could not be loaded (not retried)
