@@ -169,6 +169,8 @@ class ServingModel:
         self._reset_pending = False
         self._untrusted: deque[tuple[int, int, int]] = deque()  # (samples, implausible, nonfinite) per drain
         self._window_counts: tuple[int, ...] = (0, 0, 0)  # their sums (drain thread writes, any thread reads)
+        self._trust: str | None = None  # why the estimate cannot be trusted, worked out once per drain: every
+        # response reads it (the estimate itself is a pass over the window)
         self._drift = self._drift_summary()
 
     def _calibrate_estimator(self, view: ReferenceView) -> None:
@@ -316,6 +318,7 @@ class ServingModel:
                 self._observe(raw, features, inputs_all)
         self.counters["drains"] += 1
         self._drift = self._drift_summary()
+        self._trust = self._untrusted_because()
         return n
 
     def _observe(self, raw: torch.Tensor, features: torch.Tensor | None, inputs: torch.Tensor | None) -> None:
@@ -341,7 +344,11 @@ class ServingModel:
         self._window_counts = tuple(sum(c[k] for c in self._untrusted) for k in range(3))
 
     def estimate_trust(self) -> str | None:
-        """Why the live accuracy estimate cannot be trusted now (None: it can). Confidence-based
+        """Why the live accuracy estimate cannot be trusted now (None: it can), as of the last drain."""
+        return self._trust
+
+    def _untrusted_because(self) -> str | None:
+        """Why the live accuracy estimate cannot be trusted (None: it can). Confidence-based
         estimates are blind where the model answers inputs unlike anything it was calibrated on:
         inputs outside the reference's range, NaN answers, or a shift of the inputs after which the
         model is surer than on the reference (a dead sensor channel read 1.000 at 28% accuracy)."""
@@ -378,6 +385,7 @@ class ServingModel:
         if published.reference is not None:
             self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
             self._calibrate_estimator(published.reference)
+            self._trust = self._untrusted_because()  # against the new reference accuracy
         self._pending = published
 
     def reset(self) -> None:
@@ -385,6 +393,7 @@ class ServingModel:
         self._queue.clear()
         self._untrusted.clear()
         self._window_counts = (0, 0, 0)
+        self._trust = None
         self._pending = None
         self._reset_pending = True
         if self.corrector is not None:
@@ -436,8 +445,8 @@ class ServingModel:
                            else {"available": "off: monitor-only mode"}),
             "model": self.parts.describe(),
             "reference": self.reference_report.as_dict(),
-            "accuracy": (dict(self.estimator.status(), trusted=self.estimate_trust() is None,
-                              untrusted_reason=self.estimate_trust()) if self.task.is_classifier else None),
+            "accuracy": (dict(self.estimator.status(), trusted=self._trust is None,
+                              untrusted_reason=self._trust) if self.task.is_classifier else None),
             "counters": dict(self.counters),
             "queue": {"samples": self._queue.samples, "bytes": self._queue.bytes,
                       "max_bytes": self._queue.max_bytes, "shed_bytes": self._queue.shed_bytes},
@@ -457,3 +466,4 @@ class ServingModel:
             self.estimator.load_state_dict(state["estimator"])
         self.counters.update(state.get("counters", {}))
         self._drift = self._drift_summary()
+        self._trust = self._untrusted_because()
