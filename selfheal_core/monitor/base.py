@@ -87,6 +87,7 @@ class Detector(StateMixin):
     """Settings and alarm bookkeeping shared by every detector."""
 
     _state_keys = ("threshold", "_n", "_alarms", "_drift", "_last_alarm")
+    _reference_keys: tuple[str, ...] = ()  # what `rebase` changes: handed between processes after an update
 
     def __init__(self, expected_run_time: int, paths: int, seed: int) -> None:
         if expected_run_time < 10:
@@ -109,6 +110,24 @@ class Detector(StateMixin):
     def reset(self) -> None:
         """Forget running statistics; keep the calibration."""
         self._reset()
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        """The reference statistics `rebase` sets (copies), for `load_reference` elsewhere."""
+        return {key: getattr(self, key).clone() for key in self._reference_keys}
+
+    def load_reference(self, values: dict[str, torch.Tensor]) -> None:
+        """Take reference statistics from `reference_state()` of a detector built alike (another
+        process rebased it): the keys and shapes must match; on a mismatch nothing changes."""
+        if set(values) != set(self._reference_keys):
+            raise ValueError(f"{type(self).__name__} reference needs {sorted(self._reference_keys)}, "
+                             f"got {sorted(values)}")
+        for key in self._reference_keys:
+            mine, theirs = getattr(self, key), values[key]
+            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape:
+                raise ValueError(f"{type(self).__name__}.{key}: expected shape {tuple(mine.shape)}, got "
+                                 f"{tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__}")
+        for key in self._reference_keys:
+            setattr(self, key, values[key].detach().to("cpu", getattr(self, key).dtype).clone())
 
     @property
     def drift_detected(self) -> bool:
@@ -183,6 +202,7 @@ class RankCusumDetector(CusumDetector):
     """
 
     _state_keys = CusumDetector._state_keys + ("_ref",)
+    _reference_keys = ("_ref",)
     min_reference = 20
 
     def __init__(self, expected_run_time: int = 10_000, slack: float = 0.5, paths: int = 200, seed: int = 0) -> None:

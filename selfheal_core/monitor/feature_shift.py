@@ -30,6 +30,7 @@ class FeatureShiftDetector(MewmaDetector):
     """
 
     _state_keys = MewmaDetector._state_keys + ("_center", "_proj")
+    _reference_keys = ("_center", "_proj")
 
     def __init__(self, expected_run_time: int = 10_000, dims: int = 8, lam: float = 0.05,
                  margin: float = 0.6, paths: int = 200, seed: int = 0) -> None:

@@ -188,29 +188,34 @@ class Monitor(StateMixin):
 
     def fit_rebase(self, ref: ReferenceView) -> dict[str, dict[str, torch.Tensor]]:
         """After a labelled update: the reference statistics seen through the new weights,
-        fitted on copies (the slow part: an eigendecomposition), as {detector: {attr: value}}.
+        fitted on copies (the slow part: an eigendecomposition), as {detector: reference_state}.
         `install_rebase` puts them in (fast), here or in another process, so the update itself
         is not reported as drift. Thresholds stay: they depend only on sizes."""
         import copy
 
         d, D = self.detectors, DetectorName
-        fitted: dict[DetectorName, tuple[Detector, tuple[str, ...]]] = {}
+        fitted: dict[DetectorName, Detector] = {}
         if D.CONFIDENCE in d and ref.probs is not None:
-            fitted[D.CONFIDENCE] = (copy.copy(d[D.CONFIDENCE]).rebase(normalized_entropy(ref.probs)), ("_ref",))
+            fitted[D.CONFIDENCE] = copy.copy(d[D.CONFIDENCE]).rebase(normalized_entropy(ref.probs))
         if D.FEATURE_SHIFT in d and ref.features is not None and d[D.FEATURE_SHIFT].calibrated:
-            fitted[D.FEATURE_SHIFT] = (copy.copy(d[D.FEATURE_SHIFT]).rebase(ref.features), ("_center", "_proj"))
+            fitted[D.FEATURE_SHIFT] = copy.copy(d[D.FEATURE_SHIFT]).rebase(ref.features)
         if D.OUTPUT_SHIFT in d and ref.values is not None and d[D.OUTPUT_SHIFT].calibrated:
-            fitted[D.OUTPUT_SHIFT] = (copy.copy(d[D.OUTPUT_SHIFT]).rebase(ref.values.double()), ("_center", "_proj"))
-        return {name.value: {attr: getattr(det, attr) for attr in attrs} for name, (det, attrs) in fitted.items()}
+            fitted[D.OUTPUT_SHIFT] = copy.copy(d[D.OUTPUT_SHIFT]).rebase(ref.values.double())
+        return {name.value: det.reference_state() for name, det in fitted.items()}
 
     def install_rebase(self, values: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Install reference statistics fitted elsewhere (by a learner): {detector: {attr: value}}."""
-        for name, attrs in values.items():
-            det = self.detectors.get(DetectorName(name))
-            if det is None:
-                continue
-            for attr, value in attrs.items():
-                setattr(det, attr, value)
+        """Install reference statistics fitted elsewhere (by a learner): {detector: reference_state}.
+        Every detector's values are checked before any is installed."""
+        known = {name.value: det for name, det in self.detectors.items()}
+        targets = [(known[name], state) for name, state in values.items() if name in known]
+        backup = [(det, det.reference_state()) for det, _ in targets]
+        try:
+            for det, state in targets:
+                det.load_reference(state)
+        except Exception:
+            for det, state in backup:
+                det.load_reference(state)
+            raise
 
     # ------------------------------------------------------------------ observation
     def observe_predictions(self, probs: torch.Tensor | None = None, features: torch.Tensor | None = None,

@@ -120,3 +120,30 @@ def test_merge_drift_combines_serving_and_feedback_views():
     merged = merge_drift(serving, feedback)
     assert merged["detected"] and merged["firing"] == ["confidence"] and merged["scores"] == {
         "confidence": 1.2, "error_rate": 0.3} and merged["since"] == 40
+
+
+def test_rebase_hands_reference_statistics_through_public_state_and_refuses_a_mismatch():
+    """fit_rebase fits copies; install_rebase puts them in through each detector's load_reference,
+    and a value of the wrong shape changes no detector (checked before anything is written)."""
+    mon, g = make_monitor()
+    other, _ = make_monitor()
+    before = {name: det.reference_state() for name, det in mon.detectors.items()}
+    moved = ReferenceView(probs=probs_for(torch.randint(0, 5, (300,), generator=g), 0.6),
+                          features=torch.randn(300, 8, generator=g, dtype=torch.float64) + 2.0)
+    values = mon.fit_rebase(moved)
+    assert set(values) == {"confidence", "feature_shift"}
+    for name, det in mon.detectors.items():  # fitting touched nothing
+        assert all(torch.equal(v, det.reference_state()[k]) for k, v in before[name].items())
+    other.install_rebase(values)
+    assert torch.equal(other.detectors[DetectorName.FEATURE_SHIFT].reference_state()["_center"],
+                       values["feature_shift"]["_center"])
+    bad = {"confidence": values["confidence"], "feature_shift": {**values["feature_shift"],
+                                                                 "_proj": torch.zeros(3, 3)}}
+    try:
+        mon.install_rebase(bad)
+    except ValueError as e:
+        assert "_proj" in str(e)
+    else:
+        raise AssertionError("a reference of the wrong shape was installed")
+    for name, det in mon.detectors.items():
+        assert all(torch.equal(v, det.reference_state()[k]) for k, v in before[name].items())
