@@ -5,18 +5,21 @@
     selfheal learn --mar model_store/mymodel.mar          # a learner of its own (PostgreSQL deployments)
     selfheal replay stream.npz --inference-url http://127.0.0.1:8080 --model mymodel
     selfheal paths [--write-config config.properties]     # every path TorchServe needs, absolute
+    selfheal stop                                         # torchserve --stop, and wait for workers and learners
 
 Exit status 2 with a message naming the problem for anything a user can fix.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -393,6 +396,51 @@ def cmd_paths(args) -> int:
     return 0
 
 
+def cmd_stop(args) -> int:
+    """`torchserve --stop`, then wait until the frontend, its workers and the learners they started
+    are gone: TorchServe's own command returns once it signalled the frontend, while the worker
+    flushes and the learner notices its frontend is gone seconds later (a restart in between
+    would find the old learner holding the lease and the ports)."""
+    import psutil
+
+    pid_file = Path(tempfile.gettempdir()) / ".model_server.pid"  # where TorchServe's CLI keeps it
+    try:
+        frontend = psutil.Process(int(pid_file.read_text().split()[0]))
+    except (OSError, ValueError, IndexError, psutil.Error):
+        print(f"TorchServe is not running (no live process in {pid_file})")
+        return 0
+    procs = [frontend]
+    try:
+        procs += frontend.children(recursive=True)
+    except psutil.Error:
+        pass
+    for p in psutil.process_iter(["cmdline"]):  # learners whose worker died before: no longer children
+        cmd = p.info.get("cmdline") or []
+        if "--frontend-pid" in cmd and cmd[cmd.index("--frontend-pid") + 1:][:1] == [str(frontend.pid)]:
+            procs.append(p)
+    procs = list({p.pid: p for p in procs}.values())
+    torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or shutil.which("torchserve")
+    if torchserve is None:
+        raise UsageError("no torchserve command next to this Python or on PATH")
+    subprocess.run([torchserve, "--stop"], check=False, stdout=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    _, alive = psutil.wait_procs(procs, timeout=args.timeout)
+    if alive:
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        print(f"stopped TorchServe (pid {frontend.pid}); pids {sorted(p.pid for p in alive) or 'none'} were "
+              f"still alive after {args.timeout:.0f} s and were signalled", file=sys.stderr)
+        return 1
+    print(f"stopped TorchServe (pid {frontend.pid}) and every process it started "
+          f"(pids {sorted(p.pid for p in procs)}) in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
 def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--weights", required=required, help="a state_dict (with --model-file) or a TorchScript .pt")
     p.add_argument("--model-file", help="the Python file defining the model class (eager models)")
@@ -458,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     pth.add_argument("--model-store", default="model_store", help="the model store to name (default ./model_store)")
     pth.add_argument("--write-config", help="also write a config.properties with these paths absolute")
     pth.set_defaults(func=cmd_paths)
+    stp = sub.add_parser("stop", help="torchserve --stop, and wait until its workers and learners have exited")
+    stp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait before signalling the rest")
+    stp.set_defaults(func=cmd_stop)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

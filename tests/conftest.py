@@ -1,6 +1,7 @@
 """Shared fixtures: the demo model trained once per session, its reference, deadline-bound waits."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -10,6 +11,13 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+# One intra-op thread in the test process and in what it starts (servers, learners, scripts): the
+# suite shares 2 cores with the servers it starts and with whatever else runs on the machine, and
+# a parallel op waits for its slowest thread, which a busy neighbour keeps off the CPU. With two
+# `yes` beside them, the two slowest core tests took 152 s on 2 threads and 49 s on 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def wait_until(fetch: Callable[[], T], done: Callable[[T], bool], timeout: float, what: str,

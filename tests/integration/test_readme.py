@@ -11,6 +11,8 @@ import os
 import re
 import subprocess
 
+import psutil
+
 from selfheal_bench.torchserve import PLUGINS, REPO, free_ports
 
 PORTS = ("8080", "8081", "8082", "7070", "7071")
@@ -52,3 +54,10 @@ def test_serve_your_own_model_commands_run_as_written(tmp_path):
     assert re.search(r"X-Selfheal: version=0; drift=false(; accuracy=[0-9.]+)?; ids=", out) and '"predictions"' in out
     assert '"accepted": 1' in out, f"{out[-2000:]}\n{run.stderr[-1000:]}"
     assert '"model": "tabular"' in out and '"log":' in out
+    # `selfheal stop` returned only once every process TorchServe started was gone (torchserve
+    # --stop alone returns while the worker and the learner live on for seconds)
+    stopped = re.search(r"stopped TorchServe \(pid \d+\) and every process it started \(pids \[([\d, ]+)\]\)", out)
+    assert stopped, out[-2000:]
+    pids = [int(p) for p in stopped.group(1).split(",")]
+    assert len(pids) >= 3  # the frontend, the worker, the learner
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
