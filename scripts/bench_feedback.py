@@ -146,7 +146,7 @@ def main() -> None:
     args = bench_parser(__doc__, "feedback.json").parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    n, skip = (600, 200) if args.tiny else (6_000, 2_000)
+    n, skip = (320, 100) if args.tiny else (6_000, 2_000)
     kinds = ["rotate", "concept"] if args.tiny else ["rotate", "translate", "invert", "concept", "clean"]
     rates = [0.2] if args.tiny else [0.01, 0.05, 0.20]
     delays = [0] if args.tiny else [0, 500]

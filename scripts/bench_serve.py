@@ -10,8 +10,8 @@ issue's baseline), at 1 and 2 workers and TorchServe batch sizes 1 and 8:
   feedback to POST /feedback/digits on the management port; the model's learner
   process learns from it and publishes versions the worker picks up. Its
   label-to-weights delay (acknowledged -> in a published version) is reported.
-Then one long healing run (1 worker, batch 1) for worker RSS growth and the
-learner's RSS.
+Then one long healing run (1 worker, batch 8) for worker RSS growth and the
+learner's RSS (--tiny: on the batch-1 healing server of the grid, not a server of its own).
 Writes bench/results/serve.json and prints a table; ratios are against the
 plain handler at the same workers and batch size, measured in the same run.
 
@@ -161,8 +161,9 @@ def build(model_dir: Path, work: Path, kind: str, workers: int, batch: int, lear
 
 
 def measure(wrk, work: Path, store: Path, kind: str, workers: int, batch: int, clean: Path, drifting: Path, xd, yd,
-            seconds: float, warmup: float, plain_rps: float, tag: str) -> dict:
-    """One server, one measured wrk run (healing: with feedback at 5% of the plain rate)."""
+            seconds: float, warmup: float, plain_rps: float, tag: str, then=None) -> dict:
+    """One server, one measured wrk run (healing: with feedback at 5% of the plain rate);
+    `then(ts, row)`: more to measure on the same server before it stops."""
     name = f"{kind}-{workers}-{batch}-{tag}"
     ts = TorchServe(work / f"server-{name}", store, env={"SELFHEAL_SNAPSHOT_DIR": str(work / f"snap-{name}")})
     with ts:
@@ -186,6 +187,8 @@ def measure(wrk, work: Path, store: Path, kind: str, workers: int, batch: int, c
                        updates=st.get("counters", {}).get("updates"),
                        learner_rss_mb=psutil.Process(st["pid"]).memory_info().rss / 2**20 if st.get("pid") else None)
         res.update(kind=kind, workers=workers, batch=batch, rss_start_mb=rss0, rss_end_mb=rss_mb(ts))
+        if then is not None:
+            then(ts, res)
     return res
 
 
@@ -217,9 +220,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.getLogger("selfheal_bench").setLevel(logging.WARNING)
     wrk = ensure_wrk()
-    seconds, warmup = (2.0, 1.0) if args.tiny else (args.seconds, 3.0)
+    seconds, warmup = (1.0, 1.0) if args.tiny else (args.seconds, 3.0)
     args.rounds = 1 if args.tiny else args.rounds
-    rss_requests = min(args.rss_requests, 2_000) if args.tiny else args.rss_requests
+    rss_requests = min(args.rss_requests, 600) if args.tiny else args.rss_requests
     grid = [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
     grid = grid[:1] if args.tiny else grid
     t0 = time.time()
@@ -236,7 +239,7 @@ def main() -> None:
         xd = corrupt(xd, "contrast", 5, seed=2)
         clean = write_bodies(work / "clean.jsonl", xc)
         drifting = write_bodies(work / "drifting.jsonl", torch.cat([xc, xd]))
-        rows = []
+        rows, rss = [], None
         kinds = args.kinds.split(",")
         for workers, batch in grid:
             stores = {kind: build(model_dir, work, kind, workers, batch, args.learner_nice) for kind in kinds}
@@ -245,16 +248,22 @@ def main() -> None:
             for rnd in range(args.rounds):
                 # the order rotates each round: slow drifts of this shared machine hit every handler
                 for kind in kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]:
+                    then = None
+                    if args.tiny and kind == "heal" and rss_requests and plain_rps:
+                        # a smoke run takes the long run on this server instead of starting another
+                        def then(ts, res, rate=plain_rps):
+                            nonlocal rss
+                            rss = long_run_on(ts, wrk, drifting, xd, yd, rss_requests, rate, res["rps"])
                     res = measure(wrk, work, stores[kind], kind, workers, batch, clean, drifting, xd, yd, seconds,
-                                  warmup, plain_rps or 100.0, tag=f"{rnd}")
+                                  warmup, plain_rps or 100.0, tag=f"{rnd}", then=then)
                     runs[kind].append(res)
                     if kind == "plain" and plain_rps is None:
                         plain_rps = res["rps"]
                     log.info("%-7s workers %d batch %d round %d: %.0f req/s p50 %.2f ms p99 %.2f ms (non-2xx %d)",
                              kind, workers, batch, rnd, res["rps"], res["p50_ms"], res["p99_ms"], res["non_2xx"])
             rows += [median_row(kind, workers, batch, runs[kind]) for kind in kinds]
-        rss = (long_run(wrk, model_dir, work, drifting, xd, yd, rss_requests, rows, args.learner_nice)
-               if rss_requests else None)
+        if rss_requests and rss is None:
+            rss = long_run(wrk, model_dir, work, drifting, xd, yd, rss_requests, rows, args.learner_nice)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(rows, rss, args, time.time() - t0)
@@ -271,19 +280,24 @@ def long_run(wrk, model_dir, work, bodies, xd, yd, n_requests, rows, learner_nic
     with ts:
         ts.wait_ready(120)
         run_wrk(wrk, ts, bodies, 3)
-        rss0 = rss_mb(ts)
-        sender = FeedbackSender(ts, xd, yd, 0.05 * plain["rps"])
-        sender.start()
-        done, rps = 0, max(heal["rps"], 1.0)
-        while done < n_requests:  # wrk runs for a duration: repeat until the request count is reached
-            res = run_wrk(wrk, ts, bodies, max((n_requests - done) / rps * 1.05, 1.0))
-            done, rps = done + res["requests"], max(res["rps"], 1.0)
-        sender.stop_event.set()
-        sender.join()
-        st = settle(ts)
-        out = {"requests": done, "rps": rps, "rss_start_mb": rss0, "rss_end_mb": rss_mb(ts),
-               "feedback_labels": sender.sent, "label_delay": st.get("label_delay"),
-               "learner_rss_mb": psutil.Process(st["pid"]).memory_info().rss / 2**20 if st.get("pid") else None}
+        return long_run_on(ts, wrk, bodies, xd, yd, n_requests, plain["rps"], heal["rps"])
+
+
+def long_run_on(ts: TorchServe, wrk, bodies, xd, yd, n_requests: int, plain_rps: float, heal_rps: float) -> dict:
+    """`n_requests` requests with feedback at 5% of the plain rate, on a started healing server."""
+    rss0 = rss_mb(ts)
+    sender = FeedbackSender(ts, xd, yd, 0.05 * plain_rps)
+    sender.start()
+    done, rps = 0, max(heal_rps, 1.0)
+    while done < n_requests:  # wrk runs for a duration: repeat until the request count is reached
+        res = run_wrk(wrk, ts, bodies, max((n_requests - done) / rps * 1.05, 1.0))
+        done, rps = done + res["requests"], max(res["rps"], 1.0)
+    sender.stop_event.set()
+    sender.join()
+    st = settle(ts)
+    out = {"requests": done, "rps": rps, "rss_start_mb": rss0, "rss_end_mb": rss_mb(ts),
+           "feedback_labels": sender.sent, "label_delay": st.get("label_delay"),
+           "learner_rss_mb": psutil.Process(st["pid"]).memory_info().rss / 2**20 if st.get("pid") else None}
     out["rss_growth_mb"] = out["rss_end_mb"] - out["rss_start_mb"]
     log.info("long run: %d requests, worker RSS %.0f -> %.0f MB", out["requests"], rss0, out["rss_end_mb"])
     return out

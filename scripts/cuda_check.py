@@ -27,13 +27,14 @@ from selfheal_core import HealConfig, FileSnapshotStore, SelfHealer
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--samples", type=int, default=2000, help="corrupted digits streamed (the test: fewer)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     model, _ = train(seed=0)
     source = copy.deepcopy(model)
     _, _, x_ref, y_ref = split_reference(0, 300)
     _, _, x_te, y_te = load_digits_split(seed=0)
-    x, y = resample(x_te, y_te, 2000, seed=1)
+    x, y = resample(x_te, y_te, args.samples, seed=1)
     x = corrupt(x, "contrast", 5, seed=1).to(dev)
     y = y.to(dev)
     out = {"device": str(dev), "torch": torch.__version__}

@@ -6,6 +6,11 @@ drawn from the training distribution but never fitted on.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,6 +21,10 @@ from selfheal_bench.data import load_digits_split
 from selfheal_bench.models import DigitsCNN
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
+# Trained demo CNNs, keyed by the training code and arguments: a dozen benchmarks and tests train
+# the same one (SELFHEAL_BENCH_CACHE moves it; an unwritable one just means training every time).
+CACHE = Path(os.environ.get("SELFHEAL_BENCH_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 3e-3, batch: int = 64,
@@ -51,14 +60,38 @@ def split_reference(seed: int = 0, size: int = 300):
 
 
 def train(seed: int = 0, epochs: int = 20, reference_size: int = 300) -> tuple[DigitsCNN, dict]:
-    """The demo CNN trained on the train split less the reference; the model and its test accuracy."""
+    """The demo CNN trained on the train split less the reference; the model and its test accuracy.
+    Cached under `CACHE` with the global RNG state training left, so a cached call leaves the
+    process exactly as training would."""
+    here = Path(__file__).resolve().parent
+    key = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("train.py", "models.py", "data.py"))
+                         + json.dumps([seed, epochs, reference_size, torch.__version__]).encode()).hexdigest()[:20]
+    path = CACHE / f"digits_cnn-{key}.pt"
+    try:
+        cached = torch.load(path, weights_only=True)
+        model = DigitsCNN()
+        model.load_state_dict(cached["weights"])
+        torch.set_rng_state(cached["rng"])
+        return model.eval(), cached["info"]
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # a damaged cache entry: train again and replace it
+        log.warning("ignoring the cached model %s: %s", path, exc)
     torch.manual_seed(seed)
     x_tr, y_tr, _, _ = split_reference(seed, reference_size)
     _, _, x_te, y_te = load_digits_split(seed=seed)
     model = fit(DigitsCNN(), x_tr, y_tr, epochs, seed=seed)
     with torch.no_grad():
         acc = (model(x_te).argmax(1) == y_te).float().mean().item()
-    return model, {"test_accuracy": acc, "train_size": len(y_tr), "test_size": len(y_te)}
+    info = {"test_accuracy": acc, "train_size": len(y_tr), "test_size": len(y_te)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save({"weights": model.state_dict(), "rng": torch.get_rng_state(), "info": info}, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old entry or the whole new one
+    except OSError as exc:
+        log.info("not caching the trained model (%s)", exc)
+    return model, info
 
 
 def save_demo(out, seed: int = 0, reference_size: int = 300) -> tuple[DigitsCNN, dict]:

@@ -78,7 +78,6 @@ def pg_url():
     Skipped with the reason when no server can be started here, unless SELFHEAL_REQUIRE_PG=1
     (.ci/run sets it, and installs PostgreSQL), which turns that into a failure.
     """
-    import os
 
     from selfheal_bench import pgserver
 
@@ -111,7 +110,6 @@ def pg_database(pg_url):
 
 def pytest_sessionfinish(session, exitstatus):
     """No server a test started outlives the session: report and end any that did."""
-    import os
     import signal
 
     import psutil

@@ -24,7 +24,8 @@ def test_bench_monitor_tiny(tmp_path):
 
 def test_cuda_check_runs_on_cpu():
     """The accelerator smoke check (scripts/cuda_check.py) passes on whatever device is here."""
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "cuda_check.py"), "--device", "cpu"],
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "cuda_check.py"), "--device", "cpu",
+                          "--samples", "800"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -51,7 +52,7 @@ def test_bench_serve_tiny(tmp_path):
     result = json.loads(out.read_text())
     assert {r["kind"] for r in result["rows"]} == {"plain", "monitor", "heal"}
     assert all(r["requests"] > 0 and r["non_2xx"] == 0 for r in result["rows"])
-    assert result["long_run"]["requests"] >= 2_000 and result["long_run"]["rss_end_mb"] > 0
+    assert result["long_run"]["requests"] >= 600 and result["long_run"]["rss_end_mb"] > 0
 
 
 def test_bench_heal_tiny(tmp_path):

@@ -1,0 +1,20 @@
+"""The demo CNN's training cache: a cached call gives the same weights and leaves the RNG as training does."""
+from __future__ import annotations
+
+import torch
+
+from selfheal_bench import train as training
+
+
+def test_a_cached_model_and_rng_state_equal_a_trained_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "CACHE", tmp_path)
+    first, info = training.train(seed=3, epochs=1)
+    after_training = torch.rand(4)
+    assert len(list(tmp_path.glob("digits_cnn-*.pt"))) == 1
+    second, cached_info = training.train(seed=3, epochs=1)
+    assert torch.equal(torch.rand(4), after_training) and cached_info == info
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    next(tmp_path.glob("digits_cnn-*.pt")).write_bytes(b"damaged")  # a damaged entry is trained again
+    third, _ = training.train(seed=3, epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), third.state_dict().values()))
