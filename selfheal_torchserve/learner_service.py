@@ -118,13 +118,16 @@ def handler_preprocess(handler, learner: Learner):
 class LearnerService:
     """The loop that owns the Learner, plus the status the HTTP threads read."""
 
-    def __init__(self, learner: Learner, settings: HandlerSettings, storage, member: str, learn: bool) -> None:
+    def __init__(self, learner: Learner, settings: HandlerSettings, storage, member: str, learn: bool,
+                 intake: Intake | None = None, wake: threading.Event | None = None) -> None:
+        """`intake`: whose counters the status shows; `wake`: the event its appends set (the
+        loop waits on it), made before both so neither is wired in after construction."""
         self.learner = learner
         self.settings = settings
         self.storage = storage
         self.member = member
         self.learn = learn  # consume the log (learning too, unless the model is served monitor-only)
-        self.wake = threading.Event()
+        self.wake = wake if wake is not None else threading.Event()
         self.stop = threading.Event()
         self.active = False
         self.resumed = False
@@ -135,8 +138,9 @@ class LearnerService:
         self._context: tuple[float, dict | None] = (0.0, None)
         self.snapshot_status: dict = {}
         self.commands: queue.Queue = queue.Queue()  # decisions from the HTTP threads, run by the loop
-        self.intake: Intake | None = None  # for its counters in the status record
+        self.intake = intake  # for its counters in the status record
         self.checks_concepts = learner.concept is not None  # fixed at construction: HTTP threads may read it
+        self._publish_status(board=False)  # the HTTP threads answer from this until the loop runs
 
     # ------------------------------------------------------------------ decisions (HTTP threads)
     def decide(self, body: Any, timeout: float = 60.0) -> dict:
@@ -468,12 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                            settings.log_url or None, settings.snapshot_keep, settings.recent_predictions)
     learner = Learner(model, inputs, settings.heal, settings.task, targets)
     member = f"learner-{socket.gethostname()}-{os.getpid()}"
-    service = LearnerService(learner, settings, storage, member, learn=not args.intake_only)
+    wake = threading.Event()  # an append wakes the loop
     intake = Intake(learner.task, lambda: storage.log, lambda: storage.predictions,
                     handler_preprocess(handler, learner), settings.max_instances, settings.feedback_wait_s,
-                    on_append=lambda _seqs: service.wake.set())
-    service.intake = intake
-    service._publish_status(board=False)  # the HTTP threads answer from this until the loop runs
+                    on_append=lambda _seqs: wake.set())
+    service = LearnerService(learner, settings, storage, member, learn=not args.intake_only, intake=intake,
+                             wake=wake)
     server = IntakeServer(service, intake, args.model_name, secrets.token_hex(32), settings)
     threading.Thread(target=server.serve_forever, name="intake", daemon=True).start()
     path = announcement(args.workdir, args.model_name)
