@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 MIN_REFERENCE = 30  # the feature chart needs 30 vectors; fewer cannot calibrate a false-alarm rate
 UNTRUSTED_SHARE = 0.01  # recent inputs outside the reference's range beyond this share: no estimate
 TRUST_MARGIN = 0.02  # an estimate this far above the reference accuracy while the inputs shifted is not trusted
+# An estimate this far above what the predicted classes allow (estimator.class_bound) while the inputs
+# shifted is not trusted. The bound's own sampling noise (500 recent against 300 reference
+# predictions, 10 classes) is about 0.1; a changed class mix alone lowers it too, hence "inputs shifted".
+CLASS_SLACK = 0.15
 
 
 def validate_reference(reference: Any) -> None:
@@ -178,7 +182,7 @@ class ServingModel:
         if view.probs is None:
             return
         conf, pred = view.probs.max(1)
-        self.estimator.calibrate(conf, (pred == self._targets) if self._targets is not None else None)
+        self.estimator.calibrate(conf, (pred == self._targets) if self._targets is not None else None, classes=pred)
 
     def _mode(self) -> str:
         if not self.config.adapt:
@@ -326,7 +330,8 @@ class ServingModel:
         values = None if self.task.is_classifier else self.task.values(raw)
         fired = self.monitor.observe_predictions(probs, features, values)
         if probs is not None:
-            self.estimator.observe(probs.max(1).values)
+            conf, classes = probs.max(1)
+            self.estimator.observe(conf, classes)
         if self.corrector is not None:
             obs = Observation(raw=raw, probs=probs, features=features, fired=fired, inputs=inputs)
             started = self.corrector.observe(obs)
@@ -350,8 +355,9 @@ class ServingModel:
     def _untrusted_because(self) -> str | None:
         """Why the live accuracy estimate cannot be trusted (None: it can). Confidence-based
         estimates are blind where the model answers inputs unlike anything it was calibrated on:
-        inputs outside the reference's range, NaN answers, or a shift of the inputs after which the
-        model is surer than on the reference (a dead sensor channel read 1.000 at 28% accuracy)."""
+        inputs outside the reference's range, NaN answers, a shift of the inputs after which the
+        model is surer than on the reference (a dead sensor channel read 1.000 at 28% accuracy), or
+        after which its predicted classes moved too far for the estimate to be right."""
         total, implausible, nonfinite = self._window_counts
         if nonfinite:
             return "the model answered NaN or inf on recent inputs"
@@ -361,6 +367,10 @@ class ServingModel:
         shifted = set(self._drift["firing"]) & {n.value for n in INPUT_SHIFT}
         if est is not None and ref is not None and shifted and est > ref + TRUST_MARGIN:
             return "inputs shifted and the model is surer than on its reference: confidence cannot see its errors"
+        bound = self.estimator.class_bound()
+        if est is not None and bound is not None and shifted and est > bound + CLASS_SLACK:
+            return (f"inputs shifted and the predicted classes moved more than an accuracy of {est:.2f} allows "
+                    f"(at most {bound:.2f} if the classes sent did not change): the model errs where it is sure")
         return None
 
     def check_published(self, published: Published) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from selfheal_bench.data import corrupt, resample
 from selfheal_core import FileSnapshotStore, HealConfig, SelfHealer
+from selfheal_core.estimate import AccuracyEstimator
 
 MONITOR_ONLY = HealConfig.from_dict({"adapt": False, "snapshot_interval_s": 0.0})
 
@@ -57,3 +58,38 @@ def test_estimator_state_round_trips_through_a_snapshot(demo_model, reference, d
     assert a["estimate"] == b["estimate"] and a["threshold"] == b["threshold"] and a["window"] == b["window"] == 300
     h.close()
     other.close()
+
+
+def test_class_bound_is_one_minus_the_predicted_class_shift():
+    est = AccuracyEstimator(window=100)
+    ref_classes = torch.arange(4).repeat(50)  # a quarter each
+    est.calibrate(torch.full((200,), 0.9), torch.ones(200, dtype=torch.bool), classes=ref_classes)
+    est.observe(torch.full((40,), 0.9), torch.zeros(40, dtype=torch.long))
+    assert est.class_bound() is None, "half a window first"
+    est = AccuracyEstimator(window=100).calibrate(torch.full((200,), 0.9), torch.ones(200, dtype=torch.bool),
+                                                  classes=ref_classes)
+    est.observe(torch.full((100,), 0.9), torch.cat([torch.zeros(70), torch.arange(1, 4).repeat(10)]).long())
+    assert abs(est.class_bound() - (1 - 0.5 * (0.45 + 3 * 0.15))) < 1e-9  # 70% class 0 against 25%
+    est.observe(torch.full((100,), 0.9), torch.full((100,), 6))  # a class the reference never predicted
+    assert est.class_bound() == 0.0
+
+
+def test_rotated_digits_a_sure_model_gets_wrong_are_not_trusted(demo_model, reference, digits):
+    """Rotated or translated digits: ATC said 0.79-0.80 at 6-27% accuracy, because the model is sure
+    of its wrong answers; its predicted classes moved far more than that accuracy allows, so the
+    estimate says it cannot be trusted. Clean digits (and a shift it gets right) stay trusted."""
+    from selfheal_core import ServingModel
+
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    x, _ = resample(x_te, y_te, 1000, seed=3)
+    monitor_only = HealConfig.from_dict({"adapt": False})
+    for stream, trusted in ((x, True), (corrupt(x, "rotate", 5, seed=3), False)):
+        serving = ServingModel(demo_model, x_ref, monitor_only, reference_targets=y_ref)
+        for i in range(0, len(stream), 16):
+            serving.predict(stream[i:i + 16])
+            serving.drain()
+        accuracy = serving.status()["accuracy"]
+        assert accuracy["trusted"] is trusted, accuracy
+        if not trusted:
+            assert "predicted classes moved" in accuracy["untrusted_reason"]
