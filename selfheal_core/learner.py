@@ -253,7 +253,8 @@ class Learner:
                 self.gradient.concept_moved(self.concept.moved)
             statuses = [HELD if c and st == LEARNED else st for st, c in zip(statuses, contradicts.tolist())]
             held = held | contradicts
-            self._learn_released(self.concept.release())
+            self._learn_released(self.concept.release(
+                frozenset(self.quarantine.classes) if self.quarantine is not None else frozenset()))
         self._statuses = statuses
         if self.learns:
             train_x, train_y = self.guard.admit(x, y, skip=held)

@@ -171,6 +171,11 @@ class Quarantine(StateMixin):
             self._push(s, g, bool(b))
         self.quarantined, self.held, self._active, self.rate_held, self._rates, self._count = kept
 
+    @property
+    def classes(self) -> list[int]:
+        """Given classes quarantined at the last check (a burst or a broken labeller into them)."""
+        return list(self._active)
+
     def status(self) -> dict:
         return {"active": bool(self._active), "classes": list(self._active), "quarantined": self.quarantined,
                 "held_uncorroborated": self.held, "held_rate": self.rate_held, "window": len(self._window),

@@ -294,3 +294,49 @@ def test_quarantined_labels_neither_corroborate_nor_get_released():
     assert not held.any() and w.suspected == [] and w.release() == []
     recent = w.state_dict()["_recent_y"]
     assert 0 < int((recent == 2).sum()) <= int((y == 2).sum()), "quarantined labels are not recent consensus"
+
+
+def test_a_sporadic_contradiction_is_learned_after_the_rate_window_a_repeated_one_stays_held():
+    """Under hold, honest labels the reference spoke for wrongly (drifted inputs) were held for
+    good: 11 of 600 on rotated digits. A pair still short of concept_min_count rate_window labels
+    after its first contradiction is released; a pair that repeats is suspected and stays held."""
+    from selfheal_core.concept import ConceptWatch
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    ref_y = torch.arange(3).repeat_interleave(40)
+    ref_x = centres[ref_y] + torch.randn(120, 2, generator=g) * 0.5
+    watch = ConceptWatch(GuardConfig(concept_change="hold", concept_rate_window=50))
+    watch.fit(ref_x, ref_y)
+
+    def screen(x, labels, start):
+        seqs = list(range(start, start + len(labels)))
+        return watch.screen(x, labels, x, seqs, [0.0] * len(labels))
+
+    lone = centres[0:1] + 0.1  # among the 0s, labelled 2: once
+    attack = centres[2:3].repeat(6, 1) + 0.1  # among the 2s, labelled 1: six times
+    assert screen(lone, torch.tensor([2]), 1).all()
+    assert screen(attack, torch.ones(6, dtype=torch.long), 2).all()
+    assert watch.release() == []  # not stale yet
+    honest_y = torch.randint(0, 3, (60,), generator=g)
+    assert not screen(centres[honest_y] + 0.1, honest_y, 8).any()
+    released = watch.release()
+    assert [r[0] for r in released] == [1] and released[0][2] == 2  # the lone one only
+    assert [p["pair"] for p in watch.suspected] == [[2, 1]] and watch.status()["held"] == 6
+
+
+def test_sporadic_pairs_into_one_class_from_many_sources_stay_held():
+    """A broken labeller calls inputs of every class an 8: each (source, 8) pair alone is sporadic,
+    but together they come into one class far more often than once per rate window: held."""
+    from selfheal_core.concept import ConceptWatch
+
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    ref_y = torch.arange(4).repeat_interleave(30)
+    watch = ConceptWatch(GuardConfig(concept_change="hold", concept_rate_window=50))
+    watch.fit(centres[ref_y] + torch.randn(120, 2, generator=g) * 0.5, ref_y)
+    x = centres[:3] + 0.1  # one each from classes 0, 1 and 2, all called 3: each pair alone is sporadic
+    assert watch.screen(x, torch.full((3,), 3), x, [1, 2, 3], [0.0] * 3).all()
+    honest_y = torch.randint(0, 4, (60,), generator=g)
+    watch.screen(centres[honest_y] + 0.1, honest_y, centres[honest_y], list(range(4, 64)), [0.0] * 60)
+    assert watch.release() == [] and watch.status()["held"] == 3
