@@ -80,7 +80,12 @@ def train(seed: int = 0, epochs: int = 20, reference_size: int = 300) -> tuple[D
     torch.manual_seed(seed)
     x_tr, y_tr, _, _ = split_reference(seed, reference_size)
     _, _, x_te, y_te = load_digits_split(seed=seed)
-    model = fit(DigitsCNN(), x_tr, y_tr, epochs, seed=seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights whichever process trains first (sums split over threads differ)
+    try:
+        model = fit(DigitsCNN(), x_tr, y_tr, epochs, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         acc = (model(x_te).argmax(1) == y_te).float().mean().item()
     info = {"test_accuracy": acc, "train_size": len(y_tr), "test_size": len(y_te)}
