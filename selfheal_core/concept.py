@@ -100,6 +100,7 @@ class ConceptWatch(StateMixin):
         """Forget pairs and held labels; the reference labels go back to the trusted ones at the next fit."""
         self._reset()
         self._trusted = self._ref_labels = torch.zeros(0, dtype=torch.long)
+        self._ref_rates = torch.zeros(0, 0, dtype=torch.float64)
 
     # ------------------------------------------------------------------ the reference
     @torch.no_grad()
@@ -112,7 +113,8 @@ class ConceptWatch(StateMixin):
         self._radius = _radius(self._ref_feats, 0.95)
         self._ref_dirs = torch.nn.functional.normalize(self._ref_feats, dim=1)
         self._dir_radius = _radius(self._ref_dirs, DIRECTION_QUANTILE)
-        self._ref_rates = self._self_contradictions()
+        if not len(self._ref_rates):  # the classes' overlap, measured once (fit runs at every update)
+            self._ref_rates = self._self_contradictions()
 
     def _self_contradictions(self) -> torch.Tensor:
         """(C, C): of the reference inputs it speaks for as m (each judged by the others, itself
@@ -120,7 +122,7 @@ class ConceptWatch(StateMixin):
         contradict the reference at about this rate: a pair is suspected only beyond it (a
         tabular model whose classes overlap had [1, 0] and [0, 1] suspected on honest labels)."""
         n = len(self._ref_labels)
-        if n <= self.k:
+        if n <= self.k or len(self._ref_feats) != n:
             return torch.zeros(0, 0, dtype=torch.float64)
         said = []
         for ref, radius, agreement in ((self._ref_feats, self._radius, 0.8), (self._ref_dirs, self._dir_radius, 1.0)):
@@ -348,6 +350,7 @@ class ConceptWatch(StateMixin):
         for source, target in mapping.items():
             labels[self._trusted == source] = target
         self._ref_labels = labels
+        self._ref_rates = self._self_contradictions()
 
     def discard(self, source: int, target: int) -> list[int]:
         """The relabelling is poisoning: its held labels are dropped (their seqs returned) and later
@@ -420,6 +423,7 @@ class ConceptWatch(StateMixin):
         super().load_state_dict({"_recent_x": torch.zeros(0, 0), "_recent_y": torch.zeros(0, dtype=torch.long),
                                  "_trusted": state.get("_ref_labels", self._trusted),
                                  "_spoken_by": torch.zeros(0, dtype=torch.long), **state})
+        self._ref_rates = self._self_contradictions()  # for the reference labels just loaded
 
     @_held_state.setter
     def _held_state(self, value: dict) -> None:
