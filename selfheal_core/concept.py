@@ -12,9 +12,10 @@ reference no longer speaks, and labels are what must correct the model.
 Contradictions are counted per pair (m, g); a pair seen `min_count` times
 beyond what honest labels bring where classes overlap (the reference
 contradicting itself, each input judged by the others) is a *suspected concept
-change* (pair, count, since when), reported whatever the policy. Its labels are held (logged, not learned) from the first one (a pair
-short of `min_count` that comes at most once per `rate_window` labels is
-sporadic, not a relabelling: its held labels are then learned):
+change* (pair, count, since when), reported whatever the policy. Its labels
+are held (logged, not learned) from the first one (contradictions that come
+into a class at most once per `rate_window` labels are sporadic, not a
+relabelling: their held labels are then learned):
 - `hold`: until an operator approves or discards the pair. Nothing in the
   rest of the traffic releases it: drift elsewhere is what an attacker can
   cause by sending other inputs beside the poisoned labels;
@@ -294,14 +295,13 @@ class ConceptWatch(StateMixin):
         """Held labels to learn now, as (seq, x, label, time):
         - policy learn: of pairs being learned, newest first, as far as each pair's rate allows
           (the corroboration window's labels are honest if the pair is);
-        - any policy: of pairs still below `concept_min_count` into a class that contradictions
-          (from any source) have come into at most once per `concept_rate_window` labels since
-          the first. A relabelling repeats its
-          pair faster (a 2% drip: four times in 200 labels) and is suspected at its
-          `concept_min_count`-th label; what stays sporadic is the reference speaking (wrongly)
-          for a drifted input, and those honest labels were held for good: 11 of 600 on rotated
-          digits, 13 of 600 on noisy ones. Never into a class in `suspect` (the quarantine's:
-          a broken labeller into it)."""
+        - any policy: of pairs not (yet) suspected, into a class that contradictions from any
+          source have come into at most once per `concept_rate_window` labels since the first.
+          A relabelling repeats its pair faster (a 2% drip: four times in 200 labels) and is
+          suspected at its `concept_min_count`-th label; what stays sporadic is the reference
+          speaking (wrongly) for a drifted input, and those honest labels were held for good:
+          11 of 600 on rotated digits, 13 of 600 on noisy ones. Never into a class in `suspect`
+          (the quarantine's: a broken labeller into it)."""
         if not self._held:
             return []
         # contradictions into each given class, from every source, and since when: a broken
