@@ -9,13 +9,11 @@ them than reference inputs are from each other, by place or, more strictly,
 by direction) but says g != m contradicts it. Inputs that drifted away from the reference are not judged: there the
 reference no longer speaks, and labels are what must correct the model.
 
-Contradictions are counted per pair (m, g); a pair seen `min_count` times
-beyond what honest labels bring where classes overlap (the reference
-contradicting itself, each input judged by the others) is a *suspected concept
-change* (pair, count, since when), reported whatever the policy. Its labels
-are held (logged, not learned) from the first one (contradictions that come
-into a class at most once per `rate_window` labels are sporadic, not a
-relabelling: their held labels are then learned):
+Contradictions are counted per pair (m, g); a pair seen `min_count` times is
+a *suspected concept change* (pair, count, since when), reported whatever the
+policy. Its labels are held (logged, not learned) from the first one
+(contradictions that come into a class at most once per `rate_window` labels
+are sporadic, not a relabelling: their held labels are then learned):
 - `hold`: until an operator approves or discards the pair. Nothing in the
   rest of the traffic releases it: drift elsewhere is what an attacker can
   cause by sending other inputs beside the poisoned labels;
@@ -73,8 +71,7 @@ class Pair:
 class ConceptWatch(StateMixin):
     """Finds labels that contradict the trusted reference; holds them by pair under a policy."""
 
-    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels", "_trusted", "_recent_x", "_recent_y",
-                   "_spoken_by")
+    _state_keys = ("_pairs_state", "_held_state", "_seen", "_ref_labels", "_trusted", "_recent_x", "_recent_y")
 
     def __init__(self, config: GuardConfig, k: int = 10) -> None:
         self.config = config
@@ -86,7 +83,6 @@ class ConceptWatch(StateMixin):
         self._radius = float("inf")
         self._ref_dirs = self._ref_feats  # (R, F) the reference features' directions (unit length)
         self._dir_radius = float("inf")
-        self._ref_rates = torch.zeros(0, 0, dtype=torch.float64)  # (C, C) the reference contradicting itself
         self._reset()
 
     def _reset(self) -> None:
@@ -95,13 +91,11 @@ class ConceptWatch(StateMixin):
         self._seen = 0  # labels screened
         self._recent_x = torch.zeros(0, 0)  # (<= RECENT, F) features of the newest labels the reference spoke for
         self._recent_y = torch.zeros(0, dtype=torch.long)  # ... and their labels
-        self._spoken_by = torch.zeros(0, dtype=torch.long)  # (C,) labels the reference spoke for, by its class
 
     def reset(self) -> None:
         """Forget pairs and held labels; the reference labels go back to the trusted ones at the next fit."""
         self._reset()
         self._trusted = self._ref_labels = torch.zeros(0, dtype=torch.long)
-        self._ref_rates = torch.zeros(0, 0, dtype=torch.float64)
 
     # ------------------------------------------------------------------ the reference
     @torch.no_grad()
@@ -114,38 +108,6 @@ class ConceptWatch(StateMixin):
         self._radius = _radius(self._ref_feats, 0.95)
         self._ref_dirs = torch.nn.functional.normalize(self._ref_feats, dim=1)
         self._dir_radius = _radius(self._ref_dirs, DIRECTION_QUANTILE)
-        if not len(self._ref_rates):  # the classes' overlap, measured once (fit runs at every update)
-            self._ref_rates = self._self_contradictions()
-
-    def _self_contradictions(self) -> torch.Tensor:
-        """(C, C): of the reference inputs it speaks for as m (each judged by the others, itself
-        left out), the share whose own label is g != m. Where classes overlap, honest labels
-        contradict the reference at about this rate: a pair is suspected only beyond it (a
-        tabular model whose classes overlap had [1, 0] and [0, 1] suspected on honest labels)."""
-        n = len(self._ref_labels)
-        if n <= self.k or len(self._ref_feats) != n:
-            return torch.zeros(0, 0, dtype=torch.float64)
-        said = []
-        for ref, radius, agreement in ((self._ref_feats, self._radius, 0.8), (self._ref_dirs, self._dir_radius, 1.0)):
-            dist = torch.cdist(ref, ref)
-            dist.fill_diagonal_(float("inf"))
-            said.append(self._vote_from(dist, radius, agreement)[0])
-        speaks = torch.where(said[0] >= 0, said[0], said[1])
-        c = int(self._ref_labels.max()) + 1
-        rates = torch.zeros(c, c, dtype=torch.float64)
-        for m in range(c):
-            spoke = speaks == m
-            if spoke.any():
-                rates[m] = torch.bincount(self._ref_labels[spoke], minlength=c)[:c].double() / int(spoke.sum())
-        return rates.fill_diagonal_(0.0)
-
-    def needed(self, source: int, target: int) -> int:
-        """Contradictions of (source, target) before it is suspected: `concept_min_count` beyond
-        what honest labels bring at the reference's own rate (its mean and two deviations)."""
-        spoken = int(self._spoken_by[source]) if source < len(self._spoken_by) else 0
-        rate = float(self._ref_rates[source, target]) if max(source, target) < len(self._ref_rates) else 0.0
-        expected = spoken * rate
-        return self.config.concept_min_count + math.ceil(expected + 2 * math.sqrt(expected))
 
     @property
     def ready(self) -> bool:
@@ -178,11 +140,7 @@ class ConceptWatch(StateMixin):
 
     def _vote(self, f: torch.Tensor, ref: torch.Tensor, radius: float, agreement: float
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._vote_from(torch.cdist(f, ref), radius, agreement)
-
-    def _vote_from(self, distances: torch.Tensor, radius: float, agreement: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        dist, idx = distances.topk(self.k, dim=1, largest=False)  # (B, k)
+        dist, idx = torch.cdist(f, ref).topk(self.k, dim=1, largest=False)  # (B, k)
         votes = self._ref_labels[idx]  # (B, k)
         mode = votes.mode(1).values
         agree = (votes == mode[:, None]).float().mean(1)
@@ -219,9 +177,6 @@ class ConceptWatch(StateMixin):
             if m < 0:
                 continue
             spoken.append(i)
-            if m >= len(self._spoken_by):
-                self._spoken_by = torch.cat([self._spoken_by, self._spoken_by.new_zeros(m + 1 - len(self._spoken_by))])
-            self._spoken_by[m] += 1
             if m == g:
                 continue
             pair = self._pairs.setdefault((m, g), Pair(m, g))
@@ -234,7 +189,7 @@ class ConceptWatch(StateMixin):
             if pair.since_seq is None:
                 pair.since_seq = seqs[i] if seqs else None
                 pair.since_time = times[i] if times else None
-            if pair.state == "watching" and pair.count >= self.needed(m, g):
+            if pair.count >= self.config.concept_min_count and pair.state == "watching":
                 pair.state = "suspected"
             local = functools.partial(self._local, f, given, i, spoken)  # only computed when it decides
             if pair.state == "approved" or self._release(pair, local):
@@ -350,7 +305,6 @@ class ConceptWatch(StateMixin):
         for source, target in mapping.items():
             labels[self._trusted == source] = target
         self._ref_labels = labels
-        self._ref_rates = self._self_contradictions()
 
     def discard(self, source: int, target: int) -> list[int]:
         """The relabelling is poisoning: its held labels are dropped (their seqs returned) and later
@@ -421,9 +375,7 @@ class ConceptWatch(StateMixin):
         """As StateMixin; a state saved before the recent labels were kept starts without them, one
         saved before the trusted labels were kept apart takes its reference labels as trusted."""
         super().load_state_dict({"_recent_x": torch.zeros(0, 0), "_recent_y": torch.zeros(0, dtype=torch.long),
-                                 "_trusted": state.get("_ref_labels", self._trusted),
-                                 "_spoken_by": torch.zeros(0, dtype=torch.long), **state})
-        self._ref_rates = self._self_contradictions()  # for the reference labels just loaded
+                                 "_trusted": state.get("_ref_labels", self._trusted), **state})
 
     @_held_state.setter
     def _held_state(self, value: dict) -> None:

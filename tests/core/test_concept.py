@@ -341,27 +341,3 @@ def test_sporadic_pairs_into_one_class_from_many_sources_stay_held():
     watch.screen(centres[honest_y] + 0.1, honest_y, centres[honest_y], list(range(4, 64)), [0.0] * 60)
     assert watch.release() == [] and watch.status()["held"] == 3
 
-
-def test_honest_labels_where_classes_overlap_are_not_a_suspected_concept_change():
-    """Where classes overlap the reference contradicts itself, and so do honest labels: a tabular
-    model had [1, 0] and [0, 1] suspected on honest labels. A pair is suspected only beyond the
-    reference's own rate; a real relabelling of class 0 still is."""
-    from selfheal_core.concept import ConceptWatch
-
-    g = torch.Generator().manual_seed(2)
-
-    def draw(n):
-        y = torch.randint(0, 2, (n,), generator=g)
-        x = torch.randn(n, 2, generator=g) + torch.stack([y * 2.0, torch.zeros(n)], 1)  # overlapping
-        return x, y
-
-    ref_x, ref_y = draw(300)
-    watch = ConceptWatch(GuardConfig(concept_change="hold"))
-    watch.fit(ref_x, ref_y)
-    x, y = draw(1200)
-    for i in range(0, 1200, 8):
-        watch.screen(x[i:i + 8], y[i:i + 8], x[i:i + 8], list(range(i, i + 8)), [0.0] * 8)
-    assert watch.suspected == [], watch.suspected
-    core = torch.tensor([[-1.5, 0.0]]).repeat(40, 1) + torch.randn(40, 2, generator=g) * 0.2
-    watch.screen(core, torch.ones(40, dtype=torch.long), core, list(range(2000, 2040)), [0.0] * 40)
-    assert [p["pair"] for p in watch.suspected] == [[0, 1]]
