@@ -363,12 +363,15 @@ class ServingModel:
             return "the model answered NaN or inf on recent inputs"
         if implausible > UNTRUSTED_SHARE * total:
             return "recent inputs lie outside the reference's range"
+        if not set(self._drift["firing"]) & {n.value for n in INPUT_SHIFT}:
+            return None  # the checks below are passes over the estimate window: only after a shift
         est, ref = self.estimator.estimate, self.estimator.reference_accuracy
-        shifted = set(self._drift["firing"]) & {n.value for n in INPUT_SHIFT}
-        if est is not None and ref is not None and shifted and est > ref + TRUST_MARGIN:
+        if est is None:
+            return None
+        if ref is not None and est > ref + TRUST_MARGIN:
             return "inputs shifted and the model is surer than on its reference: confidence cannot see its errors"
         bound = self.estimator.class_bound()
-        if est is not None and bound is not None and shifted and est > bound + CLASS_SLACK:
+        if bound is not None and est > bound + CLASS_SLACK:
             return (f"inputs shifted and the predicted classes moved more than an accuracy of {est:.2f} allows "
                     f"(at most {bound:.2f} if the classes sent did not change): the model errs where it is sure")
         return None
