@@ -12,6 +12,7 @@ handed back for training, so no label is wasted.
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 import torch
 from torch import nn
@@ -76,14 +77,16 @@ class Guard(StateMixin):
         return len(self._holdout) >= self.config.min_holdout
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> tuple[float, float, torch.Tensor] | None:
-        """(loss, error, per-sample losses) of `model` on the holdout; None while it is empty."""
+    def evaluate(self, model: nn.Module, as_served: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> tuple[float, float, torch.Tensor] | None:
+        """(loss, error, per-sample losses) of `model` on the holdout, its inputs given to the model
+        through `as_served` (serving's input transform now); None while it is empty."""
         if not self._holdout:
             return None
         device = next(model.parameters()).device
         x = torch.stack([x for x, _ in self._holdout]).to(device)
         y = torch.stack([y for _, y in self._holdout]).to(device)
-        raw = model(x)
+        raw = model(as_served(x) if as_served is not None else x)
         per = self.task.loss(raw, y, reduction="none").detach().double().cpu()
         return float(per.mean()), float(self.task.errors(raw, y).mean()), per
 

@@ -124,6 +124,7 @@ class Learner:
                         else None)
         self.estimator = AccuracyEstimator()  # the serving side's ATC threshold, to check it on labels
         self.labelled = LabelledAccuracy()
+        self._input_transform: tuple[torch.Tensor, torch.Tensor] | None = None  # serving's, from the context
         self._norm_layers = list(self.parts.batchnorms)
         self._norm_source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._norm_layers]
         self._reset()
@@ -169,7 +170,9 @@ class Learner:
     # ------------------------------------------------------------------ serving context
     @torch.no_grad()
     def use_context(self, context: dict | None) -> None:
-        """Normalise as serving does: its adapted BatchNorm statistics, or the source ones."""
+        """Normalise as serving does: its adapted BatchNorm statistics, or the source ones; and take
+        the transform serving applies to inputs (`as_served`)."""
+        self._input_transform = self._checked_transform((context or {}).get("input"))
         norm = (context or {}).get("norm")
         for i, layer in enumerate(self._norm_layers):
             finite = bool(norm and norm.get("active") and i < len(norm["mean"])
@@ -182,13 +185,38 @@ class Learner:
                 layer.running_mean.copy_(self._norm_source[i][0])
                 layer.running_var.copy_(self._norm_source[i][1])
 
+    def _checked_transform(self, transform: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Serving's input (scale, shift) when it fits one input and is finite, else None."""
+        if not transform:
+            return None
+        scale, shift = transform.get("scale"), transform.get("shift")
+        shape = (1,) + self.input_shape
+        if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)
+                and tuple(scale.shape) == shape and tuple(shift.shape) == shape
+                and bool(torch.isfinite(scale).all()) and bool(torch.isfinite(shift).all())):
+            return None
+        return scale.to(self.device), shift.to(self.device)
+
+    def as_served(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the served model is given it now: through serving's input transform (a polarity fix,
+        input statistics) when one is on. Labelled inputs are kept raw and trained and judged
+        through the transform current at each update, so an update learns what serving asks of the
+        model now; trained on raw inputs, it learned to read mirrored digits while serving
+        un-mirrored them, and labels made the served error worse than no labels (issue 27)."""
+        t = self._input_transform
+        if t is None or not x.is_floating_point() or tuple(x.shape[1:]) != self.input_shape:
+            return x
+        return x * t[0].to(x.dtype) + t[1].to(x.dtype)
+
     def _at_source_norms(self) -> bool:
         return all(torch.equal(m.running_mean, mu) and torch.equal(m.running_var, var)
                    for m, (mu, var) in zip(self._norm_layers, self._norm_source))
 
     @contextmanager
     def _source_norms(self) -> Iterator[None]:
-        """BatchNorm layers on their source statistics inside the block, as they were after it."""
+        """BatchNorm layers on their source statistics inside the block, as they were after it (the
+        input transform too)."""
+        transform = self._input_transform
         if not self._norm_layers:
             yield
             return
@@ -197,6 +225,7 @@ class Learner:
         try:
             yield
         finally:
+            self._input_transform = transform
             with torch.no_grad():
                 for layer, (mu, var) in zip(self._norm_layers, saved):
                     layer.running_mean.copy_(mu)
@@ -224,7 +253,7 @@ class Learner:
         self._released = []
         self.use_context(context)
         if served is None or (self.task.is_classifier and confidence is None):
-            served, confidence = self.served(x)
+            served, confidence = self.served(self.as_served(x.to(self.device)))
         if self.task.is_classifier:
             known = served >= 0
             self.errors.observe_errors(self.task.errors(served[known], y[known], served=True))
@@ -316,18 +345,19 @@ class Learner:
         if not self.update_due:
             return UpdateResult()
         self.use_context(context)
-        before = self.guard.evaluate(self.model)
+        before = self.guard.evaluate(self.model, self.as_served)
         saved = self.gradient.copy_params()
         bayes_saved = self.bayes.state_dict() if self.bayes else None
         if self.bayes:
             new_x, new_y = self.gradient.newest()
+            new_x = self.as_served(new_x.to(self.device))
             with torch.no_grad():
                 self.model(new_x.to(self.device))
             self.bayes.update(self._tap.take(), new_y)
         recall_before = self._reference_recall()
-        self.gradient.step()
+        self.gradient.step(self.as_served)
         harms_reference = self._reference_harmed(recall_before)
-        if not self.guard.judge(before, self.guard.evaluate(self.model)) or harms_reference:
+        if not self.guard.judge(before, self.guard.evaluate(self.model, self.as_served)) or harms_reference:
             self.gradient.restore_params(saved)
             if self.bayes:
                 self.bayes.load_state_dict(bayes_saved)

@@ -441,9 +441,12 @@ class ServingModel:
         return self._drift
 
     def context(self) -> dict:
-        """What the learner needs to know of serving: adapted statistics and whether inputs drifted."""
+        """What the learner needs to know of serving: adapted statistics, the input transform, and
+        whether inputs drifted."""
         norm = self.corrector.norm_stats() if self.corrector else None
+        inputs = self.corrector.input_stats() if self.corrector else None
         return {"norm": norm.moments() if norm is not None else None,
+                "input": inputs.transform() if inputs is not None else None,
                 "inputs_drifted": bool(set(self._drift["firing"]) & {n.value for n in INPUT_SHIFT}),
                 "drift": self._drift}
 

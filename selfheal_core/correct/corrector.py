@@ -178,6 +178,9 @@ class LabelFreeCorrector:
     def norm_stats(self) -> NormStatsAdapter | None:
         return next((p for p in self.inputs if isinstance(p, NormStatsAdapter)), None)
 
+    def input_stats(self) -> InputStatsAdapter | None:
+        return next((p for p in self.inputs if isinstance(p, InputStatsAdapter)), None)
+
     def reset(self) -> None:
         for part in self.parts:
             part.reset()

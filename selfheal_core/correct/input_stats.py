@@ -193,6 +193,15 @@ class InputStatsAdapter(Corrector):
         if published is not self._applied:
             self._served, self._applied = published, published
 
+    def transform(self) -> dict | None:
+        """The (scale, shift) the hook applies to every input now, on the CPU, for a learner that must
+        train on what the model was given (issue 27: trained on raw inputs, its updates fought the
+        polarity fix); None while no transform is served."""
+        applied = self._applied if self._hook is not None else None
+        if applied is None:
+            return None
+        return {"scale": applied[0].detach().cpu(), "shift": applied[1].detach().cpu()}
+
     def reset(self) -> None:
         """Back to the source (no transform), inactive."""
         self._reset()

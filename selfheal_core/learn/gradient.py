@@ -11,6 +11,8 @@ validated by the guard.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -91,7 +93,10 @@ class GradientLearner:
             for k, p in self.params.items():
                 p.copy_(saved[k])
 
-    def _minibatch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _minibatch(self, device: torch.device, as_served: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform replay, the newest labels and the labelled reference; the labelled traffic (not
+        the reference, which is what the source inputs look like) through `as_served`."""
         c = self.config
         n_ref = int(round(c.batch_size * c.reference_fraction)) if self._reference is not None else 0
         n_new = int(round(c.batch_size * c.newest_fraction))
@@ -106,17 +111,20 @@ class GradientLearner:
             parts.append(self.buffer.sample(c.batch_size - n_ref - n_new))
         if n_new:  # the newest labels speak for the current domain: a fixed share of every minibatch
             parts.append(self.buffer.sample_newest(n_new, c.newest_window))
+        if as_served is not None:
+            parts = [(as_served(px.to(device)), py) for px, py in parts]
         if n_ref:
             rx, ry = self._reference
             pick = torch.randint(0, len(ry) if allowed is None else len(allowed), (n_ref,), generator=self._gen)
             idx = pick if allowed is None else allowed[pick]
             like_x, like_y = parts[0] if parts else (rx, ry)
-            parts.append((rx[idx].cpu().to(like_x.dtype), ry[idx].cpu().to(like_y.dtype)))
-        return torch.cat([p[0] for p in parts]).to(device), torch.cat([p[1] for p in parts]).to(device)
+            parts.append((rx[idx].to(device, like_x.dtype), ry[idx].cpu().to(like_y.dtype)))
+        return torch.cat([p[0].to(device) for p in parts]), torch.cat([p[1] for p in parts]).to(device)
 
     @torch.enable_grad()
-    def step(self) -> float:
-        """Run one update (several Adam steps); the model stays in eval mode. Returns the last loss."""
+    def step(self, as_served: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+        """Run one update (several Adam steps); the model stays in eval mode. Returns the last loss.
+        `as_served`: the labelled inputs as serving gives them to the model now (its input transform)."""
         pending, self._pending = self._pending, 0
         device = next(iter(self.params.values())).device
         loss = torch.zeros(())
@@ -127,7 +135,7 @@ class GradientLearner:
         for group in self._opt.param_groups:
             group["lr"] = self.config.lr * self.config.steps / steps
         for _ in range(steps):
-            x, y = self._minibatch(device)
+            x, y = self._minibatch(device, as_served)
             loss = self.task.loss(self.model(x), y)
             if self.config.anchor and not self._moved:  # the concept moved: the source is no place to return to
                 loss = loss + self.config.anchor * sum(

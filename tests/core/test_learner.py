@@ -92,3 +92,31 @@ def test_serving_statistics_reach_the_learner(demo_model, reference):
         bn.running_var, torch.ones_like(source))
     learner.use_context(None)
     assert torch.equal(bn.running_mean, source)
+
+
+def test_labels_train_on_what_serving_gives_the_model(demo_model, reference, digits):
+    """Serving un-mirrors mirrored inputs (its polarity fix) before the model sees them; labels on
+    those inputs must train and be judged on what the model is given, never on the raw mirrored
+    inputs (issue 27: trained on those, labels made the served error worse than no labels)."""
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    x, y = resample(x_te, y_te, 400, seed=2)
+    mirrored = 1.0 - x
+    shape = (1,) + tuple(x.shape[1:])
+    context = {"input": {"scale": torch.full(shape, -1.0), "shift": torch.ones(shape)}}
+    learner = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    learner.use_context(context)
+    assert torch.allclose(learner.as_served(mirrored), x)
+    given: list[torch.Tensor] = []  # every input the model is given while it learns
+    learner.model.register_forward_pre_hook(lambda _m, args: given.append(args[0].detach().reshape(len(args[0]), -1)))
+    for i in range(0, len(y), 20):
+        learner.absorb(mirrored[i:i + 20], y[i:i + 20], context=context)
+        learner.update(context)
+    assert learner.counters["updates"] >= 3  # labels were learned, not all rolled back
+    rows = torch.cat(given)
+    near = lambda a, b: torch.cdist(a, b.reshape(len(b), -1)).min(1).values < 1e-4  # noqa: E731
+    assert near(rows, x).sum() > 100  # the labelled inputs reached the model un-mirrored ...
+    # ... and mirrored only where the label screen reads them as they came (with the reference's view)
+    assert near(rows, mirrored).sum() <= 2 * len(y)
+    with torch.no_grad():
+        assert float((learner.model(x).argmax(1) == y).float().mean()) >= 0.9
