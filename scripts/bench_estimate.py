@@ -30,8 +30,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from selfheal_bench.cbpe import Cbpe, load_nannyml
 from selfheal_bench.data import CORRUPTIONS, DEMO_PHASES as PHASES, corrupt, load_digits_split, resample
 from selfheal_bench.harness import REPO, RESULTS, Bar, demo_model, write_report
+from selfheal_bench.models import ResNet20
+from selfheal_bench.tabular import make_mlp
+from selfheal_bench.train import fit
 from selfheal_core import HealConfig, SelfHealer
 
 log = logging.getLogger("bench_estimate")
@@ -40,48 +44,111 @@ REQUEST = 10  # inputs per request in the estimate streams (divides the window)
 BATCH = 8  # the demo's requests
 
 
-def run_stream(model, x_ref, y_ref, x, y, adapt: bool) -> list[dict]:
-    """Windows of WINDOW predictions: true accuracy, our estimate at the window's end, average confidence."""
+def run_stream(model, x_ref, y_ref, x, y, adapt: bool, cbpe: Cbpe | None = None) -> list[dict]:
+    """Windows of WINDOW predictions: true accuracy, our estimate at the window's end, average
+    confidence, and CBPE's estimate from the same served probabilities (when given)."""
     healer = SelfHealer(copy.deepcopy(model), x_ref, HealConfig.from_dict({"adapt": adapt}), reference_labels=y_ref)
-    rows, correct, conf = [], [], []
+    rows, correct, probs = [], [], []
     try:
         for i in range(0, len(y), REQUEST):
-            probs = torch.softmax(healer.predict(x[i:i + REQUEST]), 1)
-            c, served = probs.max(1)
-            correct.append(served == y[i:i + REQUEST])
-            conf.append(c)
+            p = torch.softmax(healer.predict(x[i:i + REQUEST]), 1)
+            correct.append(p.argmax(1) == y[i:i + REQUEST])
+            probs.append(p)
             if (i + REQUEST) % WINDOW == 0:
                 healer.serving.drain()  # the estimate as the worker's background thread keeps it
-                window_correct, window_conf = torch.cat(correct), torch.cat(conf)
-                rows.append({"true": float(window_correct.float().mean()),
+                window_probs = torch.cat(probs)
+                rows.append({"true": float(torch.cat(correct).float().mean()),
                              "estimated": healer.serving.estimator.estimate,
-                             "avg_confidence": float(window_conf.mean())})
-                correct, conf = [], []
+                             "trusted": healer.status()["accuracy"]["trusted"],
+                             "avg_confidence": float(window_probs.max(1).values.mean()),
+                             "cbpe": cbpe.estimate(window_probs) if cbpe is not None else None})
+                correct, probs = [], []
     finally:
         healer.close()
     return rows
 
 
+def summarise(name: str, severity: int, adapt: bool, windows: list[dict]) -> dict:
+    """One stream's row: its windows and each estimate's mean absolute error, in points."""
+    def mae(key: str) -> float | None:
+        if any(w[key] is None for w in windows):
+            return None
+        return sum(abs(w[key] - w["true"]) * 100 for w in windows) / len(windows)
+
+    row = {"stream": name, "severity": severity, "correction": adapt, "windows": windows,
+           "true": sum(w["true"] for w in windows) / len(windows), "mae_points": mae("estimated"),
+           "mae_points_avg_confidence": mae("avg_confidence"), "mae_points_cbpe": mae("cbpe")}
+    log.info("%-17s sev %d %-9s true %.3f  ours %.1f pts  avg-conf %.1f pts  cbpe %s pts", name, severity,
+             "corrected" if adapt else "static", row["true"], row["mae_points"], row["mae_points_avg_confidence"],
+             "-" if row["mae_points_cbpe"] is None else f"{row['mae_points_cbpe']:.1f}")
+    return row
+
+
+def reference_cbpe(model, x_ref, y_ref) -> Cbpe:
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(model(x_ref[i:i + 256]), 1) for i in range(0, len(y_ref), 256)])
+    return Cbpe(probs, y_ref)
+
+
 def estimate_table(model, x_ref, y_ref, samples: int, severities: list[int], corruptions: list[str]) -> list[dict]:
     _, _, x_te, y_te = load_digits_split(seed=0)
     streams = [("clean", 0)] + [(c, s) for c in corruptions for s in severities]
+    cbpe = reference_cbpe(model, x_ref, y_ref)
     out = []
     for k, (name, sev) in enumerate(streams):
         x, y = resample(x_te, y_te, samples, seed=100 + k)
         if name != "clean":
             x = corrupt(x, name, sev, seed=100 + k)
         for adapt in (False, True):
-            windows = run_stream(model, x_ref, y_ref, x, y, adapt)
-            err = [abs(w["estimated"] - w["true"]) * 100 for w in windows]
-            base = [abs(w["avg_confidence"] - w["true"]) * 100 for w in windows]
-            row = {"stream": name, "severity": sev, "correction": adapt, "windows": windows,
-                   "true": sum(w["true"] for w in windows) / len(windows),
-                   "mae_points": sum(err) / len(err), "mae_points_avg_confidence": sum(base) / len(base)}
-            out.append(row)
-            log.info("%-15s sev %d %-9s true %.3f  ours %.1f pts  avg-conf %.1f pts", name, sev,
-                     "corrected" if adapt else "static", row["true"], row["mae_points"],
-                     row["mae_points_avg_confidence"])
+            out.append(summarise(name, sev, adapt, run_stream(model, x_ref, y_ref, x, y, adapt, cbpe)))
     return out
+
+
+def real_table(samples: int, severities: list[int], corruptions: tuple[str, ...], tiny: bool) -> list[dict]:
+    """Fashion-MNIST-C (selfheal_bench.real) through the BatchNorm ResNet-20: the clean test images
+    and every corruption at `severities`, the first `samples` test images each."""
+    from selfheal_bench import real
+
+    if tiny:  # untrained: the plumbing, not the figures
+        torch.manual_seed(0)
+        _, _, xr, yr = real.split()
+        model, x_ref, y_ref = ResNet20().eval(), real.as_tensor(xr[:200]), torch.tensor(yr[:200])
+    else:
+        model, x_ref, y_ref, _ = real.trained("batch")
+    cbpe = reference_cbpe(model, x_ref, y_ref)
+    out = []
+    for name, sev in [("clean", 0)] + [(c, s) for c in corruptions for s in severities]:
+        x, y = real.corrupted(name, sev, samples)
+        for adapt in (False, True):
+            windows = run_stream(model, x_ref, y_ref, real.as_tensor(x), torch.tensor(y), adapt, cbpe)
+            out.append(summarise(f"fmnist:{name}", sev, adapt, windows))
+    return out
+
+
+def housing_rows(tiny: bool) -> list[dict]:
+    """NannyML's California housing set (high value or not, from 8 features; a reference period and
+    an analysis period whose accuracy swings month by month): an MLP trained on the first half of
+    the reference period, the second half as selfheal's and CBPE's reference, the analysis period
+    in time order in windows of WINDOW."""
+    nml, _ = load_nannyml()
+    ref, ana, tgt = nml.load_modified_california_housing_dataset()
+    features = ["MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude"]
+    ana = ana.merge(tgt, on="id").sort_values("timestamp")
+    ref = ref.sort_values("timestamp")
+    x_all = torch.tensor(ref[features].to_numpy(), dtype=torch.float32)
+    y_all = torch.tensor(ref["clf_target"].to_numpy(), dtype=torch.long)
+    half = len(y_all) // 2
+    x_fit, y_fit, x_ref, y_ref = x_all[:half], y_all[:half], x_all[half:], y_all[half:]
+    torch.manual_seed(0)
+    model = fit(make_mlp(len(features), 2, False, x_fit), x_fit, y_fit, 5 if tiny else 60, lr=1e-3, seed=0)
+    x = torch.tensor(ana[features].to_numpy(), dtype=torch.float32)
+    y = torch.tensor(ana["clf_target"].to_numpy(), dtype=torch.long)
+    if tiny:
+        x, y = x[:WINDOW * 2], y[:WINDOW * 2]
+    n = (len(y) // WINDOW) * WINDOW
+    cbpe = reference_cbpe(model, x_ref, y_ref)
+    return [summarise("housing", 0, adapt, run_stream(model, x_ref, y_ref, x[:n], y[:n], adapt, cbpe))
+            for adapt in (False, True)]
 
 
 def demo_false_alarms(model, x_ref, y_ref, seeds: int, feedback_rate: float = 0.10) -> dict:
@@ -122,6 +189,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "estimate.json")
     ap.add_argument("--samples", type=int, default=1000, help="per stream (windows of 500)")
     ap.add_argument("--seeds", type=int, default=20, help="demo clean-phase seeds")
+    ap.add_argument("--real-samples", type=int, default=500, help="per Fashion-MNIST-C stream (one window)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--demo-only", action="store_true",
                     help="only the demo's clean phase; the estimate rows are kept from the JSON at --out")
@@ -135,24 +203,42 @@ def main() -> None:
     if args.tiny:
         corruptions, severities, args.samples, args.seeds = corruptions[:1], [5], 500, 2
     if args.demo_only:
-        rows = json.loads(args.out.read_text())["rows"]
+        kept = json.loads(args.out.read_text())
+        rows, real_rows, housing = kept["rows"], kept["real"]["rows"], kept["housing"]["rows"]
     else:
         rows = estimate_table(model, x_ref, y_ref, args.samples, severities, corruptions)
+        from selfheal_bench import real
+
+        real_rows = real_table(WINDOW if args.tiny else args.real_samples, [5] if args.tiny else severities,
+                               real.CORRUPTIONS[:1] if args.tiny else real.CORRUPTIONS, args.tiny)
+        housing = housing_rows(args.tiny)
     mae = sum(r["mae_points"] for r in rows) / len(rows)
     base = sum(r["mae_points_avg_confidence"] for r in rows) / len(rows)
     demo = demo_false_alarms(model, x_ref, y_ref, args.seeds)
-    print(f"\n{'stream':>15} {'sev':>3} {'correction':>10} {'true':>6} {'ours':>6} {'avg-conf':>8}  (MAE, points)")
-    for r in rows:
-        print(f"{r['stream']:>15} {r['severity']:>3} {str(r['correction']):>10} {r['true']:6.3f} "
-              f"{r['mae_points']:6.1f} {r['mae_points_avg_confidence']:8.1f}")
-    print(f"{'all':>15} {'':>3} {'':>10} {'':>6} {mae:6.1f} {base:8.1f}")
+    print(f"\n{'stream':>17} {'sev':>3} {'correction':>10} {'true':>6} {'ours':>6} {'avg-conf':>8} {'cbpe':>6}"
+          "  (MAE, points)")
+    for r in rows + real_rows + housing:
+        print(f"{r['stream']:>17} {r['severity']:>3} {str(r['correction']):>10} {r['true']:6.3f} "
+              f"{r['mae_points']:6.1f} {r['mae_points_avg_confidence']:8.1f} {r['mae_points_cbpe']:6.1f}")
+    print(f"{'digits, all':>17} {'':>3} {'':>10} {'':>6} {mae:6.1f} {base:8.1f}")
     print(f"\ndemo clean phase: alarm in {demo['clean_phase_false_alarm_share']:.0%} of {demo['seeds']} seeds, "
           f"{demo['clean_phase_flagged_sample_share']:.1%} of its samples flagged")
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    real_summary = {"mae_points": mean(real_rows, "mae_points"), "cbpe_mae_points": mean(real_rows, "mae_points_cbpe"),
+                    "avg_confidence_mae_points": mean(real_rows, "mae_points_avg_confidence"), "rows": real_rows,
+                    "samples_per_stream": WINDOW if args.tiny else args.real_samples}
+    housing_summary = {"mae_points": mean(housing, "mae_points"), "cbpe_mae_points": mean(housing, "mae_points_cbpe"),
+                       "avg_confidence_mae_points": mean(housing, "mae_points_avg_confidence"), "rows": housing}
     bars = [Bar("estimate MAE, points", mae, "<=", 5.0),
             Bar("estimate MAE / average-confidence MAE", mae / base if base else None, "<=", 0.5),
-            Bar("demo clean phase: seeds with a false alarm (share)", demo["clean_phase_false_alarm_share"], "<=", 0.1)]
+            Bar("demo clean phase: seeds with a false alarm (share)", demo["clean_phase_false_alarm_share"], "<=", 0.1),
+            Bar("Fashion-MNIST-C: estimate MAE, points", real_summary["mae_points"], "<=", 5.0),
+            Bar("Fashion-MNIST-C: estimate MAE / CBPE's", real_summary["mae_points"] / real_summary["cbpe_mae_points"]
+                if real_summary["cbpe_mae_points"] else None, "<=", 0.5),
+            Bar("California housing: estimate MAE / CBPE's", housing_summary["mae_points"]
+                / housing_summary["cbpe_mae_points"] if housing_summary["cbpe_mae_points"] else None, "<=", 1.0)]
     write_report(args.out, bars, t0, mae_points=mae, mae_points_avg_confidence=base, rows=rows, window=WINDOW,
-                 samples_per_stream=args.samples, **demo)
+                 samples_per_stream=args.samples, real=real_summary, housing=housing_summary, **demo)
 
 
 if __name__ == "__main__":

@@ -66,10 +66,12 @@ def bench_parser(doc: str | None, out_name: str) -> "argparse.ArgumentParser":
     return ap
 
 
-def write_report(path: Path, bars: list[Bar], started: float, **data: Any) -> dict:
-    """Print the bars and write {"elapsed_s", "bars": [...], **data} as JSON; returns it."""
+def write_report(path: Path, bars: list[Bar], started: float, keyed: bool = False, **data: Any) -> dict:
+    """Print the bars and write {"elapsed_s", "bars": [...], **data} as JSON; returns it. `keyed`:
+    bars as {name: {value, op, target, ok}}, for issues that name each bar's key."""
+    listed = [dict(asdict(b), ok=b.ok) for b in bars]
     report = {"elapsed_s": round(time.time() - started, 1),
-              "bars": [dict(asdict(b), ok=b.ok) for b in bars], **data}
+              "bars": {b.pop("name"): b for b in listed} if keyed else listed, **data}
     print("\nbars:")
     for b in bars:
         print(f"  {b.line()}")

@@ -8,6 +8,14 @@ import sys
 from selfheal_bench.torchserve import REPO
 
 
+def run_tiny(script: str, out, timeout: int = 600) -> dict:
+    """`scripts/<script> --tiny --out <out>`, failing with its output's tail; the JSON it wrote."""
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--tiny", "--out", str(out)],
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
 def test_bench_monitor_tiny(tmp_path):
     out = tmp_path / "monitor.json"
     subprocess.run([sys.executable, str(REPO / "scripts" / "bench_monitor.py"), "--tiny", "--out", str(out)],
@@ -45,11 +53,7 @@ def test_bench_feedback_tiny(tmp_path):
 
 def test_bench_serve_tiny(tmp_path):
     """The serving benchmark end to end on the CPU: three handlers under wrk, then a short RSS run."""
-    out = tmp_path / "serve.json"
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_serve.py"), "--tiny", "--out", str(out)],
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = run_tiny("bench_serve.py", tmp_path / "serve.json", timeout=900)
     assert {r["kind"] for r in result["rows"]} == {"plain", "monitor", "heal"}
     assert all(r["requests"] > 0 and r["non_2xx"] == 0 for r in result["rows"])
     assert result["long_run"]["requests"] >= 600 and result["long_run"]["rss_end_mb"] > 0
@@ -91,3 +95,30 @@ def test_bench_workers_small(tmp_path):
     result = json.loads(out.read_text())
     assert [r["workers"] for r in result["rows"]] == [1, 2]
     assert all(len(r["versions_seen"]) == 1 and r["labels"] > 0 for r in result["rows"])
+
+
+def test_bench_real_tiny(tmp_path, fashion_mnist):
+    """Fashion-MNIST-C end to end: every protocol and method the plan names, bars keyed as issue 27 has them."""
+    result = run_tiny("bench_real.py", tmp_path / "real.json")
+    methods = {(r["model"], r["batch"], r["stream"], r["method"]) for r in result["rows"]}
+    for method in ("source", "norm_stats", "tent", "eata", "sar", "lame", "roid", "selfheal"):
+        assert ("bn", 64, "continual", method) in methods
+    assert ("bn", 1, "continual", "selfheal") in methods and ("gn", 64, "continual", "sar") in methods
+    domains = next(r for r in result["rows"] if r["stream"] == "continual")["per_domain"]
+    assert len(domains) == 15
+    for key in ("continual_b64_vs_roid", "correlated_b64_vs_lame", "nobn_continual_vs_source",
+                "long_worst_minus_source_points"):
+        assert result["bars"][key]["value"] is not None
+    assert {"source", "oracle", "selfheal_label_free", "selfheal_5pct", "selfheal_1pct"} <= set(result["labels"])
+    for key in ("selfheal_5pct_after_drift", "best_peer_5pct_after_drift", "selfheal_100pct_after_drift",
+                "arf_100pct_after_drift"):
+        assert 0 <= result["weather"][key] <= 1
+
+
+def test_bench_estimate_tiny(tmp_path, fashion_mnist):
+    """The estimate against the average confidence and NannyML's CBPE: digits, Fashion-MNIST-C, housing."""
+    result = run_tiny("bench_estimate.py", tmp_path / "estimate.json")
+    for part in ("real", "housing"):
+        assert result[part]["mae_points"] is not None and result[part]["cbpe_mae_points"] is not None
+    assert {r["stream"] for r in result["real"]["rows"]} == {"fmnist:clean", "fmnist:gaussian_noise"}
+    assert all(w["cbpe"] is not None for r in result["rows"] for w in r["windows"])
