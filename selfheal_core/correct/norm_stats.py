@@ -55,7 +55,8 @@ class NormStatsAdapter(Corrector):
         self._reset()
 
     def _reset(self) -> None:
-        # BN inputs not yet folded: appended by the serving thread, taken by observe()
+        # per-sample moments (mean, mean square) of BN inputs not yet folded: appended by the serving
+        # thread, taken by observe()
         self._captured: list[deque] = [deque(maxlen=self.max_pending) for _ in self._layers]
         self._mean = [mu.clone() for mu, _ in self._source]  # per layer (C,); replaced, never changed in place
         self._sq = [var + mu ** 2 for mu, var in self._source]  # second moment per layer (C,)
@@ -81,22 +82,29 @@ class NormStatsAdapter(Corrector):
                     if not bool(keep.any()):
                         return
                     x = x[keep]  # rows outside the plausible range never reach the statistics
-                self._captured[i].append(x)
-                self._blend(i, layer, x)
+                dims = list(range(2, x.dim()))
+                mean = x.mean(dims) if dims else x  # per-sample moments (N, C): kept for observe(), not
+                sq = (x * x).mean(dims) if dims else x * x  # the activations (megabytes a layer at 224x224)
+                self._captured[i].append((mean, sq))
+                self._blend(i, layer, mean, sq)
         return hook
 
-    def _blend(self, i: int, layer: nn.Module, x: torch.Tensor) -> None:
+    def _blend(self, i: int, layer: nn.Module, mean: torch.Tensor, sq: torch.Tensor) -> None:
         """Serving thread, inside the forward: layer i normalises this batch with the adapted moments
         folded with the batch's own (the running statistics are restored by the next `apply`)."""
         mu, var = self._base[i]
-        dims = list(range(2, x.dim()))
-        mean = x.mean(dims) if dims else x  # per-sample moments (N, C)
-        sq = (x * x).mean(dims) if dims else x * x
-        w, old = ema_weights(len(x), self.momentum, x)
-        mu, var = mu.to(x.device, x.dtype), var.to(x.device, x.dtype)
-        m = mu * old + w @ mean
+        if mu.device != mean.device or mu.dtype != mean.dtype:
+            mu, var = mu.to(mean.device, mean.dtype), var.to(mean.device, mean.dtype)
+        if len(mean) == 1:  # batch 1, the common serving case: no weight vector to build
+            old = 1.0 - self.momentum
+            m = mu * old + self.momentum * mean[0]
+            s = (var + mu * mu) * old + self.momentum * sq[0]
+        else:
+            w, old = ema_weights(len(mean), self.momentum, mean)
+            m = mu * old + w @ mean
+            s = (var + mu * mu) * old + w @ sq
         layer.running_mean.copy_(m)
-        layer.running_var.copy_(((var + mu * mu) * old + w @ sq - m * m).clamp_min(layer.eps))
+        layer.running_var.copy_((s - m * m).clamp_min(layer.eps))
 
     @property
     def enabled(self) -> bool:
@@ -130,7 +138,7 @@ class NormStatsAdapter(Corrector):
 
     @torch.no_grad()
     def observe(self, obs: Observation | None = None) -> None:
-        """Fold the BN inputs captured since the last call into the moving moments."""
+        """Fold the BN input moments captured since the last call into the moving moments."""
         if not self._active:
             for cap in self._captured:
                 cap.clear()
@@ -141,18 +149,17 @@ class NormStatsAdapter(Corrector):
             parts = [cap.popleft() for _ in range(len(cap))]  # oldest first; later appends wait for the next call
             if not parts:
                 continue
-            x = torch.cat(parts) if len(parts) > 1 else parts[0]  # (N, C, ...) in arrival order
-            dims = list(range(2, x.dim()))
-            mean = x.mean(dims) if dims else x  # per-sample moments (N, C)
-            sq = (x * x).mean(dims) if dims else x * x
-            n = len(x)
-            w, old = ema_weights(n, self.momentum, x)
-            means[i] = means[i].to(x.device) * old + w @ mean
-            sqs[i] = sqs[i].to(x.device) * old + w @ sq
-            src = self._source[i][0].to(x.device, x.dtype)
+            # per-sample moments (N, C) in arrival order
+            mean = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+            sq = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+            n = len(mean)
+            w, old = ema_weights(n, self.momentum, mean)
+            means[i] = means[i].to(mean.device) * old + w @ mean
+            sqs[i] = sqs[i].to(mean.device) * old + w @ sq
+            src = self._source[i][0].to(mean.device, mean.dtype)
             z = mean - src  # about a fixed centre, so folding many forwards at once stays exact
             q = sq - 2 * src * mean + src * src
-            noises[i] = noises[i].to(x.device) * old + torch.stack([w @ (z * z), w @ (q * q), w @ (z * q)])
+            noises[i] = noises[i].to(mean.device) * old + torch.stack([w @ (z * z), w @ (q * q), w @ (z * q)])
             folded = max(folded, n)
         self._mean, self._sq, self._noise = means, sqs, noises
         self._samples += folded
