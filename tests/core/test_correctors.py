@@ -241,48 +241,49 @@ def test_collapse_resets_adaptation():
     assert lf.collapses >= 1 and not any(p.active for p in lf.inputs)
 
 
-def test_norm_stats_folding_many_forwards_at_once_equals_one_at_a_time():
-    """observe() after 30 forwards gives what observe() after each would (the EMA is per sample)."""
+def test_norm_stats_folding_a_batch_at_once_equals_one_sample_at_a_time():
+    """A request of 3 leaves the statistics where 3 requests of 1 would (the EMA is per sample; a
+    first BatchNorm layer's input does not depend on any statistics)."""
     def adapter(model):
         ad = NormStatsAdapter(find_parts(model, 4).batchnorms, momentum=0.05)
         ad.activate()
         ad.apply()  # hooks go on on the serving thread, at apply()
         return ad
 
-    one, many, ref = bn_model(), bn_model(), bn_model()
-    a, b, c = adapter(one), adapter(many), adapter(ref)
+    batched, single = bn_model(), bn_model()
+    a, c = adapter(batched), adapter(single)
     x = torch.randn(30, 1, 4, 4) * 2 + 1
     with torch.no_grad():
         for i in range(0, 30, 3):
+            a.apply()
             with a.recording():
-                one(x[i:i + 3])
-            a.observe()
-            with b.recording():
-                many(x[i:i + 3])
-        b.observe()
+                batched(x[i:i + 3])
         for i in range(30):
+            c.apply()
             with c.recording():
-                ref(x[i:i + 1])
-            c.observe()
-    for ad in (a, b, c):
+                single(x[i:i + 1])
+    for ad in (a, c):
         ad.apply()
-    assert torch.allclose(many[1].running_mean, ref[1].running_mean, atol=1e-5)
-    assert torch.allclose(many[1].running_var, ref[1].running_var, atol=1e-5)
-    assert torch.allclose(one[1].running_mean, ref[1].running_mean, atol=1e-5)
+    assert a.status()["samples"] == c.status()["samples"] == 30
+    assert torch.allclose(batched[1].running_mean, single[1].running_mean, atol=1e-5)
+    assert torch.allclose(batched[1].running_var, single[1].running_var, atol=1e-5)
 
 
-def test_norm_stats_pending_forwards_are_bounded():
+def test_norm_stats_reset_off_the_serving_thread_waits_for_its_apply():
+    """The serving thread owns the moments: a reset asked for elsewhere (a collapse, from the
+    drain thread) is carried out at the next apply(), never in the middle of a forward."""
     model = bn_model()
-    ad = NormStatsAdapter(find_parts(model, 4).batchnorms, max_pending=4)
+    source = model[1].running_mean.clone()
+    ad = NormStatsAdapter(find_parts(model, 4).batchnorms, momentum=0.05)
     ad.activate()
-    ad.apply()  # hooks go on on the serving thread, at apply()
-    with torch.no_grad():
-        for _ in range(10):
-            with ad.recording():
-                model(torch.randn(2, 1, 4, 4))
-    assert len(ad._captured[0]) == 4
-    ad.observe()
-    assert ad.status()["samples"] == 8 and not ad._captured[0]
+    ad.apply()
+    with torch.no_grad(), ad.recording():
+        model(torch.randn(8, 1, 4, 4) * 2 + 1)
+    assert not torch.equal(model[1].running_mean, source)
+    ad.reset()
+    assert ad.status()["samples"] == 8  # not yet: the serving thread has not applied it
+    ad.apply()
+    assert ad.status()["samples"] == 0 and not ad.active and torch.equal(model[1].running_mean, source)
 
 
 def test_input_stats_map_live_moments_onto_the_reference_and_skip_bad_rows():
