@@ -33,7 +33,7 @@ import yaml
 from selfheal_bench.cbpe import Cbpe, load_nannyml
 from selfheal_bench.data import CORRUPTIONS, DEMO_PHASES as PHASES, corrupt, load_digits_split, resample
 from selfheal_bench.harness import REPO, RESULTS, Bar, demo_model, write_report
-from selfheal_bench.models import ResNet20
+from selfheal_bench.resnet import ResNet20
 from selfheal_bench.tabular import make_mlp
 from selfheal_bench.train import fit
 from selfheal_core import HealConfig, SelfHealer

@@ -43,7 +43,7 @@ import torch
 
 from selfheal_bench import real
 from selfheal_bench.harness import Bar, bench_parser, write_report
-from selfheal_bench.models import ResNet20
+from selfheal_bench.resnet import ResNet20
 from selfheal_bench.streams import Healer, correlated, run, windows
 from selfheal_bench.tabular import Heal, LastLabel, River, Static, make_mlp, prequential, pretrain, river_models, score
 from selfheal_bench.train import fit

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selfheal_bench.models import ResNet20
+from selfheal_bench.resnet import ResNet20
 from selfheal_bench.train import CACHE
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 REFERENCE_SIZE = 1_000
 # Bumped whenever `split`, `_augment` or `trained` change what they produce: the cache key (with
-# models.py and the arguments) must not change with every edit elsewhere in this file, or each
+# resnet.py and the arguments) must not change with every edit elsewhere in this file, or each
 # edit would cost 20 minutes of training.
 TRAINING_VERSION = 1
 
@@ -188,7 +188,7 @@ def trained(norm: str = "batch", train_size: int = 59_000, epochs: int = 3, seed
     cached by the code and the arguments."""
     here = Path(__file__).resolve().parent
     args = [TRAINING_VERSION, REFERENCE_SIZE, norm, train_size, epochs, seed, torch.__version__]
-    key = hashlib.sha256((here / "models.py").read_bytes() + json.dumps(args).encode()).hexdigest()[:20]
+    key = hashlib.sha256((here / "resnet.py").read_bytes() + json.dumps(args).encode()).hexdigest()[:20]
     path = CACHE / f"resnet20_{norm}-{key}.pt"
     x_fit, y_fit, x_ref, y_ref = split(seed)
     ref = (as_tensor(x_ref), torch.tensor(y_ref))
