@@ -67,6 +67,7 @@ class NormStatsAdapter(Corrector):
         self._active = False
         self._samples = 0  # samples folded in since activation
         self._folded = 0  # rows the forward being recorded folded
+        self._folding: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._applied: object = None  # the moments last written into the layers
 
     def _reset_noise(self) -> list[torch.Tensor]:
@@ -109,6 +110,7 @@ class NormStatsAdapter(Corrector):
         mu, var = self._adapted_layer(i)
         layer.running_mean.copy_(mu)
         layer.running_var.copy_(var)
+        self._folding[i] = (mu, var)
         self._folded = max(self._folded, n)
 
     @property
@@ -134,13 +136,16 @@ class NormStatsAdapter(Corrector):
         self._recording = self._active and self.enabled
         self._keep = keep
         self._folded = 0
+        self._folding: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (mean, var) this forward
         try:
             yield
         finally:
             if self._recording and self._folded:
                 self._samples += self._folded
-                self._stats = [(m.running_mean.clone(), m.running_var.clone()) for m in self._layers]
-                self._applied = self._stats  # the layers hold them already
+                # one reference swap, from what the hooks computed (layers this forward did not reach
+                # keep theirs): the layers hold them already
+                self._stats = [self._folding.get(i, st) for i, st in enumerate(self._stats)]
+                self._applied = self._stats
             self._recording = False
             self._keep = None
 
