@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -290,7 +291,6 @@ def cmd_archive(args) -> int:
             cmd += ["--model-file", args.model_file]
         # the archiver stages files in $TMPDIR/<model name>: a private one, so that two archives of
         # one name (tests, CI jobs on one machine) cannot meet there
-        import os
 
         stage = Path(tmp) / "stage"
         stage.mkdir()
@@ -358,7 +358,6 @@ PLUGIN_JAR = "selfheal-feedback.jar"
 
 def plugin_dir() -> Path | None:
     """Where the feedback plugin's jar is: $SELFHEAL_PLUGINS, or build/plugins of a source checkout."""
-    import os
 
     for where in (os.environ.get("SELFHEAL_PLUGINS"), Path(__file__).resolve().parent.parent / "build" / "plugins"):
         if where and (Path(where) / PLUGIN_JAR).exists():
@@ -424,6 +423,10 @@ def cmd_stop(args) -> int:
         raise UsageError("no torchserve command next to this Python or on PATH")
     subprocess.run([torchserve, "--stop"], check=False, stdout=subprocess.DEVNULL)
     t0 = time.monotonic()
+    for p in procs:  # the learner runs at nice 19: beside busy processes it had too little CPU to exit
+        for thread in _threads(p):  # in 60 s. Linux keeps niceness per thread; raising it back needs
+            with contextlib.suppress(OSError):  # CAP_SYS_NICE: without it we only wait longer
+                os.setpriority(os.PRIO_PROCESS, thread, 0)
     _, alive = psutil.wait_procs(procs, timeout=args.timeout)
     if alive:
         for p in alive:
@@ -439,6 +442,15 @@ def cmd_stop(args) -> int:
     print(f"stopped TorchServe (pid {frontend.pid}) and every process it started "
           f"(pids {sorted(p.pid for p in procs)}) in {time.monotonic() - t0:.1f} s")
     return 0
+
+
+def _threads(proc) -> list[int]:
+    import psutil
+
+    try:
+        return [t.id for t in proc.threads()]
+    except psutil.Error:
+        return []
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
