@@ -177,7 +177,8 @@ class SelfHealer:
     # ------------------------------------------------------------------ state and snapshots
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: the learner's state and the serving state."""
-        return self.learner.snapshot(self.serving.state_dict())[0]
+        published, _, private = self.learner.snapshot(self.serving.state_dict())
+        return {**published, **private}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state from `state_dict()`; on any error the healer is left as it was."""
@@ -198,8 +199,8 @@ class SelfHealer:
         if self.store is None:
             raise RuntimeError("no snapshot store configured")
         self.serving.drain()  # a snapshot holds everything predicted before it
-        state, meta = self.learner.snapshot(self.serving.state_dict())
-        version = self.store.save(state, meta)
+        published, meta, private = self.learner.snapshot(self.serving.state_dict())
+        version = self.store.save(published, meta, private)
         self.learner.mark_published(version)
         self.serving.published_as(version)
         self._last_snapshot = time.monotonic()
@@ -215,10 +216,16 @@ class SelfHealer:
         log rows it had not absorbed; returns the version in use."""
         loaded = None
         if self.store is not None:
-            loaded = self.store.load_latest() if version is None else self.store.load(version)
+            if version is None:
+                loaded = self.store.load_resumable()
+            else:
+                private = self.store.load_private(version)
+                if private is None:
+                    raise ValueError(f"version {version} has no learner record to resume from")
+                loaded = (*self.store.load(version), private)
         if loaded is not None:
-            state, meta = loaded
-            self.load_state_dict(state)
+            state, meta, private = loaded
+            self.load_state_dict({**state, **private})
             self.learner.version = int(meta["version"])
             self.serving.published_as(self.learner.version)
             log.info("resumed from snapshot %d", self.version)

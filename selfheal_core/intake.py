@@ -79,10 +79,10 @@ class Intake:
                                    '{"instances": [...], "labels": [...]}')
         key = "labels" if self.task.is_classifier else "targets"
         if "feedback" in body:
-            x, targets, served, confidence, pids = self._by_id(body["feedback"])
+            x, targets, served, confidence, pids, predicted = self._by_id(body["feedback"])
         elif "instances" in body and key in body:
             x, targets = self._with_inputs(body["instances"], body[key])
-            served, confidence, pids = [None] * len(targets), [None] * len(targets), None
+            served, confidence, pids, predicted = [None] * len(targets), [None] * len(targets), None, None
         else:
             other = "targets" if key == "labels" else "labels"
             hint = f' ({other} are for a {"regression" if other == "targets" else "classification"} model)' \
@@ -90,7 +90,7 @@ class Intake:
             raise IntakeError(400, f'feedback needs {{"feedback": [{{"id": ..., "{key[:-1]}": ...}}]}} or '
                                    f'{{"instances": [...], "{key}": [...]}}{hint}')
         try:
-            seqs = self._log().append(x, targets, served, confidence, pids, source)
+            seqs = self._log().append(x, targets, served, confidence, pids, source, predicted=predicted)
         except DuplicateFeedback as exc:
             raise IntakeError(409, f"{exc}: feedback is taken once per prediction") from None
         except StorageError as exc:
@@ -129,11 +129,11 @@ class Intake:
                                    "written them: its disk may be full); retry later")
         if unknown:
             raise IntakeError(404, f"unknown prediction id(s) {_ids(unknown)} (never served, or older than the "
-                                   "newest predictions kept)")
-        x = torch.stack([found[p][0] for p in pids])
-        served = [self._served_json(found[p][1]) for p in pids]
-        confidence = [found[p][2] for p in pids]
-        return x, targets, served, confidence, pids
+                                   "prediction record keeps: feedback_retention and record_bytes)")
+        x = torch.stack([found[p].x for p in pids])
+        served = [self._served_json(found[p].served) for p in pids]
+        confidence = [found[p].confidence for p in pids]
+        return x, targets, served, confidence, pids, [found[p].time for p in pids]
 
     def _served_json(self, served: torch.Tensor) -> str:
         return encode_target(served.long().reshape(()) if self.task.is_classifier else served.reshape(-1))

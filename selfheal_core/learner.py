@@ -19,11 +19,12 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from selfheal_core import label_age
 from selfheal_core.concept import ConceptWatch
 from selfheal_core.estimate import AccuracyEstimator, LabelledAccuracy
 from selfheal_core.config import HealConfig
@@ -36,13 +37,14 @@ from selfheal_core.quarantine import Quarantine
 from selfheal_core.serving import (Published, check_inputs, model_device, reference_outputs,
                                    validate_reference)
 from selfheal_core.state import clone_state
-from selfheal_core.storage.base import DISCARDED, HELD, LEARNED, QUARANTINED, Entries, FeedbackLog, decode_targets
+from selfheal_core.storage.base import DISCARDED, HELD, LEARNED, PAST, QUARANTINED, Entries, FeedbackLog, decode_targets
 from selfheal_core.task import Task
 
 log = logging.getLogger(__name__)
 
 DELAYS_KEPT = 1_000  # label-to-weights delays kept for percentiles
-SNAPSHOT_FORMAT = 3
+CURRENT_TTL_S = 60.0  # how long features of the newest traffic stand for "now" when judging late labels
+SNAPSHOT_FORMAT = 4  # 4: published weights apart from the learner's private record
 
 
 def reference_of(state: dict) -> ReferenceView | None:
@@ -51,7 +53,8 @@ def reference_of(state: dict) -> ReferenceView | None:
 
 
 def published_from_snapshot(state: dict, meta: dict) -> Published:
-    """What a worker installs from a stored version; ValueError for a format it cannot read."""
+    """What a worker installs from a stored version's published record (the weights that differ
+    from the source model: the rest are the source's); ValueError for a format it cannot read."""
     if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
         raise ValueError(f"unsupported snapshot format {state.get('format') if isinstance(state, dict) else None} "
                          f"(this selfheal reads {SNAPSHOT_FORMAT})")
@@ -133,11 +136,17 @@ class Learner:
     def _reset(self) -> None:
         self.absorbed = 0  # sequence number of the last feedback-log row folded in
         self.version = 0  # the version the weights were last published or loaded as
-        self.counters = {"feedback": 0, "quarantined": 0, "updates": 0, "rolled_back": 0, "publishes": 0}
+        self.counters = {"feedback": 0, "quarantined": 0, "updates": 0, "rolled_back": 0, "publishes": 0,
+                         "past_domain": 0}
         self._dirty = False  # state changed since the last publish
         self._last_update: float | None = None
         self._delays: deque[float] = deque(maxlen=DELAYS_KEPT)  # label acknowledged -> published, seconds
         self._unpublished: list[float] = []  # acknowledgement times of labels absorbed since the last publish
+        self._ages: deque[float] = deque(maxlen=DELAYS_KEPT)  # prediction served -> its label acknowledged, s
+        # features of the traffic served now, read for judging old labels: (when read, oldest prediction
+        # time among them, features); a burst of late labels reads them once, not per chunk
+        self._current: tuple[float, float, torch.Tensor | None] = (-math.inf, 0.0, None)
+        self._current_version: tuple = ()
         self._statuses: list[str] = []  # what became of each label of the last absorb (log statuses)
         self._released: list[int] = []  # log seqs of held labels the last absorb or approval released
 
@@ -297,20 +306,23 @@ class Learner:
         self._dirty = True
         return held
 
-    def absorb_entries(self, entries: Entries, context: dict | None = None, log_: FeedbackLog | None = None) -> torch.Tensor:
+    def absorb_entries(self, entries: Entries, context: dict | None = None, log_: FeedbackLog | None = None,
+                       current: Callable[[], tuple[torch.Tensor, list[float]] | None] | None = None) -> torch.Tensor:
         """Absorb feedback-log rows (in order) and record in the log what became of each; rows an
-        operator discarded are passed over."""
+        operator discarded are passed over. `current`: the newest predictions' inputs and times
+        (the prediction record's `newest`), read only when a label answers a prediction older than
+        `past_age_s`: such labels are learned only if their inputs look like that traffic."""
+        self._ages.extend(max(t - p, 0.0) for t, p in zip(entries.time, entries.predicted) if p is not None)
         keep = [st != DISCARDED for st in entries.status]
+        past = self._past_domain(entries, current) if self.learns else [False] * len(keep)
+        if any(past) and log_ is not None:
+            log_.set_status([s for s, p in zip(entries.seq, past) if p], PAST)
+        keep = [k and not p for k, p in zip(keep, past)]
         if not all(keep):
             self.absorbed = max(self.absorbed, int(entries.seq[-1]))
             if not any(keep):
                 return torch.ones(len(keep), dtype=torch.bool)
-            idx = [i for i, k in enumerate(keep) if k]
-            entries = Entries(seq=[entries.seq[i] for i in idx], time=[entries.time[i] for i in idx],
-                              x=entries.x[idx], target=[entries.target[i] for i in idx],
-                              served=[entries.served[i] for i in idx],
-                              confidence=[entries.confidence[i] for i in idx],
-                              status=[entries.status[i] for i in idx], pid=[entries.pid[i] for i in idx])
+            entries = entries.subset([i for i, k in enumerate(keep) if k])
         y = decode_targets(entries.target, self.task.is_classifier)
         served, confidence = self._decode_served(entries)
         held = self.absorb(entries.x.to(self.device), y, served, confidence, seqs=entries.seq, times=entries.time,
@@ -320,6 +332,35 @@ class Learner:
                 log_.set_status([s for s, st in zip(entries.seq, self._statuses) if st == status], status)
             log_.set_status(self._released, LEARNED)  # held earlier, released by the concept policy now
         return held
+
+    def _past_domain(self, entries: Entries, current) -> list[bool]:
+        """Which rows answer predictions of a domain the traffic has left (see label_age.py)."""
+        cfg = self.config.learn
+        cutoff = time.time() - cfg.past_age_s
+        old = [i for i, p in enumerate(entries.predicted) if p is not None and p < cutoff]
+        if not old or cfg.past_alpha <= 0 or current is None:
+            return [False] * len(entries.seq)
+        at, since, now_feats = self._current
+        weights = (self.version, self.counters["updates"], self.counters["rolled_back"])  # features follow them
+        if time.monotonic() - at > CURRENT_TTL_S or self._current_version != weights:
+            newest = current()
+            if newest is None:
+                return [False] * len(entries.seq)
+            with self._source_norms():
+                now_feats = self._features_of(newest[0])
+            since = min(newest[1])
+            self._current, self._current_version = (time.monotonic(), since, now_feats), weights
+        old = [i for i in old if entries.predicted[i] < since]  # not itself part of that traffic
+        if not old:
+            return [False] * len(entries.seq)
+        with self._source_norms():
+            feats = self._features_of(entries.x[old])
+        mask = label_age.past_runs([entries.predicted[i] for i in old], feats, now_feats, cfg.past_alpha)
+        past = [False] * len(entries.seq)
+        for i, p in zip(old, mask.tolist()):
+            past[i] = p
+        self.counters["past_domain"] += int(mask.sum())
+        return past
 
     def _decode_served(self, entries: Entries) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What was served per row (from the prediction record); None when any row lacks it."""
@@ -480,22 +521,27 @@ class Learner:
     def dirty(self) -> bool:
         return self._dirty
 
-    def published(self, version: int) -> Published:
-        """What a worker installs for `version` (the weights and their reference view)."""
-        weights = {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()}
-        return Published(version=version, weights=weights, reference=self.reference_view())
+    def _changed_weights(self) -> dict[str, torch.Tensor]:
+        """The parameters that differ from the source model's: all a worker needs besides the model
+        it loaded (a learner that trains the last layer publishes the last layer, not the model)."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()
+                if not torch.equal(v.detach(), self._source[k].to(v.device))}
 
-    def snapshot(self, serving_state: dict | None = None) -> tuple[dict, dict]:
-        """(state, meta) of a version to publish: the learner's state, what workers install, and
-        (one process only) the serving state."""
+    def published(self, version: int) -> Published:
+        """What a worker installs for `version` (the changed weights and their reference view)."""
+        return Published(version=version, weights=self._changed_weights(), reference=self.reference_view())
+
+    def snapshot(self, serving_state: dict | None = None) -> tuple[dict, dict, dict]:
+        """(published, meta, private) of a version: what workers install (the weights that differ
+        from the source and the reference view read with them), and the private record only a
+        learner reads (its whole state and, in one process, the serving state)."""
         ref = self.reference_view()
-        state = {"format": SNAPSHOT_FORMAT, "task": self.task.kind.value, "learner": self.state_dict(),
-                 "weights": {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()},
-                 "reference": {k: v for k, v in ref.__dict__.items() if v is not None},
-                 "serving": serving_state}
+        published = {"format": SNAPSHOT_FORMAT, "task": self.task.kind.value, "weights": self._changed_weights(),
+                     "reference": {k: v for k, v in ref.__dict__.items() if v is not None}}
+        private = {"format": SNAPSHOT_FORMAT, "learner": self.state_dict(), "serving": serving_state}
         meta = {"feedback_seq": self.absorbed, "based_on": self.version, "validation_error": self.guard.last_error,
                 "task": self.task.kind.value, "updates": self.counters["updates"]}
-        return state, meta
+        return published, meta, private
 
     def mark_published(self, version: int, when: float | None = None) -> None:
         """Record a publish: the version, and the delay of every label it newly absorbed."""
@@ -507,11 +553,21 @@ class Learner:
         self._dirty = False
 
     def delay_percentiles(self) -> dict:
+        """Label acknowledged -> weights published, over the newest labels."""
         if not self._delays:
             return {"p50_s": None, "p99_s": None, "labels": 0}
         d = torch.tensor(list(self._delays), dtype=torch.float64)
         return {"p50_s": round(float(d.quantile(0.5)), 3), "p99_s": round(float(d.quantile(0.99)), 3),
                 "labels": len(d)}
+
+    def age_percentiles(self) -> dict:
+        """Prediction served -> its label acknowledged (labels by id), over the newest labels: how
+        late labels come, and so how far back the prediction record must reach."""
+        if not self._ages:
+            return {"p50_s": None, "p90_s": None, "p99_s": None, "max_s": None, "labels": 0}
+        d = torch.tensor(list(self._ages), dtype=torch.float64)
+        q = {f"p{k}_s": round(float(d.quantile(k / 100)), 3) for k in (50, 90, 99)}
+        return {**q, "max_s": round(float(d.max()), 3), "labels": len(d)}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -569,10 +625,11 @@ class Learner:
         for version in reversed(store.versions() if store is not None else []):
             try:
                 state, meta = store.load(version)
+                private = store.load_private(version) if int(meta.get("feedback_seq", 0)) < seq else None
             except (ValueError, OSError):
                 continue
-            if int(meta.get("feedback_seq", 0)) < seq:
-                self.load_state_dict(state["learner"], reference_of(state))
+            if private is not None:
+                self.load_state_dict(private["learner"], reference_of(state))
                 break
         else:
             version = 0
@@ -619,4 +676,5 @@ class Learner:
                          "last_update": self._last_update} if self.gradient
                         else {"learning": "off: monitor-only, labels are logged and watched"}),
             "label_delay": self.delay_percentiles(),
+            "label_age": self.age_percentiles(),
         }

@@ -283,12 +283,13 @@ class ServingModel:
                 self.corrector.rebase(self._source)
         pending, self._pending = self._pending, None
         if pending is not None:
+            # a version carries the weights that differ from the source: the rest are the source's
+            weights = {name: pending.weights.get(name, self._source[name]) for name in self._source}
             with torch.no_grad():
                 for name, p in self.model.named_parameters():
-                    if name in pending.weights:
-                        p.copy_(pending.weights[name])
+                    p.copy_(weights[name])
             if self.corrector is not None:
-                self.corrector.rebase(pending.weights)
+                self.corrector.rebase(weights)
             self._version = pending.version
         if self.corrector is not None:
             self.corrector.apply()

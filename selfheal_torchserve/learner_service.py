@@ -237,11 +237,11 @@ class LearnerService:
 
     def _resume(self) -> None:
         """Start from the newest published version and check it against the log."""
-        loaded = self.storage.snapshots.load_latest()
+        loaded = self.storage.snapshots.load_resumable()
         if loaded is not None:
-            state, meta = loaded
+            state, meta, private = loaded
             try:
-                self.learner.load_state_dict(state["learner"], reference_of(state))
+                self.learner.load_state_dict(private["learner"], reference_of(state))
                 self.learner.version = int(meta["version"])
                 log.info("resumed from version %d (log absorbed to %d)", self.learner.version,
                          self.learner.absorbed)
@@ -286,7 +286,8 @@ class LearnerService:
         if rows is None and learner.absorbed and self.storage.log.stats()["last_seq"] < learner.absorbed:
             self._rebase_log(self.storage.log.stats()["last_seq"])
         if rows is not None:
-            learner.absorb_entries(rows, context, self.storage.log)
+            learner.absorb_entries(rows, context, self.storage.log,
+                                   current=lambda: self.storage.predictions.newest(learner.config.learn.past_sample))
         if learner.update_due:
             learner.update(context)
         if learner.dirty and time.monotonic() - self._last_publish >= self.settings.heal.snapshot_interval_s:
@@ -298,8 +299,8 @@ class LearnerService:
         dirty, so the next round retries) until a publish succeeds."""
         self._last_publish = time.monotonic()
         try:
-            state, meta = self.learner.snapshot()
-            version = self.storage.snapshots.save(state, meta)
+            state, meta, private = self.learner.snapshot()
+            version = self.storage.snapshots.save(state, meta, private)
         except StorageError as exc:
             if self.faults.failed("publish", exc.message):
                 log.warning("publishing failed: %s", exc.message)
@@ -346,6 +347,10 @@ class LearnerService:
                 status["lag"] = status["log"]["last_seq"] - int(status.get("absorbed", 0))
         except StorageError as exc:
             status["log"], status["log_error"] = None, exc.message
+        try:  # how far back feedback by id reaches, against the record's budget
+            status["record"] = self.storage.predictions.stats()
+        except StorageError as exc:
+            status["record"] = {"error": exc.message}
         try:
             records = self.storage.status.read(CONTEXT_MAX_AGE_S)
             status["workers"] = {m: {"version": r.get("version"),
@@ -469,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     from selfheal_torchserve.worker import snapshot_root
 
     storage = open_storage(args.model_name, snapshot_root(settings, args.workdir) / args.model_name,
-                           settings.log_url or None, settings.snapshot_keep, settings.recent_predictions)
+                           settings.log_url or None, settings.snapshot_keep, settings.recent_predictions,
+                           settings.feedback_retention, settings.record_bytes)
     learner = Learner(model, inputs, settings.heal, settings.task, targets)
     member = f"learner-{socket.gethostname()}-{os.getpid()}"
     wake = threading.Event()  # an append wakes the loop

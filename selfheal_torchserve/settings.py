@@ -77,7 +77,13 @@ class HandlerSettings:
     max_instances: int = 256  # inputs per request
     max_body_bytes: int = 4 * 1024 * 1024  # raw request body
     json_limits: JsonLimits = field(default_factory=JsonLimits)
-    recent_predictions: int = 10_000  # predictions kept for feedback by id
+    recent_predictions: int = 10_000  # predictions a worker holds in memory until written to the record
+    # The prediction record (what feedback by id resolves): kept this many seconds (labels days late:
+    # chargebacks, failures) within this many bytes on disk or in PostgreSQL, the oldest going first.
+    # A digits row is ~450 bytes (4.7M predictions in 2 GiB), a 3x224x224 float input ~600 kB (3,500):
+    # GET /feedback/<model> says how far back the record reaches ("record": "reaches_back_s").
+    feedback_retention: float = 30 * 86_400.0
+    record_bytes: int = 2 * 2 ** 30
     drain_interval_s: float = 0.2  # how often queued predictions are monitored, off the request path
     # (each drain has a fixed cost: 0.05 s cost 4x more per request at 700 req/s; the drift header
     # lags by at most this)
@@ -140,6 +146,8 @@ class HandlerSettings:
         _whole(self, "max_instances", 1, 1_000_000)
         _whole(self, "max_body_bytes", 1, 1 << 31)
         _whole(self, "recent_predictions", 1, 100_000_000)
+        _real(self, "feedback_retention", 1, 10 * 365 * 86_400)
+        _whole(self, "record_bytes", 2 ** 20, 1 << 50)
         _whole(self, "learner_threads", 1, 1_024)
         _whole(self, "learner_nice", 0, 19)
         if self.torch_threads is not None:

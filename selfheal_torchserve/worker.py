@@ -122,7 +122,8 @@ class WorkerRuntime:
         self.model_name = context.model_name
         self.workdir = server_workdir()
         self.storage = open_storage(self.model_name, snapshot_root(settings, self.workdir) / self.model_name,
-                                    settings.log_url or None, settings.snapshot_keep, settings.recent_predictions)
+                                    settings.log_url or None, settings.snapshot_keep, settings.recent_predictions,
+                                    settings.feedback_retention, settings.record_bytes)
         calibration = load_calibration(Path(context.system_properties["model_dir"]))
         self.serving = ServingModel(model, inputs, settings.heal, settings.task, targets, calibration)
         self.member = f"worker-{socket.gethostname()}-{os.getpid()}"

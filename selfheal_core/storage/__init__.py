@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from selfheal_core.storage.base import (DISCARDED, HELD, LEARNED, NEW, QUARANTINED, DuplicateFeedback, Entries,
-                                        FeedbackLog, Lease, PredictionRecord, SnapshotStore, StatusBoard,
+from selfheal_core.storage.base import (DISCARDED, HELD, LEARNED, NEW, PAST, QUARANTINED, DuplicateFeedback, Entries,
+                                        FeedbackLog, Lease, PredictionRecord, Recorded, SnapshotStore, StatusBoard,
                                         StorageError, StorageFull, StorageUnavailable, ascii_safe, decode_targets,
                                         encode_target, parse_pid)
 from selfheal_core.storage.files import FileLease, FileSnapshotStore, FileStatusBoard
@@ -22,7 +22,8 @@ from selfheal_core.storage.sqlite import SQLiteFeedbackLog, SQLitePredictionReco
 __all__ = ["open_storage", "Storage", "FeedbackLog", "PredictionRecord", "SnapshotStore", "Lease", "StatusBoard",
            "Entries", "DuplicateFeedback", "StorageError", "StorageUnavailable", "StorageFull", "ascii_safe",
            "encode_target", "decode_targets", "parse_pid", "SQLiteFeedbackLog", "SQLitePredictionRecord",
-           "FileSnapshotStore", "FileLease", "FileStatusBoard", "NEW", "LEARNED", "HELD", "QUARANTINED", "DISCARDED"]
+           "FileSnapshotStore", "FileLease", "FileStatusBoard", "NEW", "LEARNED", "HELD", "QUARANTINED", "DISCARDED",
+           "PAST", "Recorded"]
 
 
 def is_postgres_url(url: str | None) -> bool:
@@ -33,12 +34,14 @@ class Storage:
     """The shared state of one model; each part is opened once, on first use."""
 
     def __init__(self, model: str, directory: str | Path, url: str | None = None, keep: int = 5,
-                 capacity: int = 10_000) -> None:
+                 capacity: int = 10_000, retention_s: float = 30 * 86400.0, record_bytes: int = 2 * 2 ** 30) -> None:
         self.model = model
         self.directory = Path(directory)  # snapshots, lease and status files (without PostgreSQL)
         self.url = url or None
         self.keep = keep
-        self.capacity = capacity
+        self.capacity = capacity  # predictions a writer may hold unwritten
+        self.retention_s = retention_s  # how long the record keeps a prediction for feedback by id ...
+        self.record_bytes = record_bytes  # ... within this many bytes
         self._parts: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -67,8 +70,10 @@ class Storage:
         def make():
             if self.postgres:
                 from selfheal_core.storage.postgres import PostgresPredictionRecord
-                return PostgresPredictionRecord(self.url, self.capacity, self.model)
-            return SQLitePredictionRecord(self.directory / "predictions.sqlite", self.capacity)
+                return PostgresPredictionRecord(self.url, self.capacity, self.model, self.retention_s,
+                                                self.record_bytes)
+            return SQLitePredictionRecord(self.directory / "predictions.sqlite", self.capacity, self.retention_s,
+                                          self.record_bytes)
         return self._part("predictions", make)
 
     def open_record(self) -> PredictionRecord:
@@ -124,5 +129,5 @@ class Storage:
 
 
 def open_storage(model: str, directory: str | Path, url: str | None = None, keep: int = 5,
-                 capacity: int = 10_000) -> Storage:
-    return Storage(model, directory, url, keep, capacity)
+                 capacity: int = 10_000, retention_s: float = 30 * 86400.0, record_bytes: int = 2 * 2 ** 30) -> Storage:
+    return Storage(model, directory, url, keep, capacity, retention_s, record_bytes)

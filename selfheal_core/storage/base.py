@@ -2,8 +2,9 @@
 
 - `FeedbackLog`: every accepted label, appended durably before it is
   acknowledged, numbered in commit order; the learner consumes it in order.
-- `PredictionRecord`: the newest predictions (input, what was served), so
-  feedback can name a prediction by id from any worker, replica or learner.
+- `PredictionRecord`: predictions (input, what was served, when) kept on disk
+  for a retention period within a byte budget, so feedback can name a
+  prediction by id from any worker, replica or learner, days later.
 - `SnapshotStore`: published versions, atomic and checksummed.
 - `Lease`: who is the one learner of a model (dies with its holder).
 - `StatusBoard`: small status records (a worker's drift and statistics, the
@@ -19,14 +20,15 @@ import math
 import os
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 # Row status in the feedback log, set at append and moved on by the learner.
 NEW, LEARNED, HELD, QUARANTINED, DISCARDED = "new", "learned", "held", "quarantined", "discarded"
+PAST = "past"  # answers a prediction of a domain the traffic has left: kept, not learned
 
 
 class StorageError(RuntimeError):
@@ -118,6 +120,13 @@ class Entries:
     confidence: list[float | None]
     status: list[str]
     pid: list[str | None]
+    predicted: list[float | None] = field(default_factory=list)  # when the answered prediction was served
+
+    def subset(self, idx: list[int]) -> "Entries":
+        pick = lambda v: [v[i] for i in idx]  # noqa: E731
+        return Entries(seq=pick(self.seq), time=pick(self.time), x=self.x[idx], target=pick(self.target),
+                       served=pick(self.served), confidence=pick(self.confidence), status=pick(self.status),
+                       pid=pick(self.pid), predicted=pick(self.predicted) if self.predicted else [])
 
 
 class FeedbackLog(ABC):
@@ -156,16 +165,19 @@ class FeedbackLog(ABC):
     def close(self) -> None: ...
 
     def append(self, x: torch.Tensor, targets: list[str], served: list[str | None], confidence: list[float | None],
-               pids: list[str | None] | None = None, source: str = "api", now: float | None = None) -> list[int]:
+               pids: list[str | None] | None = None, source: str = "api", now: float | None = None,
+               predicted: list[float | None] | None = None) -> list[int]:
         """Append one row per label in one durable transaction; their sequence numbers. All or
-        nothing: DuplicateFeedback if an id already has feedback (nothing written)."""
+        nothing: DuplicateFeedback if an id already has feedback (nothing written). `predicted`:
+        when each answered prediction was served (labels by id), so its age is known."""
         import time
 
         desc, blobs = encode_inputs(x)
         pid_list = pids if pids is not None else [None] * len(targets)
+        when = predicted if predicted is not None else [None] * len(targets)
         now = time.time() if now is None else now
-        rows = [(pid, t, s, None if c is None or math.isnan(c) else float(c), source, NEW, now, desc, blob)
-                for pid, t, s, c, blob in zip(pid_list, targets, served, confidence, blobs)]
+        rows = [(pid, t, s, None if c is None or math.isnan(c) else float(c), source, NEW, now, desc, blob, p)
+                for pid, t, s, c, blob, p in zip(pid_list, targets, served, confidence, blobs, when)]
         return self._insert(rows)
 
     @staticmethod
@@ -174,7 +186,8 @@ class FeedbackLog(ABC):
                        x=torch.stack([decode_input(r[7], r[8]) for r in rows]),
                        target=[r[2] for r in rows], served=[r[3] for r in rows],
                        confidence=[None if r[4] is None else float(r[4]) for r in rows],
-                       status=[r[5] for r in rows], pid=[r[6] for r in rows])
+                       status=[r[5] for r in rows], pid=[r[6] for r in rows],
+                       predicted=[None if r[9] is None else float(r[9]) for r in rows])
 
     def entries(self, after: int = 0, batch: int = 256) -> Iterator[Entries]:
         """Rows with seq > `after`, in order, `batch` at a time."""
@@ -206,8 +219,25 @@ def parse_pid(pid: str) -> tuple[str, int] | None:
     return pid[:20], int(pid[20:], 16)
 
 
+class Recorded(NamedTuple):
+    """One recorded prediction, as feedback by id needs it."""
+
+    x: torch.Tensor  # the input the model was given
+    served: torch.Tensor  # float32: the label, or the values
+    confidence: float | None
+    time: float  # when it was served
+
+
+ROW_OVERHEAD = 96  # bytes a stored row costs beside its input and served blobs (id, time, index entries)
+
+
 class PredictionRecord(ABC):
-    """The newest `capacity` predictions: id -> (input, served, confidence).
+    """Predictions kept for feedback by id: id -> (input, served, confidence, time).
+
+    Kept on disk (or in PostgreSQL) for `retention_s` seconds within `max_bytes`, the oldest
+    going first when either runs out; memory holds only what is not written yet (at most
+    `capacity` predictions). A label days late resolves as long as the budget holds that many
+    days of traffic: `stats()` says how far back the record reaches.
 
     `add()` only buffers (the request path pays for an id and a list append); `flush()` writes
     the buffer in one transaction and records, per writer, the highest id written, so a reader
@@ -215,13 +245,22 @@ class PredictionRecord(ABC):
     unknown.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, retention_s: float = 30 * 86400.0, max_bytes: int = 2 * 2 ** 30) -> None:
         import itertools
         import threading
 
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if not (math.isfinite(retention_s) and retention_s > 0):
+            raise ValueError(f"retention_s must be a positive number of seconds, got {retention_s}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.capacity = capacity
+        self.retention_s = float(retention_s)
+        self.max_bytes = int(max_bytes)
+        self._row_bytes = 0.0  # mean bytes per stored row (rows of one model are alike in size)
+        self._rows_written = 0
+        self.pruned = 0  # rows deleted for age or for the budget, by this object
         self._lock = threading.Lock()  # guards the buffer
         self._buffer: list[tuple] = []  # (ids, x, served, confidence, time) not yet written
         self._buffered = 0
@@ -238,17 +277,27 @@ class PredictionRecord(ABC):
 
     @abstractmethod
     def _fetch(self, pids: list[str]) -> Sequence[tuple]:
-        """Rows (pid, served blob, confidence, desc, input) of the given ids."""
+        """Rows (pid, served blob, confidence, desc, input, time) of the given ids."""
+
+    @abstractmethod
+    def _newest(self, n: int) -> Sequence[tuple]:
+        """The newest `n` rows as (desc, input, time)."""
 
     @abstractmethod
     def _written(self, prefixes: list[str]) -> dict[str, int]:
         """Highest counter written per writer prefix (absent: nothing written yet)."""
 
     @abstractmethod
-    def _delete_beyond(self, capacity: int) -> None: ...
+    def _prune(self, keep: int, before: float) -> int:
+        """Delete every row beyond the newest `keep` and every row served before `before`;
+        forget writers silent for a week. Returns how many rows went."""
 
     @abstractmethod
     def _count(self) -> int: ...
+
+    @abstractmethod
+    def _summary(self) -> tuple[int, float | None, float]:
+        """(rows, when the oldest was served or None, mean blob bytes of the newest 256 rows)."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -257,15 +306,16 @@ class PredictionRecord(ABC):
         self.flush()
         return self._count()
 
-    def add(self, x: torch.Tensor, served, confidence: torch.Tensor | None = None) -> list[str]:
+    def add(self, x: torch.Tensor, served, confidence: torch.Tensor | None = None, now: float | None = None) -> list[str]:
         """Buffer a batch for the next flush; returns one new id per row. `served` is the labels or
         values served, or a function of nothing returning (served, confidence), called at flush (off
-        the request path)."""
+        the request path). `now`: when it was served (default: now)."""
         import time
 
         ids = [f"{self._prefix}{next(self._counter):012x}" for _ in range(len(x))]
+        when = time.time() if now is None else float(now)
         with self._lock:  # tensors kept as they are: converted to rows at flush, off the request path
-            self._buffer.append((ids, x.detach().cpu(), served, confidence, time.time()))
+            self._buffer.append((ids, x.detach().cpu(), served, confidence, when))
             self._buffered += len(ids)
             full = self._buffered >= self.capacity
         if full:  # nobody flushes: keep memory bounded anyway
@@ -293,20 +343,54 @@ class PredictionRecord(ABC):
                 self._buffer = batches + self._buffer
                 self._buffered += len(rows)
             raise
+        size = sum(len(r[1]) + len(r[5]) + ROW_OVERHEAD for r in rows)
+        self._row_bytes = (self._row_bytes * self._rows_written + size) / (self._rows_written + len(rows))
+        self._rows_written += len(rows)
         self._since_prune += len(rows)
         if self._since_prune >= 256:
             self._since_prune = 0
-            self._delete_beyond(self.capacity)
+            self.prune()
         return len(rows)
 
-    def get(self, pids: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
-        """The recorded ids among `pids`: id -> (input, served, confidence)."""
+    @property
+    def keep_rows(self) -> int:
+        """How many rows the byte budget holds, at the mean row size written so far."""
+        return max(1, int(self.max_bytes // self._row_bytes)) if self._row_bytes else 2 ** 62
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete what is past the retention period or beyond the byte budget; how many rows went."""
+        import time
+
+        gone = self._prune(self.keep_rows, (time.time() if now is None else now) - self.retention_s)
+        self.pruned += gone
+        return gone
+
+    def get(self, pids: list[str]) -> dict[str, Recorded]:
+        """The recorded ids among `pids`."""
         if not pids:
             return {}
         self.flush()  # this object's own buffered predictions first
-        return {pid: (decode_input(desc, blob), torch.from_numpy(np.frombuffer(bytes(served), np.float32).copy()),
-                      None if conf is None else float(conf))
-                for pid, served, conf, desc, blob in self._fetch(pids)}
+        return {pid: Recorded(decode_input(desc, blob), torch.from_numpy(np.frombuffer(bytes(served), np.float32).copy()),
+                              None if conf is None else float(conf), float(when))
+                for pid, served, conf, desc, blob, when in self._fetch(pids)}
+
+    def newest(self, n: int) -> tuple[torch.Tensor, list[float]] | None:
+        """Inputs of the newest `n` predictions (what the traffic is now) and when each was served;
+        None when nothing is recorded."""
+        self.flush()  # this object's own buffered predictions first
+        rows = self._newest(n)
+        if not rows:
+            return None
+        return torch.stack([decode_input(desc, blob) for desc, blob, _ in rows]), [float(r[2]) for r in rows]
+
+    def stats(self) -> dict:
+        """How far back feedback by id reaches, and what the record holds against its budget."""
+        import time
+
+        count, oldest, blobs = self._summary()
+        return {"predictions": count, "bytes": int(count * (blobs + ROW_OVERHEAD)), "max_bytes": self.max_bytes,
+                "retention_s": self.retention_s, "pruned": self.pruned,
+                "reaches_back_s": None if oldest is None else round(max(0.0, time.time() - oldest), 1)}
 
     def register(self) -> None:
         """Announce this writer before it hands out ids: a reader then knows an id with an unknown
@@ -360,18 +444,29 @@ def _prediction_rows(batches: list[tuple]) -> list[tuple]:
 
 # ---------------------------------------------------------------------- versions, leases, status
 class SnapshotStore(ABC):
-    """Published versions of a model's state: atomic, checksummed, numbered."""
+    """Published versions of a model: atomic, checksummed, numbered.
+
+    A version is two records. The published one (`state`) is what every worker reads: the
+    weights that differ from the source model and the reference view they were read with. The
+    private one (the learner's resume state: its copy of the model, replay buffer, held labels,
+    holdout) only the learner reads; a worker never pays for it (issue 28).
+    """
 
     keep: int
     location: str
 
     @abstractmethod
-    def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None) -> int:
-        """Publish a new version; returns its number."""
+    def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None,
+             private: dict[str, Any] | None = None) -> int:
+        """Publish a new version (`state`), with the learner's `private` record; returns its number."""
 
     @abstractmethod
     def load(self, version: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(state, meta) of one version; ValueError if it is corrupt."""
+        """(state, meta) of one version's published record; ValueError if it is corrupt."""
+
+    @abstractmethod
+    def load_private(self, version: int) -> dict[str, Any] | None:
+        """One version's private record (None: saved without one); ValueError if it is corrupt."""
 
     @abstractmethod
     def versions(self) -> list[int]:
@@ -380,6 +475,22 @@ class SnapshotStore(ABC):
     def latest_version(self) -> int:
         versions = self.versions()
         return versions[-1] if versions else 0
+
+    def load_resumable(self, before: int | None = None) -> tuple[dict, dict, dict] | None:
+        """(state, meta, private) of the newest version (below `before`, if given) whose two records
+        are both valid: where a learner resumes. None if there is none."""
+        import logging
+
+        for version in reversed(self.versions()):
+            if before is not None and version >= before:
+                continue
+            try:
+                private = self.load_private(version)
+                if private is not None:
+                    return (*self.load(version), private)
+            except (ValueError, OSError) as exc:
+                logging.getLogger(__name__).warning("skipping version %d for resuming: %s", version, exc)
+        return None
 
     def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The newest valid version, skipping corrupt ones; None if none."""

@@ -1,11 +1,14 @@
 """Files backends: snapshots, the learner lease and status records in a directory of the model store.
 
-Snapshots: `<dir>/snapshot-<version:08d>.pt`, each a SHA-256 hex digest line
-followed by a `torch.save` payload, written to a temp file, fsynced, then
-hard-linked to its final name: `os.link` fails if the name exists, so two
-writers never overwrite each other's version; the loser takes the next
-number. Readers skip files whose digest or payload is bad. Temp files of a
-writer killed mid-save are swept at the next save.
+Snapshots: `<dir>/snapshot-<version:08d>.pt` (what workers read) and
+`<dir>/learner-<version:08d>.pt` (the learner's private resume record), each a
+SHA-256 hex digest line followed by a `torch.save` payload, written to a temp
+file, fsynced, then hard-linked to its final name: `os.link` fails if the name
+exists, so two writers never overwrite each other's version; the loser takes
+the next number. The private record is linked after its version is claimed: a
+learner killed in between leaves a version without one, and resumes from the
+version before it. Readers skip files whose digest or payload is bad. Temp
+files of a writer killed mid-save are swept at the next save.
 
 The lease is an `flock` on `<dir>/<name>.lock`, released by the kernel when
 its holder dies. Status records are `<dir>/status/<member>.pt`, replaced
@@ -109,27 +112,38 @@ class FileSnapshotStore(SnapshotStore):
     def path(self, version: int) -> Path:
         return self.directory / f"snapshot-{version:08d}.pt"
 
-    def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None) -> int:
+    def private_path(self, version: int) -> Path:
+        return self.directory / f"learner-{version:08d}.pt"
+
+    def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None,
+             private: dict[str, Any] | None = None) -> int:
         parent = self.latest_version()
         blob = pack({"state": state, "meta": dict(meta or {}, parent=parent, created=time.time())})
         self._sweep()
         tmp = _write_atomic(self.path(parent + 1), blob, _TMP)
+        private_tmp = None
         try:
+            if private is not None:
+                private_tmp = _write_atomic(self.path(parent + 1), pack(private), _TMP)
             version = parent + 1
             while True:
                 try:
-                    os.link(tmp, self.path(version))  # atomic, never overwrites
+                    os.link(tmp, self.path(version))  # atomic, never overwrites: claims the number
                     break
                 except FileExistsError:
                     version += 1
+            if private_tmp is not None:
+                os.link(private_tmp, self.private_path(version))
             _fsync_dir(self.directory)
         except OSError as exc:  # read-only, no inodes for the link, gone: a storage error, not a crash
             raise storage_error(exc, self.directory) from exc
         finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            for t in (tmp, private_tmp):
+                if t is not None:
+                    try:
+                        os.unlink(t)
+                    except OSError:
+                        pass
         self._prune()
         log.info("snapshot %d written to %s", version, self.directory)
         return version
@@ -138,12 +152,20 @@ class FileSnapshotStore(SnapshotStore):
         obj = unpack(self.path(version).read_bytes(), f"snapshot {version}")
         return obj["state"], dict(obj["meta"], version=version)
 
+    def load_private(self, version: int) -> dict[str, Any] | None:
+        try:
+            blob = self.private_path(version).read_bytes()
+        except FileNotFoundError:
+            return None
+        return unpack(blob, f"learner record {version}")
+
     def _prune(self) -> None:
         for version in self.versions()[: -self.keep]:
-            try:
-                self.path(version).unlink()
-            except FileNotFoundError:
-                pass  # another writer pruned it first
+            for path in (self.path(version), self.private_path(version)):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass  # another writer pruned it first, or saved no private record
 
     def _sweep(self) -> None:
         """Remove temp files left by writers killed mid-save (old enough not to be in use)."""

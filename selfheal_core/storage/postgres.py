@@ -53,6 +53,7 @@ _SCHEMA = [
         input      BYTEA NOT NULL,
         PRIMARY KEY (model, seq),
         UNIQUE (model, pid))""",
+    "ALTER TABLE selfheal_feedback2 ADD COLUMN IF NOT EXISTS predicted DOUBLE PRECISION",  # when the answered prediction was served
     """CREATE TABLE IF NOT EXISTS selfheal_predictions2 (
         model      TEXT NOT NULL,
         n          BIGSERIAL,
@@ -64,6 +65,7 @@ _SCHEMA = [
         input      BYTEA NOT NULL,
         PRIMARY KEY (model, pid))""",
     "CREATE INDEX IF NOT EXISTS selfheal_predictions2_order ON selfheal_predictions2 (model, n)",
+    "CREATE INDEX IF NOT EXISTS selfheal_predictions2_time ON selfheal_predictions2 (model, time)",
     """CREATE TABLE IF NOT EXISTS selfheal_writers (
         model   TEXT NOT NULL,
         prefix  TEXT NOT NULL,
@@ -75,6 +77,11 @@ _SCHEMA = [
         version BIGINT NOT NULL,
         payload BYTEA NOT NULL,
         created DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (model, version))""",
+    """CREATE TABLE IF NOT EXISTS selfheal_learner_state (
+        model   TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        payload BYTEA NOT NULL,
         PRIMARY KEY (model, version))""",
     """CREATE TABLE IF NOT EXISTS selfheal_status (
         model   TEXT NOT NULL,
@@ -130,7 +137,7 @@ class Database:
 class PostgresFeedbackLog(FeedbackLog):
     """The feedback log of `model` in a PostgreSQL database."""
 
-    _COLUMNS = "seq, time, target, served, confidence, status, pid, shape, input"
+    _COLUMNS = "seq, time, target, served, confidence, status, pid, shape, input, predicted"
 
     def __init__(self, url: str, model: str) -> None:
         self.model = model
@@ -157,8 +164,8 @@ class PostgresFeedbackLog(FeedbackLog):
                     seqs = list(range(last + 1, last + 1 + len(rows)))
                     with conn.cursor() as cur:
                         cur.executemany("INSERT INTO selfheal_feedback2 (model, seq, pid, target, served, confidence, "
-                                        "source, status, time, shape, input) "
-                                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                                        "source, status, time, shape, input, predicted) "
+                                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                                         [(self.model, seq, *row) for seq, row in zip(seqs, rows)])
             except pg_errors.UniqueViolation:
                 raise DuplicateFeedback([r[0] for r in rows if r[0] is not None]) from None
@@ -198,10 +205,11 @@ class PostgresFeedbackLog(FeedbackLog):
 
 
 class PostgresPredictionRecord(PredictionRecord):
-    """The newest `capacity` predictions of `model` in a PostgreSQL database."""
+    """The predictions of `model` in a PostgreSQL database (see PredictionRecord)."""
 
-    def __init__(self, url: str, capacity: int = 10_000, model: str = "default") -> None:
-        super().__init__(capacity)
+    def __init__(self, url: str, capacity: int = 10_000, model: str = "default", retention_s: float = 30 * 86400.0,
+                 max_bytes: int = 2 * 2 ** 30) -> None:
+        super().__init__(capacity, retention_s, max_bytes)
         self.model = model
         self._db = Database(url)
         self.path = self._db.where
@@ -222,19 +230,41 @@ class PostgresPredictionRecord(PredictionRecord):
 
     def _fetch(self, pids: list[str]) -> Sequence[tuple]:
         with self._db_lock, self._db.errors():
-            return self._db.conn().execute("SELECT pid, served, confidence, shape, input FROM selfheal_predictions2 "
-                                           "WHERE model = %s AND pid = ANY(%s)", (self.model, pids)).fetchall()
+            return self._db.conn().execute("SELECT pid, served, confidence, shape, input, time FROM "
+                                           "selfheal_predictions2 WHERE model = %s AND pid = ANY(%s)",
+                                           (self.model, pids)).fetchall()
+
+    def _newest(self, n: int) -> Sequence[tuple]:
+        with self._db_lock, self._db.errors():
+            return self._db.conn().execute("SELECT shape, input, time FROM selfheal_predictions2 WHERE model = %s "
+                                           "ORDER BY n DESC LIMIT %s", (self.model, n)).fetchall()
 
     def _written(self, prefixes: list[str]) -> dict[str, int]:
         with self._db_lock, self._db.errors():
             return dict(self._db.conn().execute("SELECT prefix, written FROM selfheal_writers WHERE model = %s "
                                                 "AND prefix = ANY(%s)", (self.model, prefixes)).fetchall())
 
-    def _delete_beyond(self, capacity: int) -> None:
+    def _prune(self, keep: int, before: float) -> int:
         with self._db_lock, self._db.errors():
-            self._db.conn().execute(
+            conn = self._db.conn()
+            gone = conn.execute(
                 "DELETE FROM selfheal_predictions2 WHERE model = %s AND n <= (SELECT n FROM selfheal_predictions2 "
-                "WHERE model = %s ORDER BY n DESC OFFSET %s LIMIT 1)", (self.model, self.model, capacity))
+                "WHERE model = %s ORDER BY n DESC OFFSET %s LIMIT 1)", (self.model, self.model, keep)).rowcount
+            gone += conn.execute("DELETE FROM selfheal_predictions2 WHERE model = %s AND time < %s",
+                                 (self.model, before)).rowcount
+            conn.execute("DELETE FROM selfheal_writers WHERE model = %s AND time < %s",
+                         (self.model, time.time() - 7 * 86400))
+        return max(0, gone)
+
+    def _summary(self) -> tuple[int, float | None, float]:
+        with self._db_lock, self._db.errors():
+            conn = self._db.conn()
+            count, oldest = conn.execute("SELECT COUNT(*), MIN(time) FROM selfheal_predictions2 WHERE model = %s",
+                                         (self.model,)).fetchone()
+            blobs = conn.execute("SELECT AVG(length(input) + length(served)) FROM (SELECT input, served FROM "
+                                 "selfheal_predictions2 WHERE model = %s ORDER BY n DESC LIMIT 256) AS newest",
+                                 (self.model,)).fetchone()[0]
+        return int(count), oldest, float(blobs or 0.0)
 
     def _count(self) -> int:
         with self._db_lock, self._db.errors():
@@ -260,7 +290,8 @@ class PostgresSnapshotStore(SnapshotStore):
         self.location = f"{self._db.where} (selfheal_snapshots, model {model})"
         self._lock = threading.Lock()
 
-    def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None) -> int:
+    def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None,
+             private: dict[str, Any] | None = None) -> int:
         with self._lock, self._db.errors():
             conn = self._db.conn()
             with conn.transaction():
@@ -271,8 +302,12 @@ class PostgresSnapshotStore(SnapshotStore):
                 blob = pack({"state": state, "meta": dict(meta or {}, parent=parent, created=now)})
                 conn.execute("INSERT INTO selfheal_snapshots (model, version, payload, created) VALUES (%s, %s, %s, %s)",
                              (self.model, parent + 1, blob, now))
-                conn.execute("DELETE FROM selfheal_snapshots WHERE model = %s AND version <= %s",
-                             (self.model, parent + 1 - self.keep))
+                if private is not None:  # a row of its own: workers never read it
+                    conn.execute("INSERT INTO selfheal_learner_state (model, version, payload) VALUES (%s, %s, %s)",
+                                 (self.model, parent + 1, pack(private)))
+                for table in ("selfheal_snapshots", "selfheal_learner_state"):
+                    conn.execute(f"DELETE FROM {table} WHERE model = %s AND version <= %s",
+                                 (self.model, parent + 1 - self.keep))
         return parent + 1
 
     def load(self, version: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -283,6 +318,12 @@ class PostgresSnapshotStore(SnapshotStore):
             raise ValueError(f"snapshot {version} of {self.model}: not found")
         obj = unpack(bytes(row[0]), f"snapshot {version}")
         return obj["state"], dict(obj["meta"], version=version)
+
+    def load_private(self, version: int) -> dict[str, Any] | None:
+        with self._lock, self._db.errors():
+            row = self._db.conn().execute("SELECT payload FROM selfheal_learner_state WHERE model = %s AND "
+                                          "version = %s", (self.model, version)).fetchone()
+        return None if row is None else unpack(bytes(row[0]), f"learner record {version}")
 
     def versions(self) -> list[int]:
         with self._lock, self._db.errors():

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     status     TEXT NOT NULL,        -- new, learned, held, quarantined, discarded
     time       REAL NOT NULL,        -- when it was acknowledged
     shape      TEXT NOT NULL,        -- JSON {"dtype", "shape"} of the input
-    input      BLOB NOT NULL
+    input      BLOB NOT NULL,
+    predicted  REAL                  -- when the answered prediction was served (labels by id)
 )"""
 # Schema 1 (before tasks): label/served INTEGER columns, status learn|quarantine, float32 inputs.
 _MIGRATE_1 = """
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     time       REAL NOT NULL,
     shape      TEXT NOT NULL,
     input      BLOB NOT NULL
-)""", """
+)""", "CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time)", """
 CREATE TABLE IF NOT EXISTS writers (
     prefix  TEXT PRIMARY KEY,        -- one per PredictionRecord object (worker)
     written INTEGER NOT NULL,        -- highest id counter written
@@ -147,6 +148,8 @@ class SQLiteFeedbackLog(FeedbackLog):
             self._conn.execute("DROP TABLE feedback_v1")
             self._conn.execute("COMMIT")
         self._conn.execute(_LOG_SCHEMA)
+        if "predicted" not in [r[1] for r in self._conn.execute("PRAGMA table_info(feedback)").fetchall()]:
+            self._conn.execute("ALTER TABLE feedback ADD COLUMN predicted REAL")  # schema 2: no prediction times
 
     def answered(self, pids: list[str]) -> list[str]:
         if not pids:
@@ -162,8 +165,8 @@ class SQLiteFeedbackLog(FeedbackLog):
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 seqs = [self._conn.execute(
-                    "INSERT INTO feedback (pid, target, served, confidence, source, status, time, shape, input) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+                    "INSERT INTO feedback (pid, target, served, confidence, source, status, time, shape, input, "
+                    "predicted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
                 self._conn.execute("COMMIT")
                 self._file = self._identity()
             except sqlite3.IntegrityError:
@@ -175,7 +178,7 @@ class SQLiteFeedbackLog(FeedbackLog):
                 raise
         return seqs
 
-    _COLUMNS = "seq, time, target, served, confidence, status, pid, shape, input"
+    _COLUMNS = "seq, time, target, served, confidence, status, pid, shape, input, predicted"
 
     def _rows_after(self, after: int, batch: int) -> Sequence[tuple]:
         with self._lock, translated(self.path):
@@ -215,8 +218,9 @@ class SQLiteFeedbackLog(FeedbackLog):
 class SQLitePredictionRecord(PredictionRecord):
     """The record in a SQLite file (':memory:' for a throwaway record)."""
 
-    def __init__(self, path: str | Path = ":memory:", capacity: int = 10_000) -> None:
-        super().__init__(capacity)
+    def __init__(self, path: str | Path = ":memory:", capacity: int = 10_000, retention_s: float = 30 * 86400.0,
+                 max_bytes: int = 2 * 2 ** 30) -> None:
+        super().__init__(capacity, retention_s, max_bytes)
         self.path = str(path)
         self._db_lock = threading.Lock()
         with translated(self.path):
@@ -247,8 +251,13 @@ class SQLitePredictionRecord(PredictionRecord):
     def _fetch(self, pids: list[str]) -> Sequence[tuple]:
         marks = ",".join("?" * len(pids))
         with self._db_lock, translated(self.path):
-            return self._conn.execute(f"SELECT pid, served, confidence, shape, input FROM predictions "
+            return self._conn.execute(f"SELECT pid, served, confidence, shape, input, time FROM predictions "
                                       f"WHERE pid IN ({marks})", pids).fetchall()
+
+    def _newest(self, n: int) -> Sequence[tuple]:
+        with self._db_lock, translated(self.path):
+            return self._conn.execute("SELECT shape, input, time FROM predictions ORDER BY n DESC LIMIT ?",
+                                      (n,)).fetchall()
 
     def _written(self, prefixes: list[str]) -> dict[str, int]:
         marks = ",".join("?" * len(prefixes))
@@ -256,16 +265,26 @@ class SQLitePredictionRecord(PredictionRecord):
             return dict(self._conn.execute(f"SELECT prefix, written FROM writers WHERE prefix IN ({marks})",
                                            prefixes).fetchall())
 
-    def _delete_beyond(self, capacity: int) -> None:
+    def _prune(self, keep: int, before: float) -> int:
         import time
 
         with self._db_lock, translated(self.path):
-            self._conn.execute("DELETE FROM predictions WHERE n <= (SELECT MAX(n) FROM predictions) - ?", (capacity,))
+            gone = self._conn.execute("DELETE FROM predictions WHERE n <= (SELECT MAX(n) FROM predictions) - ?",
+                                      (keep,)).rowcount
+            gone += self._conn.execute("DELETE FROM predictions WHERE time < ?", (before,)).rowcount
             self._conn.execute("DELETE FROM writers WHERE time < ?", (time.time() - 7 * 86400,))
+        return gone
 
     def _count(self) -> int:
         with self._db_lock, translated(self.path):
             return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def _summary(self) -> tuple[int, float | None, float]:
+        with self._db_lock, translated(self.path):
+            count, oldest = self._conn.execute("SELECT COUNT(*), MIN(time) FROM predictions").fetchone()
+            blobs = self._conn.execute("SELECT AVG(length(input) + length(served)) FROM (SELECT input, served FROM "
+                                       "predictions ORDER BY n DESC LIMIT 256)").fetchone()[0]
+        return int(count), oldest, float(blobs or 0.0)
 
     def close(self) -> None:
         try:

@@ -122,3 +122,11 @@ def test_bench_estimate_tiny(tmp_path, fashion_mnist):
         assert result[part]["mae_points"] is not None and result[part]["cbpe_mae_points"] is not None
     assert {r["stream"] for r in result["real"]["rows"]} == {"fmnist:clean", "fmnist:gaussian_noise"}
     assert all(w["cbpe"] is not None for r in result["rows"] for w in r["windows"])
+
+
+def test_bench_scale_tiny(tmp_path):
+    """Delayed labels: week-old ids resolve from the record; the keys issue 28 names are written."""
+    result = run_tiny("bench_scale.py", tmp_path / "scale.json")
+    assert {"delayed_resolved_share", "delayed_current_accuracy_drop_points"} <= set(result["scale"])
+    assert {"rotate 4", "contrast 4", "none"} <= {r["shift"] for r in result["rows"]}
+    assert all(r["resolved_share"] == 1.0 for r in result["rows"])

@@ -48,19 +48,21 @@ def test_a_published_snapshot_resumes_the_learner_and_feeds_workers(demo_model, 
     for i in range(0, 80, 8):
         learner.absorb(x[i:i + 8], y[i:i + 8], seqs=list(range(i + 1, i + 9)), times=[t0] * 8)
         learner.update()
-    state, meta = learner.snapshot()
-    version = store.save(state, meta)
+    state, meta, private = learner.snapshot()
+    version = store.save(state, meta, private)
     learner.mark_published(version)
     delays = learner.status()["label_delay"]
     assert delays["labels"] == 80 and delays["p99_s"] >= delays["p50_s"] >= 0
     again = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
     loaded_state, loaded_meta = store.load_latest()
-    again.load_state_dict(loaded_state["learner"])
+    assert "learner" not in loaded_state, "workers read the published record only: never the learner's state"
+    again.load_state_dict(store.load_private(version)["learner"])
     assert again.absorbed == 80 and again.counters["feedback"] == 80
     with torch.no_grad():
         assert torch.equal(again.model(x), learner.model(x))
     published = published_from_snapshot(loaded_state, loaded_meta)
-    assert published.version == version and set(published.weights) == {k for k, _ in demo_model.named_parameters()}
+    changed = {k for k, v in learner.model.named_parameters() if not torch.equal(v, dict(demo_model.named_parameters())[k])}
+    assert published.version == version and set(published.weights) == changed and changed  # what differs from the source
     assert published.reference.probs.shape == (len(x_ref), 10) and published.reference.features is not None
 
 
@@ -120,3 +122,33 @@ def test_labels_train_on_what_serving_gives_the_model(demo_model, reference, dig
     assert near(rows, mirrored).sum() <= 2 * len(y)
     with torch.no_grad():
         assert float((learner.model(x).argmax(1) == y).float().mean()) >= 0.9
+
+
+def test_labels_a_week_late_about_a_domain_the_traffic_left_are_kept_not_learned(demo_model, reference, digits):
+    """Issue 28: a label days late answers a prediction of its own time. Labels about clean inputs
+    arriving while the traffic is rotated are from a past domain: logged as such, never trained on
+    (they would pull the weights back towards traffic that no longer comes); week-old labels about
+    the domain still served are learned like fresh ones."""
+    from selfheal_core.storage import SQLitePredictionRecord
+
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    x_old, y_old = resample(x_te, y_te, 96, seed=5)
+    x_now, _ = resample(x_te, y_te, 256, seed=6)
+    week_ago = time.time() - 7 * 86400
+    for traffic, expect_past in ((corrupt(x_now, "rotate", 4, seed=6), True), (x_now, False)):
+        record = SQLitePredictionRecord()
+        record.add(traffic, torch.zeros(len(traffic)), None)
+        log = SQLiteFeedbackLog()
+        log.append(x_old, [encode_target(t) for t in y_old], [None] * 96, [None] * 96, predicted=[week_ago] * 96)
+        learner = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+        learner.absorb_entries(next(log.entries()), None, log, current=lambda: record.newest(256))
+        by_status = log.stats()["by_status"]
+        if expect_past:
+            assert by_status == {"past": 96} and learner.counters["past_domain"] == 96
+            assert learner.counters["feedback"] == 0 and learner.gradient.pending == 0
+        else:
+            assert "past" not in by_status and learner.counters["past_domain"] == 0
+            assert learner.counters["feedback"] == 96
+        ages = learner.status()["label_age"]
+        assert ages["labels"] == 96 and ages["p50_s"] >= 7 * 86400 - 60

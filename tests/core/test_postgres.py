@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import uuid
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from selfheal_core import HealConfig, SelfHealer
 from selfheal_core.storage import DuplicateFeedback, StorageUnavailable, decode_targets, encode_target, open_storage
+from selfheal_core.storage.base import ROW_OVERHEAD
 
 pytest.importorskip("psycopg")
 
@@ -92,20 +94,36 @@ def test_concurrent_appenders_lose_nothing_and_a_tailing_reader_skips_nothing(pg
 
 
 def test_prediction_record_is_bounded_shared_and_waited_for(pg_url, model):
-    rec = open_storage(model, "/nonexistent-not-used", pg_url, capacity=300).open_record()
+    row = 2 * 3 * 4 + 4 + ROW_OVERHEAD
+    rec = open_storage(model, "/nonexistent-not-used", pg_url, capacity=100, record_bytes=300 * row).open_record()
     x = torch.randn(600, 2, 3)
     ids = rec.add(x, torch.arange(600) % 10, torch.full((600,), 0.5))
-    assert len(rec) == 300, "pruned to capacity"
+    assert len(rec) == 300, "pruned to the byte budget"
+    assert rec.stats()["bytes"] <= rec.max_bytes and rec.pruned == 300
     other_worker = storage(pg_url, model).predictions
     found, unknown, _ = other_worker.lookup([ids[-1], "0" * 32], wait_s=5)
-    assert torch.equal(found[ids[-1]][0], x[-1]) and int(found[ids[-1]][1]) == 599 % 10
+    assert torch.equal(found[ids[-1]].x, x[-1]) and int(found[ids[-1]].served) == 599 % 10
     assert unknown == ["0" * 32]
     assert storage(pg_url, model + "-other").predictions.get([ids[-1]]) == {}
+    # a week old, within the retention period and the budget: resolves from PostgreSQL
+    fresh = open_storage(model + "-week", "/nonexistent-not-used", pg_url, capacity=64).open_record()
+    week_old = fresh.add(x[:10], torch.arange(10), None, now=time.time() - 7 * 86400)
+    ancient = fresh.add(x[:5], torch.arange(5), None, now=time.time() - 31 * 86400)
+    for _ in range(5):
+        fresh.add(torch.randn(64, 2, 3), torch.zeros(64), None)
+    fresh.flush()
+    fresh.prune()
+    found, unknown, _ = storage(pg_url, model + "-week").predictions.lookup(week_old + ancient, wait_s=1)
+    assert set(found) == set(week_old) and set(unknown) == set(ancient)
+    x_now, times = storage(pg_url, model + "-week").predictions.newest(3)  # the traffic a late label is judged by
+    assert x_now.shape == (3, 2, 3) and min(times) > time.time() - 3600
 
 
 def test_snapshots_leases_and_status_live_in_postgres(pg_url, model, tmp_path):
     a, b = storage(pg_url, model, tmp_path), storage(pg_url, model, tmp_path)
-    assert [a.snapshots.save({"w": torch.full((2,), float(i))}, {"n": i}) for i in range(3)] == [1, 2, 3]
+    assert [a.snapshots.save({"w": torch.full((2,), float(i))}, {"n": i}, private={"n": i}) for i in range(3)] \
+        == [1, 2, 3]
+    assert b.snapshots.load_private(3) == {"n": 2} and b.snapshots.load_resumable()[2] == {"n": 2}
     state, meta = b.snapshots.load_latest()
     assert meta["version"] == 3 and meta["parent"] == 2 and torch.equal(state["w"], torch.full((2,), 2.0))
     for i in range(6):

@@ -13,6 +13,7 @@ import torch
 from selfheal_core.storage import (DuplicateFeedback, FileLease, FileSnapshotStore, FileStatusBoard,
                                    SQLiteFeedbackLog, SQLitePredictionRecord, StorageFull, StorageUnavailable, decode_targets,
                                    encode_target, open_storage)
+from selfheal_core.storage.base import ROW_OVERHEAD
 
 
 def state(v: float) -> dict:
@@ -124,15 +125,41 @@ def test_disk_full_is_507_naming_the_path_and_loses_nothing_written(tmp_path):
 
 
 # ---------------------------------------------------------------------- prediction record
-def test_prediction_record_is_bounded_and_durable(tmp_path):
-    rec = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=300)
+def test_prediction_record_is_bounded_in_bytes_and_durable(tmp_path):
+    row = 2 * 3 * 4 + 4 + ROW_OVERHEAD  # input, served label, the row's own cost
+    rec = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=100, max_bytes=300 * row)
     x = torch.randn(600, 2, 3)
     ids = rec.add(x, torch.arange(600) % 10, torch.full((600,), 0.5))
-    assert len(rec) == 300  # pruned every 256 inserts
+    assert len(rec) == 300 and rec.pruned == 300  # the budget holds 300 rows; pruned every 256 inserts
     assert rec.get(ids[:1]) == {}
-    reopened = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=300)
+    assert rec.stats()["bytes"] <= rec.max_bytes
+    reopened = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=100)
     got = reopened.get([ids[-1]])[ids[-1]]
-    assert torch.equal(got[0], x[-1]) and int(got[1]) == 599 % 10 and got[2] == 0.5
+    assert torch.equal(got.x, x[-1]) and int(got.served) == 599 % 10 and got.confidence == 0.5
+
+
+def test_a_prediction_a_week_old_resolves_after_memory_turned_over_and_a_restart(tmp_path):
+    week = 7 * 86400
+    rec = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=64)  # default retention: 30 days
+    old = rec.add(torch.randn(10, 3), torch.arange(10), torch.full((10,), 0.9), now=time.time() - week)
+    ancient = rec.add(torch.randn(5, 3), torch.arange(5), None, now=time.time() - 31 * 86400)
+    for _ in range(20):  # 1,280 newer predictions: the in-memory buffer turned over many times
+        rec.add(torch.randn(64, 3), torch.zeros(64), None)
+    rec.flush()
+    rec.prune()
+    assert rec.pruned == 5  # past the retention period (pruned as it writes, and on demand)
+    rec.close()
+    reader = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=64)
+    found, unknown, pending = reader.lookup(old + ancient, wait_s=1)
+    assert set(found) == set(old) and set(unknown) == set(ancient) and not pending
+    assert abs(found[old[0]].time - (time.time() - week)) < 60
+    assert reader.stats()["reaches_back_s"] >= week - 60
+
+
+def test_prediction_record_settings_are_checked(tmp_path):
+    for bad in ({"retention_s": 0}, {"retention_s": float("nan")}, {"max_bytes": 0}):
+        with pytest.raises(ValueError):
+            SQLitePredictionRecord(tmp_path / "p.sqlite", **bad)
 
 
 def test_lookup_waits_for_ids_on_their_way_but_not_for_unknown_ones(tmp_path):
@@ -161,7 +188,7 @@ def test_lookup_waits_for_ids_on_their_way_but_not_for_unknown_ones(tmp_path):
 def test_regression_predictions_are_recorded_as_values(tmp_path):
     rec = SQLitePredictionRecord(tmp_path / "p.sqlite")
     [pid] = rec.add(torch.randn(1, 4), torch.tensor([[1.5, 2.5]]), None)
-    x, served, conf = rec.get([pid])[pid]
+    _, served, conf, _ = rec.get([pid])[pid]
     assert served.tolist() == [1.5, 2.5] and conf is None
 
 
@@ -180,6 +207,24 @@ def test_keeps_newest_k(tmp_path):
     for i in range(5):
         store.save(state(i))
     assert store.versions() == [4, 5]
+
+
+def test_the_learners_record_is_apart_from_what_workers_read_and_pruned_with_it(tmp_path):
+    """Issue 28: a worker reads the published record only; the learner resumes from the newest
+    version whose private record is whole (one killed between the two links has none)."""
+    store = FileSnapshotStore(tmp_path, keep=2)
+    big = {"replay": torch.zeros(100_000)}  # what only the learner needs: 400 kB
+    for i in range(1, 4):
+        store.save(state(i), {"feedback": i}, private={**big, "n": i})
+    assert store.versions() == [2, 3] and sorted(p.name for p in tmp_path.glob("learner-*")) == \
+        ["learner-00000002.pt", "learner-00000003.pt"]
+    assert store.path(3).stat().st_size < 2_000, "a worker's read carries no learner state"
+    store.save(state(4), {"feedback": 4})  # a version without its private record
+    loaded, meta, private = store.load_resumable()
+    assert meta["version"] == 3 and private["n"] == 3 and torch.equal(loaded["w"], torch.full((3,), 3.0))
+    store.private_path(3).write_bytes(b"damaged")
+    assert store.load_resumable() is None  # version 2 was pruned with its record: nothing whole is left
+    assert store.load_latest()[1]["version"] == 4
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])

@@ -61,8 +61,9 @@ def test_a_snapshot_directory_of_another_architecture_is_skipped_not_crashed_on(
     from selfheal_core.storage import FileSnapshotStore
 
     snapshots = tmp_path / "snapshots"
-    other = {"format": SNAPSHOT_FORMAT, "weights": {"features.0.weight": torch.zeros(5, 3, 7, 7)}, "learner": {}}
-    FileSnapshotStore(snapshots / "digits").save(other, {"feedback_seq": 0})
+    other = {"format": SNAPSHOT_FORMAT, "weights": {"features.0.weight": torch.zeros(5, 3, 7, 7)}}
+    FileSnapshotStore(snapshots / "digits").save(other, {"feedback_seq": 0},
+                                                 private={"format": SNAPSHOT_FORMAT, "learner": {}})
     x, y = reference
     with start_server(snapshots=snapshots) as server:
         r = server.predict({"instances": x[:4].tolist()})
