@@ -88,6 +88,7 @@ class ConceptWatch(StateMixin):
     def _reset(self) -> None:
         self._pairs: dict[tuple[int, int], Pair] = {}
         self._held: list[tuple[int, torch.Tensor, int, float, int]] = []  # (seq, x, label, time, source)
+        self.dropped = 0  # held labels not kept in memory: the hold was full (count or bytes)
         self._seen = 0  # labels screened
         self._recent_x = torch.zeros(0, 0)  # (<= RECENT, F) features of the newest labels the reference spoke for
         self._recent_y = torch.zeros(0, dtype=torch.long)  # ... and their labels
@@ -197,9 +198,12 @@ class ConceptWatch(StateMixin):
                 pair.recent.append(self._seen)
                 continue
             held[i] = True
-            if len(self._held) < self.config.concept_hold_max:
+            room = min(self.config.concept_hold_max, self.config.concept_hold_bytes // max(1, x[i].numel() * x.element_size()))
+            if len(self._held) < room:
                 self._held.append((seqs[i] if seqs else -1, x[i].detach().cpu().clone(), int(g),
                                    times[i] if times else 0.0, int(m)))
+            else:  # in the log only: an approval cannot learn it from memory
+                self.dropped += 1
         if spoken:
             self._recent_x = torch.cat([self._recent_x, f[spoken]])[-RECENT:]
             self._recent_y = torch.cat([self._recent_y, given[spoken].cpu().long()])[-RECENT:]
@@ -348,7 +352,7 @@ class ConceptWatch(StateMixin):
         return [p.as_dict() for p in self._pairs.values() if p.state != "watching"]
 
     def status(self) -> dict:
-        return {"policy": self.policy, "suspected": self.suspected, "held": len(self._held),
+        return {"policy": self.policy, "suspected": self.suspected, "held": len(self._held), "dropped": self.dropped,
                 "reference_radius": round(self._radius, 4) if self._radius != float("inf") else None}
 
     @property

@@ -134,6 +134,8 @@ class LearnConfig:
     # one update, so the delay from a label to published weights stays bounded under any label rate
     recent_size: int = 256  # newest labels kept verbatim
     reservoir_size: int = 256  # uniform sample of older labels (anti-forgetting)
+    replay_bytes: int = 128 * 2 ** 20  # both together hold at most this many bytes of inputs: fewer pairs
+    # of a large input (512 3x224x224 images are 308 MB), in the same recent / reservoir proportion
     reference_fraction: float = 0.25  # share of each minibatch from labelled reference data
     newest_fraction: float = 0.25  # share of each minibatch from the newest `newest_window` labels: the
     # current domain's few labels are a small minority of the replay memory right after a shift (the
@@ -158,7 +160,7 @@ class LearnConfig:
         if not 0 <= self.past_alpha < 1:
             raise ValueError(f"LearnConfig.past_alpha must be in [0, 1), got {self.past_alpha}")
         _positive(self, "lr", "steps", "min_steps", "batch_size", "update_every", "recent_size", "reservoir_size",
-                  "auto_max_params", "bayes_prior_var", "max_labels_per_update")
+                  "replay_bytes", "auto_max_params", "bayes_prior_var", "max_labels_per_update")
         if not 0 < self.bayes_forgetting <= 1:
             raise ValueError(f"LearnConfig.bayes_forgetting must be in (0, 1], got {self.bayes_forgetting}")
         _unit(self, "reference_fraction", "newest_fraction")
@@ -204,7 +206,8 @@ class GuardConfig:
     concept_rate_window: int = 200  # multiple of what its reference class brings in as many labels (its
     # reference share x window: 20 of 200 for a tenth); 10 of 200 flat held half of a swapped digit's
     # honest labels (bench_feedback concept stream)
-    concept_hold_max: int = 2_000  # held labels kept for an approval (older ones stay in the log only)
+    concept_hold_max: int = 2_000  # held labels kept for an approval (older ones stay in the log only) ...
+    concept_hold_bytes: int = 128 * 2 ** 20  # ... and the bytes of their inputs (2,000 224x224 images: 1.2 GB)
     reference_check_drop: float = 0.10  # an update that lowers any class's recall on the labelled reference
     # by more than this is rolled back (the reference is trusted; approved concept changes relabel it)
 
@@ -213,7 +216,7 @@ class GuardConfig:
         _positive(self, "holdout_every", "holdout_size", "quarantine_window", "quarantine_min_count",
                   "quarantine_min_sources", "corroborate", "overrepresented", "pair_max_rate", "pair_rate_window",
                   "concept_min_count", "concept_corroborate", "concept_max_share", "concept_rate_window",
-                  "concept_hold_max")
+                  "concept_hold_max", "concept_hold_bytes")
         _unit(self, "quarantine_confidence", "quarantine_share", "reference_check_drop", "concept_consistency")
         _choice(self, "concept_change", ("hold", "learn"))
         if self.min_holdout < 0 or self.tolerance < 0 or self.significance < 0:

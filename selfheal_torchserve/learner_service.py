@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
 
     storage = open_storage(args.model_name, snapshot_root(settings, args.workdir) / args.model_name,
                            settings.log_url or None, settings.snapshot_keep, settings.recent_predictions,
-                           settings.feedback_retention, settings.record_bytes)
+                           settings.feedback_retention, settings.record_bytes,
+                           settings.record_buffer_bytes)
     learner = Learner(model, inputs, settings.heal, settings.task, targets)
     member = f"learner-{socket.gethostname()}-{os.getpid()}"
     wake = threading.Event()  # an append wakes the loop

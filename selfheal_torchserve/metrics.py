@@ -22,8 +22,9 @@ GAUGES = ("selfheal_drift", "selfheal_drift_score", "selfheal_drift_episodes", "
           "selfheal_updates_accepted", "selfheal_updates_rolled_back", "selfheal_learner_lag",
           "selfheal_label_delay_p50", "selfheal_label_delay_p99", "selfheal_snapshot_age",
           "selfheal_concept_suspected", "selfheal_accuracy_trusted", "selfheal_errors", "selfheal_error_open",
-          "selfheal_implausible_inputs")
-DIMENSIONS = {"selfheal_drift_score": ["Detector"], "selfheal_errors": ["Component"], "selfheal_error_open": ["Component"]}
+          "selfheal_implausible_inputs", "selfheal_dropped")
+DIMENSIONS = {"selfheal_drift_score": ["Detector"], "selfheal_errors": ["Component"], "selfheal_error_open": ["Component"],
+              "selfheal_dropped": ["Buffer"]}
 UNITS = {"selfheal_accuracy_estimated": "percent", "selfheal_accuracy_observed": "percent",
          "selfheal_label_delay_p50": "s", "selfheal_label_delay_p99": "s", "selfheal_snapshot_age": "s"}
 
@@ -54,13 +55,16 @@ class MetricsEmitter:
         self._gauges[name].add_or_update(float(value), [self.model_name, "Model", *extra])
 
     def emit(self, serving: dict, drift: dict, learner: dict | None, published_at: float | None,
-             estimated: float | str | None, faults: dict | None = None) -> None:
-        """One sample of every gauge: the worker's serving status, its merged drift, the learner's record
-        and every component's failures (`estimated` "untrusted": no estimate is exported, trusted 0)."""
+             estimated: float | str | None, faults: dict | None = None, dropped: dict | None = None) -> None:
+        """One sample of every gauge: the worker's serving status, its merged drift, the learner's record,
+        every component's failures and what full buffers dropped (`estimated` "untrusted": no estimate
+        is exported, trusted 0)."""
         trusted = not isinstance(estimated, str)
         estimated = estimated if trusted else None
         self._set("selfheal_accuracy_trusted", int(trusted))
         self._set("selfheal_implausible_inputs", serving["counters"].get("implausible", 0))
+        for buffer, count in (dropped or {}).items():
+            self._set("selfheal_dropped", count, buffer)
         for source in (faults or {}, (learner or {}).get("faults") or {}):
             for component, entry in source.items():
                 self._set("selfheal_errors", entry["count"], component)
@@ -90,3 +94,4 @@ class MetricsEmitter:
         self._set("selfheal_label_delay_p50", delay.get("p50_s"))
         self._set("selfheal_label_delay_p99", delay.get("p99_s"))
         self._set("selfheal_concept_suspected", len((learner.get("concept") or {}).get("suspected", [])))
+        self._set("selfheal_dropped", (learner.get("concept") or {}).get("dropped"), "held")

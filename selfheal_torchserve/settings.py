@@ -84,6 +84,8 @@ class HandlerSettings:
     # GET /feedback/<model> says how far back the record reaches ("record": "reaches_back_s").
     feedback_retention: float = 30 * 86_400.0
     record_bytes: int = 2 * 2 ** 30
+    record_buffer_bytes: int = 64 * 2 ** 20  # inputs a worker holds until written (then the oldest are dropped,
+    # counted in selfheal_dropped{Buffer="record"}: only while the record cannot be written)
     drain_interval_s: float = 0.2  # how often queued predictions are monitored, off the request path
     # (each drain has a fixed cost: 0.05 s cost 4x more per request at 700 req/s; the drift header
     # lags by at most this)
@@ -148,6 +150,7 @@ class HandlerSettings:
         _whole(self, "recent_predictions", 1, 100_000_000)
         _real(self, "feedback_retention", 1, 10 * 365 * 86_400)
         _whole(self, "record_bytes", 2 ** 20, 1 << 50)
+        _whole(self, "record_buffer_bytes", 2 ** 16, 1 << 40)
         _whole(self, "learner_threads", 1, 1_024)
         _whole(self, "learner_nice", 0, 19)
         if self.torch_threads is not None:

@@ -123,7 +123,8 @@ class WorkerRuntime:
         self.workdir = server_workdir()
         self.storage = open_storage(self.model_name, snapshot_root(settings, self.workdir) / self.model_name,
                                     settings.log_url or None, settings.snapshot_keep, settings.recent_predictions,
-                                    settings.feedback_retention, settings.record_bytes)
+                                    settings.feedback_retention, settings.record_bytes,
+                                    settings.record_buffer_bytes)
         calibration = load_calibration(Path(context.system_properties["model_dir"]))
         self.serving = ServingModel(model, inputs, settings.heal, settings.task, targets, calibration)
         self.member = f"worker-{socket.gethostname()}-{os.getpid()}"
@@ -272,7 +273,7 @@ class WorkerRuntime:
         if status_due and self.metrics is not None:
             self._job("metrics", lambda: self.metrics.emit(self.serving.status(), self._drift, self._learner,
                                                            self._published_at, self.estimate_field,
-                                                           self.faults.snapshot()))
+                                                           self.faults.snapshot(), self.dropped()))
 
     def _job(self, name: str, fn):
         try:
@@ -350,6 +351,12 @@ class WorkerRuntime:
         labelled = (learner or {}).get("accuracy")
         return self.serving.estimator.corrected(labelled) if self.serving.task.is_classifier else None
 
+    def dropped(self) -> dict[str, int]:
+        """What this worker's full buffers dropped: predictions not monitored (the queue) and
+        predictions never written to the record (its unwritten buffer, while the store failed)."""
+        record = self.storage.opened("predictions")
+        return {"queue": int(self.serving.counters["shed"]), "record": record.dropped if record is not None else 0}
+
     def describe(self) -> dict:
         self._apply()  # a version prepared since the last request is what is served now
         status = self.serving.status()
@@ -362,6 +369,7 @@ class WorkerRuntime:
         status["learner"] = learner
         status["faults"] = self.faults.snapshot()
         status["batches"] = dict(self.batches)
+        status["dropped"] = self.dropped()
         status["handler"] = {"worker": self.member, "pid": os.getpid(), "optimizer_steps": StepCounter.steps,
                              "storage": self.storage.describe(),
                              "learner_mode": self.settings.learner, "envelope": self.settings.envelope}

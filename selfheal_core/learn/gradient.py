@@ -59,7 +59,7 @@ class GradientLearner:
         self._source = {k: p.detach().clone() for k, p in self.params.items()}
         self._reference = reference
         self._moved: frozenset[int] = frozenset()  # reference classes whose meaning changed: not replayed
-        self.buffer = ReplayBuffer(config.recent_size, config.reservoir_size, seed)
+        self.buffer = ReplayBuffer(config.recent_size, config.reservoir_size, seed, config.replay_bytes)
         self._opt = torch.optim.Adam(self.params.values(), lr=config.lr)
         self._gen = torch.Generator().manual_seed(seed)
         self._pending = 0  # labels added since the last update

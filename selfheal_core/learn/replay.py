@@ -10,15 +10,29 @@ class ReplayBuffer:
     """`recent_size` newest (x, y) pairs; pairs pushed out of `recent` enter a uniform
     reservoir of `reservoir_size` (Vitter's algorithm R), so memory is fixed while
     old domains stay represented. Targets are class labels or value vectors alike.
+    Both sizes shrink in proportion when their pairs' inputs would exceed `max_bytes`
+    (set by the first pair's size: a model's inputs are alike).
     """
 
-    def __init__(self, recent_size: int, reservoir_size: int, seed: int = 0) -> None:
+    def __init__(self, recent_size: int, reservoir_size: int, seed: int = 0, max_bytes: int | None = None) -> None:
         if recent_size < 1 or reservoir_size < 0:
             raise ValueError(f"need recent_size >= 1 and reservoir_size >= 0, got {recent_size}, {reservoir_size}")
-        self.recent_size = recent_size
-        self.reservoir_size = reservoir_size
+        self.recent_size = self.configured_recent = recent_size
+        self.reservoir_size = self.configured_reservoir = reservoir_size
+        self.max_bytes = max_bytes
         self.seed = seed
         self._reset()
+
+    def _fit_budget(self, pair_bytes: int) -> None:
+        """Sizes for pairs of `pair_bytes`: within `max_bytes`, at least one recent pair."""
+        if self.max_bytes is None or pair_bytes <= 0:
+            return
+        fits = max(1, self.max_bytes // pair_bytes)
+        total = self.configured_recent + self.configured_reservoir
+        if fits >= total:
+            return
+        self.recent_size = max(1, fits * self.configured_recent // total)
+        self.reservoir_size = max(0, fits - self.recent_size)
 
     def _reset(self) -> None:
         self._recent: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
@@ -31,6 +45,8 @@ class ReplayBuffer:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Append a batch x (B, ...) with targets y (B, ...)."""
+        if not len(self) and len(x):
+            self._fit_budget(x[0].numel() * x.element_size() + y[0].numel() * y.element_size())
         for xi, yi in zip(x.detach().cpu(), y.detach().cpu()):
             self._recent.append((xi.clone(), yi.clone()))
             if len(self._recent) > self.recent_size:
@@ -91,6 +107,9 @@ class ReplayBuffer:
             raise ValueError(f"ReplayBuffer state keys {sorted(state)} != {sorted(keys)}")
         recent = list(zip(list(state["recent_x"]), list(state["recent_y"])))
         reservoir = list(zip(list(state["reservoir_x"]), list(state["reservoir_y"])))
+        if recent:
+            x0, y0 = recent[0]
+            self._fit_budget(x0.numel() * x0.element_size() + y0.numel() * y0.element_size())
         self._recent = deque(recent[-self.recent_size:])
         self._reservoir = reservoir[: self.reservoir_size]
         self._seen = int(state["seen"])

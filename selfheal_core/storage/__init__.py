@@ -34,7 +34,8 @@ class Storage:
     """The shared state of one model; each part is opened once, on first use."""
 
     def __init__(self, model: str, directory: str | Path, url: str | None = None, keep: int = 5,
-                 capacity: int = 10_000, retention_s: float = 30 * 86400.0, record_bytes: int = 2 * 2 ** 30) -> None:
+                 capacity: int = 10_000, retention_s: float = 30 * 86400.0, record_bytes: int = 2 * 2 ** 30,
+                 buffer_bytes: int = 64 * 2 ** 20) -> None:
         self.model = model
         self.directory = Path(directory)  # snapshots, lease and status files (without PostgreSQL)
         self.url = url or None
@@ -42,6 +43,7 @@ class Storage:
         self.capacity = capacity  # predictions a writer may hold unwritten
         self.retention_s = retention_s  # how long the record keeps a prediction for feedback by id ...
         self.record_bytes = record_bytes  # ... within this many bytes
+        self.buffer_bytes = buffer_bytes  # inputs a writer may hold unwritten, in bytes
         self._parts: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -71,10 +73,15 @@ class Storage:
             if self.postgres:
                 from selfheal_core.storage.postgres import PostgresPredictionRecord
                 return PostgresPredictionRecord(self.url, self.capacity, self.model, self.retention_s,
-                                                self.record_bytes)
+                                                self.record_bytes, self.buffer_bytes)
             return SQLitePredictionRecord(self.directory / "predictions.sqlite", self.capacity, self.retention_s,
-                                          self.record_bytes)
+                                          self.record_bytes, self.buffer_bytes)
         return self._part("predictions", make)
+
+    def opened(self, name: str):
+        """The part `name` ("log", "predictions", ...) if it was opened, else None (never opens it)."""
+        with self._lock:
+            return self._parts.get(name)
 
     def open_record(self) -> PredictionRecord:
         """The prediction record of a writer (a worker): registered before it hands out ids."""
@@ -129,5 +136,6 @@ class Storage:
 
 
 def open_storage(model: str, directory: str | Path, url: str | None = None, keep: int = 5,
-                 capacity: int = 10_000, retention_s: float = 30 * 86400.0, record_bytes: int = 2 * 2 ** 30) -> Storage:
-    return Storage(model, directory, url, keep, capacity, retention_s, record_bytes)
+                 capacity: int = 10_000, retention_s: float = 30 * 86400.0, record_bytes: int = 2 * 2 ** 30,
+                 buffer_bytes: int = 64 * 2 ** 20) -> Storage:
+    return Storage(model, directory, url, keep, capacity, retention_s, record_bytes, buffer_bytes)

@@ -245,17 +245,20 @@ class PredictionRecord(ABC):
     unknown.
     """
 
-    def __init__(self, capacity: int, retention_s: float = 30 * 86400.0, max_bytes: int = 2 * 2 ** 30) -> None:
+    def __init__(self, capacity: int, retention_s: float = 30 * 86400.0, max_bytes: int = 2 * 2 ** 30,
+                 buffer_bytes: int = 64 * 2 ** 20) -> None:
         import itertools
         import threading
 
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if capacity < 1 or buffer_bytes < 1:
+            raise ValueError(f"capacity and buffer_bytes must be >= 1, got {capacity}, {buffer_bytes}")
         if not (math.isfinite(retention_s) and retention_s > 0):
             raise ValueError(f"retention_s must be a positive number of seconds, got {retention_s}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-        self.capacity = capacity
+        self.capacity = capacity  # predictions held unwritten, at most ...
+        self.buffer_bytes = int(buffer_bytes)  # ... and the bytes of their inputs (a 3x224x224 float input: 600 kB)
+        self.dropped = 0  # unwritten predictions dropped because the buffer was full and the store failed
         self.retention_s = float(retention_s)
         self.max_bytes = int(max_bytes)
         self._row_bytes = 0.0  # mean bytes per stored row (rows of one model are alike in size)
@@ -264,6 +267,7 @@ class PredictionRecord(ABC):
         self._lock = threading.Lock()  # guards the buffer
         self._buffer: list[tuple] = []  # (ids, x, served, confidence, time) not yet written
         self._buffered = 0
+        self._buffered_bytes = 0
         # ids: 80 random bits per record object plus a counter (unique across workers and restarts,
         # and ~10x cheaper than a uuid4 per prediction)
         self._prefix = os.urandom(10).hex()
@@ -314,24 +318,33 @@ class PredictionRecord(ABC):
 
         ids = [f"{self._prefix}{next(self._counter):012x}" for _ in range(len(x))]
         when = time.time() if now is None else float(now)
+        x = x.detach().cpu()
         with self._lock:  # tensors kept as they are: converted to rows at flush, off the request path
-            self._buffer.append((ids, x.detach().cpu(), served, confidence, when))
+            self._buffer.append((ids, x, served, confidence, when))
             self._buffered += len(ids)
-            full = self._buffered >= self.capacity
+            self._buffered_bytes += x.numel() * x.element_size()
+            full = self._full()
         if full:  # nobody flushes: keep memory bounded anyway
             try:
                 self.flush()
             except StorageError:
-                with self._lock:  # cannot write: drop the oldest beyond capacity
-                    while self._buffered > self.capacity and self._buffer:
-                        self._buffered -= len(self._buffer.pop(0)[0])
+                with self._lock:  # cannot write: drop the oldest until within both bounds, counted
+                    while self._full() and self._buffer:
+                        ids_, x_ = self._buffer.pop(0)[:2]
+                        self._buffered -= len(ids_)
+                        self._buffered_bytes -= x_.numel() * x_.element_size()
+                        self.dropped += len(ids_)
         return ids
+
+    def _full(self) -> bool:
+        return self._buffered >= self.capacity or self._buffered_bytes >= self.buffer_bytes
 
     def flush(self) -> int:
         """Write buffered predictions in one transaction; returns how many. On a storage error the
         buffer is kept for the next try (ids handed out stay resolvable once it succeeds)."""
         with self._lock:
-            batches, self._buffer, self._buffered = self._buffer, [], 0
+            batches, self._buffer, self._buffered, held = self._buffer, [], 0, self._buffered_bytes
+            self._buffered_bytes = 0
         if not batches:
             return 0
         rows = _prediction_rows(batches)
@@ -342,6 +355,7 @@ class PredictionRecord(ABC):
             with self._lock:
                 self._buffer = batches + self._buffer
                 self._buffered += len(rows)
+                self._buffered_bytes += held
             raise
         size = sum(len(r[1]) + len(r[5]) + ROW_OVERHEAD for r in rows)
         self._row_bytes = (self._row_bytes * self._rows_written + size) / (self._rows_written + len(rows))
@@ -389,7 +403,7 @@ class PredictionRecord(ABC):
 
         count, oldest, blobs = self._summary()
         return {"predictions": count, "bytes": int(count * (blobs + ROW_OVERHEAD)), "max_bytes": self.max_bytes,
-                "retention_s": self.retention_s, "pruned": self.pruned,
+                "retention_s": self.retention_s, "pruned": self.pruned, "dropped_unwritten": self.dropped,
                 "reaches_back_s": None if oldest is None else round(max(0.0, time.time() - oldest), 1)}
 
     def register(self) -> None:

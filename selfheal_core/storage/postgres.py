@@ -208,8 +208,8 @@ class PostgresPredictionRecord(PredictionRecord):
     """The predictions of `model` in a PostgreSQL database (see PredictionRecord)."""
 
     def __init__(self, url: str, capacity: int = 10_000, model: str = "default", retention_s: float = 30 * 86400.0,
-                 max_bytes: int = 2 * 2 ** 30) -> None:
-        super().__init__(capacity, retention_s, max_bytes)
+                 max_bytes: int = 2 * 2 ** 30, buffer_bytes: int = 64 * 2 ** 20) -> None:
+        super().__init__(capacity, retention_s, max_bytes, buffer_bytes)
         self.model = model
         self._db = Database(url)
         self.path = self._db.where

@@ -219,8 +219,8 @@ class SQLitePredictionRecord(PredictionRecord):
     """The record in a SQLite file (':memory:' for a throwaway record)."""
 
     def __init__(self, path: str | Path = ":memory:", capacity: int = 10_000, retention_s: float = 30 * 86400.0,
-                 max_bytes: int = 2 * 2 ** 30) -> None:
-        super().__init__(capacity, retention_s, max_bytes)
+                 max_bytes: int = 2 * 2 ** 30, buffer_bytes: int = 64 * 2 ** 20) -> None:
+        super().__init__(capacity, retention_s, max_bytes, buffer_bytes)
         self.path = str(path)
         self._db_lock = threading.Lock()
         with translated(self.path):

@@ -60,6 +60,22 @@ def test_targeted_relabelling_is_held_and_reported(demo_model, reference, digits
     assert recall3(h, digits) >= before - 0.05, "nothing of the relabelling was learned"
 
 
+def test_held_labels_beyond_the_holds_byte_budget_stay_in_the_log_and_are_counted(demo_model, reference, digits,
+                                                                                 tmp_path):
+    """Issue 28: the hold keeps inputs for an approval within `concept_hold_bytes` (2,000 224x224
+    images were 1.2 GB); the rest are counted and stay in the log."""
+    config = HealConfig.from_dict({"guard": {"concept_hold_bytes": 10 * 64 * 4}, "learn": {"update_every": 8}})
+    h = SelfHealer(copy.deepcopy(demo_model), reference[0], config, reference_labels=reference[1],
+                   feedback_log=SQLiteFeedbackLog(tmp_path / "fb.sqlite"))
+    x, y = relabelled(digits, 240, 0.2)
+    for i in range(0, 240, 8):
+        h.feedback(x[i:i + 8], y[i:i + 8])
+    concept = h.status()["concept"]
+    [pair] = [p for p in concept["suspected"] if p["pair"] == [3, 8]]
+    assert concept["held"] == 10 and concept["dropped"] == pair["count"] - 10 > 0
+    assert h.status()["feedback_log"]["by_status"]["held"] >= pair["count"]
+
+
 def test_hold_is_not_released_by_drift_the_attacker_sends(demo_model, reference, digits, tmp_path):
     """Issue 26 B: clean 3s labelled 8 (30%) while the attacker sends contrast-5 images to the
     inference port. The confidence alarm counted as corroboration and 458 of 600 were learned."""

@@ -222,3 +222,20 @@ def test_classes_whose_meaning_moved_are_not_replayed_and_the_anchor_steps_back(
     assert len(y) == 8  # every class moved: the minibatch is all feedback
     learner.reset()
     assert learner._moved == frozenset()
+
+
+def test_replay_keeps_fewer_large_inputs_within_its_byte_budget():
+    """Issue 28: 512 pairs of 3x224x224 inputs are 308 MB; the buffer keeps what fits its bytes,
+    in the configured recent / reservoir proportion, and still keeps the newest."""
+    from selfheal_core.learn.replay import ReplayBuffer
+
+    pair = 3 * 64 * 64 * 4 + 8
+    buf = ReplayBuffer(256, 256, max_bytes=40 * pair)
+    for i in range(30):
+        buf.add(torch.full((4, 3, 64, 64), float(i)), torch.full((4,), i))
+    assert len(buf) <= 40 and buf.recent_size == 20 and buf.reservoir_size == 20
+    x, y = buf.newest(1)
+    assert int(y[0]) == 29
+    small = ReplayBuffer(256, 256, max_bytes=40 * pair)
+    small.add(torch.zeros(600, 4), torch.zeros(600))
+    assert small.recent_size == 256 and len(small) == 512  # small inputs: the configured sizes

@@ -315,3 +315,23 @@ def test_labels_acknowledged_after_the_log_file_is_damaged_are_on_disk(tmp_path,
     targets = [t for rows in reopened.entries() for t in rows.target]
     assert targets[-2:] == ["4", "5"], "what was acknowledged after the damage is in the file"
     reopened.close()
+
+
+def test_a_record_that_cannot_write_drops_and_counts_within_its_byte_budget(tmp_path, monkeypatch):
+    """Issue 28: memory on the serving path is bounded in bytes. While the store fails, a worker's
+    unwritten predictions stay within `buffer_bytes` (a 3x224x224 float input is 600 kB: 10,000
+    of them were 6 GB), the oldest dropped and counted; once it writes again, nothing more is lost."""
+    rec = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=10_000, buffer_bytes=4 * 3 * 32 * 32 * 4)
+
+    def fail(*_a):
+        raise StorageFull("no space left (test)")
+
+    monkeypatch.setattr(rec, "_write", fail)
+    for _ in range(50):
+        rec.add(torch.randn(2, 3, 32, 32), torch.zeros(2), None)
+        assert rec._buffered_bytes < rec.buffer_bytes + 2 * 3 * 32 * 32 * 4
+    assert rec.dropped >= 90 and rec.stats()["dropped_unwritten"] == rec.dropped
+    monkeypatch.undo()
+    ids = rec.add(torch.randn(2, 3, 32, 32), torch.zeros(2), None)
+    rec.flush()
+    assert set(rec.get(ids)) == set(ids) and rec._buffered_bytes == 0
