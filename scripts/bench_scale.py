@@ -20,28 +20,51 @@ log, and a `Learner` absorbs them and publishes to the worker.
 - The same with the past-domain judgement off (`past_alpha` 0, named as
   such): what learning every old label costs.
 
-    python scripts/bench_scale.py           # ~5 min
-    python scripts/bench_scale.py --tiny    # a smoke run
+A 224x224 ResNet-18 served end to end (`--resnet-requests`, default 20,000):
+11.2M parameters (random weights, seeded: cost, not accuracy), archived with
+`selfheal reference` / `selfheal archive` and an image handler like the
+README's (`selfheal_bench/examples/image224_handler.py`), served by TorchServe
+with the shipped settings, one JPEG per request; the second half brightened
+and contrast-reduced (drift); 5% of answers labelled by id one request later
+(labels: the model's own answer on the clean image). Measured: the worker's
+RSS growth from after the first 5% of requests to the end
+(`scale.worker_rss_growth_mb`), the learner's RSS at the end
+(`scale.learner_rss_mb`, against 3x the model's size + 500 MB), and the bytes a
+worker reads per publish (the published record's size) against the published
+weights' size (`scale.publish_bytes_per_worker_ratio`) and against the whole
+model's.
+
+    python scripts/bench_scale.py           # ~30 min on 2 cores (the ResNet: ~25)
+    python scripts/bench_scale.py --tiny    # a smoke run (delayed labels only)
+    python scripts/bench_scale.py --tiny --resnet-requests 60   # ... and the ResNet briefly (~2 min)
+    python scripts/bench_scale.py --resnet-requests 0           # delayed labels only
 """
 from __future__ import annotations
 
 import copy
+import io
+import json
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from selfheal_bench.data import corrupt, load_digits_split
-from selfheal_bench.harness import Bar, bench_parser, demo_model, write_report
+from selfheal_bench.harness import REPO, Bar, bench_parser, demo_model, write_report
 from selfheal_core import HealConfig, Learner
 from selfheal_core.intake import Intake
 from selfheal_core.serving import ServingModel
 from selfheal_core.storage import open_storage
 
 log = logging.getLogger("bench_scale")
+SELFHEAL = str(Path(sys.executable).with_name("selfheal"))
+EXAMPLES = Path(__file__).resolve().parent.parent / "selfheal_bench" / "examples"
 REQUEST = 64
 WEEK = 7 * 86400.0
 SHIFTS = (("rotate", 4), ("contrast", 4), ("brightness", 4), ("pixelate", 3), ("gaussian_noise", 3), (None, 0))
@@ -113,8 +136,126 @@ def delayed(model, x_ref, y_ref, x_pool, y_pool, shift, config: HealConfig, size
             "record_predictions": stats["predictions"], "reaches_back_s": stats["reaches_back_s"]}
 
 
+# ----------------------------------------------------------------------------- the 224x224 ResNet
+def _jpegs(n: int, seed: int, shifted: bool) -> list[bytes]:
+    """n distinct 224x224 JPEG images (smooth random colour fields); `shifted`: brighter, lower contrast."""
+    from PIL import Image, ImageEnhance
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+        im = Image.fromarray(small).resize((224, 224), Image.BICUBIC)
+        if shifted:
+            im = ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(1.5)).enhance(0.5)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _decode(blob: bytes) -> torch.Tensor:
+    """What the handler does with a request's bytes: (3, 224, 224) in [0, 1]."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(blob)).convert("RGB").resize((224, 224))
+    return torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2 ** 20
+
+
+def resnet(requests_n: int, work: Path) -> dict:
+    """Serve the ResNet-18 through TorchServe with drift and 5% labels; memory and publish size."""
+    import requests as http_lib
+
+    from selfheal_bench.examples.resnet18 import ResNet18
+    from selfheal_bench.torchserve import TorchServe
+    from selfheal_torchserve.worker import parse_header
+
+    torch.manual_seed(0)
+    model = ResNet18().eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.save(model.state_dict(), work / "weights.pt")
+    ref_images = _jpegs(128, seed=1, shifted=False)
+    x_ref = torch.stack([_decode(b) for b in ref_images])
+    with torch.no_grad():  # stand-in ground truth: the model's own answers on clean images
+        y_ref = torch.cat([model(x_ref[i:i + 16]).argmax(1) for i in range(0, len(x_ref), 16)])
+    np.savez(work / "val.npz", x=x_ref.numpy(), y=y_ref.numpy())
+    common = ["--model-file", str(EXAMPLES / "resnet18.py"), "--weights", str(work / "weights.pt")]
+    for cmd in (["reference", "--inputs", str(work / "val.npz"), "--inputs-key", "x", "--labels", str(work / "val.npz"),
+                 "--labels-key", "y", "--out", str(work / "reference.pt"), *common],
+                ["archive", "--name", "resnet", "--reference", str(work / "reference.pt"), "--config",
+                 str(REPO / "model-config.yaml"), "--export-path", str(work / "store"), "--handler",
+                 str(EXAMPLES / "image224_handler.py"), *common]):
+        (work / "store").mkdir(exist_ok=True)
+        done = subprocess.run([SELFHEAL, *cmd], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"selfheal {cmd[0]}: {done.stderr[-2000:]}")
+    unique = 256
+    clean, shifted = _jpegs(unique, seed=2, shifted=False), _jpegs(unique, seed=2, shifted=True)
+    with torch.no_grad():
+        x_clean = torch.stack([_decode(b) for b in clean])
+        truth = torch.cat([model(x_clean[i:i + 16]).argmax(1) for i in range(0, unique, 16)]).tolist()
+    snapshots = work / "snapshots"
+    ts = TorchServe(work / "server", work / "store", models="resnet=resnet.mar",
+                    env={"SELFHEAL_SNAPSHOT_DIR": str(snapshots)})
+    rss: dict[str, float] = {}
+    labels = errors = 0
+    t0 = time.time()
+    with ts, http_lib.Session() as http:
+        t0 = time.time()  # serving from here (TorchServe's start and the .mar's unpacking before)
+        url = f"{ts.inference_url}/predictions/resnet"
+        headers = {**ts.headers("inference"), "Content-Type": "application/octet-stream"}
+        [worker] = ts.worker_pids()
+        pending = None
+        for i in range(requests_n):
+            k = i % unique
+            body = (clean if i < requests_n // 2 else shifted)[k]
+            r = http.post(url, data=body, headers=headers, timeout=120)
+            if r.status_code != 200:
+                errors += 1
+                continue
+            state = parse_header(r.headers["X-Selfheal"])
+            if pending is not None:
+                labels += ts.feedback("resnet", {"feedback": [pending]}).status_code == 200
+            pending = {"id": state["ids"][0], "label": truth[k]} if i % 20 == 0 else None
+            if i == max(1, requests_n // 20):
+                rss["worker_start_mb"] = _rss_mb(worker)
+            if i % 1000 == 0:
+                log.info("resnet: %d requests, worker RSS %.0f MB, %.1f req/s", i, _rss_mb(worker),
+                         (i + 1) / (time.time() - t0))
+        rss["worker_end_mb"] = _rss_mb(worker)
+        status = ts.feedback("resnet", method="get").json()
+        rss["learner_mb"] = _rss_mb(int(status["pid"]))
+    versions = sorted(snapshots.glob("resnet/snapshot-*.pt"))
+    published = [p.stat().st_size for p in versions]
+    from selfheal_core.storage import FileSnapshotStore
+
+    store = FileSnapshotStore(snapshots / "resnet", keep=100)
+    latest = store.load(store.latest_version())[0] if versions else {"weights": {}}
+    weights_bytes = sum(v.numel() * v.element_size() for v in latest["weights"].values())
+    mean_publish = float(np.mean(published)) if published else None
+    return {"requests": requests_n, "errors": errors, "labels_accepted": labels, "seconds": round(time.time() - t0, 1),
+            "model_bytes": model_bytes, **{k: round(v, 1) for k, v in rss.items()},
+            "worker_rss_growth_mb": round(rss["worker_end_mb"] - rss["worker_start_mb"], 1),
+            "learner_limit_mb": round(3 * model_bytes / 2 ** 20 + 500, 1),
+            "versions": len(published), "publish_bytes_mean": mean_publish,
+            "published_weights_bytes": weights_bytes, "published_weight_tensors": len(latest["weights"]),
+            # a version whose weights equal the source's carries none: then only the whole model's size compares
+            "publish_bytes_per_worker_ratio": round(mean_publish / weights_bytes, 2) if mean_publish and weights_bytes
+            else None,
+            "publish_bytes_vs_whole_model": round(mean_publish / model_bytes, 3) if mean_publish else None,
+            "learner_status": {k: status.get(k) for k in ("version", "absorbed", "counters", "lag")}}
+
+
 def main() -> None:
     ap = bench_parser(__doc__, "scale.json")
+    ap.add_argument("--resnet-requests", type=int, default=None,
+                    help="requests to the 224x224 ResNet (default 20,000; 0 with --tiny: a smoke run is seconds)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     started = time.time()
@@ -146,8 +287,19 @@ def main() -> None:
     bars = [Bar("delayed_resolved_share", scale["delayed_resolved_share"], ">=", 1.0),
             Bar("delayed_current_accuracy_drop_points", scale["delayed_current_accuracy_drop_points"], "<=", 0.5),
             Bar("delayed_record_within_budget", scale["delayed_record_within_budget"], "==", True)]
+    n_resnet = args.resnet_requests if args.resnet_requests is not None else (0 if args.tiny else 20_000)
+    served = None
+    if n_resnet:
+        with tempfile.TemporaryDirectory(prefix="bench_scale-resnet-") as work:
+            served = resnet(n_resnet, Path(work))
+        log.info("resnet: %s", served)
+        scale.update(worker_rss_growth_mb=served["worker_rss_growth_mb"], learner_rss_mb=served["learner_mb"],
+                     publish_bytes_per_worker_ratio=served["publish_bytes_per_worker_ratio"])
+        bars += [Bar("worker_rss_growth_mb", served["worker_rss_growth_mb"], "<=", 100.0),
+                 Bar("learner_rss_mb", served["learner_mb"], "<=", served["learner_limit_mb"]),
+                 Bar("publish_bytes_per_worker_ratio", served["publish_bytes_per_worker_ratio"], "<=", 1.1)]
     write_report(args.out, bars, started, keyed=True, tiny=args.tiny, sizes=sizes, scale=scale, rows=rows,
-                 not_measured=["worker_rss_growth_mb", "learner_rss_mb", "publish_bytes_per_worker_ratio"])
+                 resnet=served)
 
 
 if __name__ == "__main__":
