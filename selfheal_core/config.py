@@ -136,6 +136,8 @@ class LearnConfig:
     reservoir_size: int = 256  # uniform sample of older labels (anti-forgetting)
     replay_bytes: int = 128 * 2 ** 20  # both together hold at most this many bytes of inputs: fewer pairs
     # of a large input (512 3x224x224 images are 308 MB), in the same recent / reservoir proportion
+    step_bytes: int = 128 * 2 ** 20  # activations one training forward may hold: a minibatch of large inputs
+    # runs in chunks with gradients accumulated (the same step)
     reference_fraction: float = 0.25  # share of each minibatch from labelled reference data
     newest_fraction: float = 0.25  # share of each minibatch from the newest `newest_window` labels: the
     # current domain's few labels are a small minority of the replay memory right after a shift (the
@@ -160,7 +162,7 @@ class LearnConfig:
         if not 0 <= self.past_alpha < 1:
             raise ValueError(f"LearnConfig.past_alpha must be in [0, 1), got {self.past_alpha}")
         _positive(self, "lr", "steps", "min_steps", "batch_size", "update_every", "recent_size", "reservoir_size",
-                  "replay_bytes", "auto_max_params", "bayes_prior_var", "max_labels_per_update")
+                  "replay_bytes", "step_bytes", "auto_max_params", "bayes_prior_var", "max_labels_per_update")
         if not 0 < self.bayes_forgetting <= 1:
             raise ValueError(f"LearnConfig.bayes_forgetting must be in (0, 1], got {self.bayes_forgetting}")
         _unit(self, "reference_fraction", "newest_fraction")

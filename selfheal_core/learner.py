@@ -30,7 +30,7 @@ from selfheal_core.estimate import AccuracyEstimator, LabelledAccuracy
 from selfheal_core.config import HealConfig
 from selfheal_core.guard import Guard
 from selfheal_core.learn import BayesianLastLayer, GradientLearner
-from selfheal_core.model_parts import FeatureTap, find_parts, pool_inputs
+from selfheal_core.model_parts import FeatureTap, activation_bytes, find_parts, pool_inputs
 from selfheal_core.monitor import ON_FEEDBACK, Monitor, ReferenceView
 from selfheal_core.plausible import PlausibleRange
 from selfheal_core.quarantine import Quarantine
@@ -93,6 +93,7 @@ class Learner:
         self.learns = config.adapt and not self.parts.scripted  # else: labels are logged and watched only
         targets = self.task.check_targets(reference_targets, len(reference)) if reference_targets is not None else None
         self._reference = reference.to(self.device)
+        self._act_bytes: int | None = None  # activations of one input's forward (measured at first use)
         self._range = (PlausibleRange(reference, config.input_range)
                        if reference.is_floating_point() and math.isfinite(config.input_range) else None)
         self._targets = targets
@@ -411,13 +412,21 @@ class Learner:
         self._refit_reference()
         return UpdateResult(updated=True)
 
+    def _rows(self, x: torch.Tensor) -> int:
+        """Inputs per forward pass here (up to 256) within `step_bytes` of activations: 256
+        224x224 images through a ResNet-18 at once held ~800 MB in its first layer alone."""
+        if self._act_bytes is None and len(x):
+            self._act_bytes = activation_bytes(self.model, x[:1].to(self.device))
+        return max(1, min(256, self.config.learn.step_bytes // max(1, self._act_bytes or 1)))
+
     # ------------------------------------------------------------------ the trusted reference
     @torch.no_grad()
     def _features_of(self, x: torch.Tensor) -> torch.Tensor:
         """Features (B, F) of x through the current weights: the head's input, or pooled inputs."""
         out = []
-        for i in range(0, len(x), 256):
-            xb = x[i:i + 256].to(self.device)
+        rows = self._rows(x)
+        for i in range(0, len(x), rows):
+            xb = x[i:i + rows].to(self.device)
             self.model(xb)
             f = self._tap.take() if self._tap is not None else None
             out.append(f.to("cpu", torch.float64) if f is not None else pool_inputs(xb))
@@ -449,8 +458,9 @@ class Learner:
         if self.concept is None:
             return None
         labels = self.concept.reference_labels
-        pred = torch.cat([self.model(self._reference[i:i + 256]).argmax(1).cpu()
-                          for i in range(0, len(self._reference), 256)])
+        rows = self._rows(self._reference)
+        pred = torch.cat([self.model(self._reference[i:i + rows]).argmax(1).cpu()
+                          for i in range(0, len(self._reference), rows)])
         hits = torch.bincount(labels[pred == labels], minlength=self.task.num_classes).double()
         total = torch.bincount(labels, minlength=self.task.num_classes).double()
         return torch.where(total >= 5, hits / total.clamp_min(1), torch.full_like(total, float("nan")))
@@ -503,8 +513,9 @@ class Learner:
     @torch.no_grad()
     def _read_reference(self) -> ReferenceView:
         raws, feats = [], []
-        for i in range(0, len(self._reference), 256):
-            xb = self._reference[i:i + 256]
+        rows = self._rows(self._reference)
+        for i in range(0, len(self._reference), rows):
+            xb = self._reference[i:i + rows]
             raws.append(self.model(xb).cpu())
             f = self._tap.take() if self._tap is not None else (pool_inputs(xb) if xb.is_floating_point() else None)
             feats.append(None if f is None else f.to("cpu", torch.float64))

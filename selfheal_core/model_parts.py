@@ -104,3 +104,21 @@ class FeatureTap:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+@torch.no_grad()
+def activation_bytes(model: nn.Module, x1: torch.Tensor) -> int:
+    """Bytes every leaf module's output holds for one input `x1` (1, ...): what a forward of one
+    input keeps for its backward, and bounds what a batch of them needs at once."""
+    sizes: list[int] = []
+
+    def count(_m, _i, out) -> None:
+        sizes.append(out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        model(x1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(1, sum(sizes))

@@ -18,6 +18,7 @@ from torch import nn
 
 from selfheal_core.config import LearnConfig, ParamSet
 from selfheal_core.learn.replay import ReplayBuffer
+from selfheal_core.model_parts import activation_bytes
 from selfheal_core.task import Task
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -63,6 +64,7 @@ class GradientLearner:
         self._opt = torch.optim.Adam(self.params.values(), lr=config.lr)
         self._gen = torch.Generator().manual_seed(seed)
         self._pending = 0  # labels added since the last update
+        self._act_bytes: int | None = None  # activation bytes of one input's forward (measured at the first step)
 
     def relabel_reference(self, labels: torch.Tensor) -> None:
         """The labels the reference is replayed with from now on (an approved concept change
@@ -136,14 +138,30 @@ class GradientLearner:
             group["lr"] = self.config.lr * self.config.steps / steps
         for _ in range(steps):
             x, y = self._minibatch(device, as_served)
-            loss = self.task.loss(self.model(x), y)
-            if self.config.anchor and not self._moved:  # the concept moved: the source is no place to return to
-                loss = loss + self.config.anchor * sum(
-                    ((p - self._source[k]) ** 2).sum() for k, p in self.params.items())
             self._opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # the minibatch in chunks whose activations fit `step_bytes`, gradients accumulated: the
+            # same step (the model is in eval mode: no batch statistics), in bounded memory (a
+            # ResNet-18 at 224x224 keeps ~40 MB of activations per input for its backward: a learner
+            # of 1.7 GB at 32 per minibatch)
+            chunk = self._chunk(x)
+            loss = torch.zeros((), device=device)
+            for i in range(0, len(x), chunk):
+                part = self.task.loss(self.model(x[i:i + chunk]), y[i:i + chunk]) * (len(x[i:i + chunk]) / len(x))
+                part.backward()
+                loss = loss + part.detach()
+            if self.config.anchor and not self._moved:  # the concept moved: the source is no place to return to
+                pull = self.config.anchor * sum(((p - self._source[k]) ** 2).sum() for k, p in self.params.items())
+                pull.backward()
+                loss = loss + pull.detach()
             self._opt.step()
         return float(loss.detach())
+
+    def _chunk(self, x: torch.Tensor) -> int:
+        """Inputs per forward/backward within `step_bytes` of activations (measured once, on one
+        input: the bytes every module's output holds)."""
+        if self._act_bytes is None:
+            self._act_bytes = activation_bytes(self.model, x[:1])
+        return max(1, min(len(x), self.config.step_bytes // self._act_bytes))
 
     def concept_moved(self, classes: set[int]) -> None:
         """Reference classes whose meaning feedback changed: their reference labels are no longer

@@ -239,3 +239,25 @@ def test_replay_keeps_fewer_large_inputs_within_its_byte_budget():
     small = ReplayBuffer(256, 256, max_bytes=40 * pair)
     small.add(torch.zeros(600, 4), torch.zeros(600))
     assert small.recent_size == 256 and len(small) == 512  # small inputs: the configured sizes
+
+
+def test_a_minibatch_too_large_for_step_bytes_runs_in_chunks_to_the_same_step():
+    """Issue 28: a ResNet-18 at 224x224 keeps ~40 MB of activations per input for its backward
+    (1.7 GB of learner at 32 per minibatch). Within `step_bytes` the minibatch runs in chunks with
+    gradients accumulated: the same update, in bounded memory."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 4, 4, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    models = []
+    for step_bytes in (1 << 30, 1_000):  # everything at once; a few inputs per chunk
+        model = bn_model()
+        learner = GradientLearner(model, LearnConfig(params="all", steps=5, update_every=16, step_bytes=step_bytes),
+                                  CLS3, "4", reference=(torch.randn(10, 1, 4, 4, generator=torch.Generator().manual_seed(1)),
+                                                        torch.randint(0, 3, (10,))))
+        learner.add(x, y)
+        learner.step()
+        models.append((model, learner._chunk(x)))
+    (whole, n_whole), (chunked, n_chunked) = models
+    assert n_whole == 64 and 1 <= n_chunked < 8
+    for (k, a), b in zip(whole.state_dict().items(), chunked.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
