@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     torch.set_num_threads(args.threads)
+    fixed_mmap_threshold()
     handler = build_handler(args.model_dir, args.handler, args.model_name)
     settings: HandlerSettings = handler.selfheal_settings
     model, inputs, targets = handler.selfheal_parts
@@ -524,6 +525,24 @@ def main(argv: list[str] | None = None) -> int:
         path.unlink(missing_ok=True)
     storage.close()
     return 0
+
+
+def fixed_mmap_threshold(size: int = 2 ** 20) -> bool:
+    """Map blocks of `size` bytes and more with mmap, always (glibc; elsewhere nothing happens).
+    glibc raises its threshold as large blocks are freed, after which a forward's activations come
+    from the heap and its freed pages stay with the process: a 224x224 ResNet-18's learner kept
+    837 MB after one update, 614 MB with the threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_, if
+    the operator set it, is left alone)."""
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, size))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def _pid_exists(pid: int) -> bool:
