@@ -261,3 +261,12 @@ def test_a_minibatch_too_large_for_step_bytes_runs_in_chunks_to_the_same_step():
     assert n_whole == 64 and 1 <= n_chunked < 8
     for (k, a), b in zip(whole.state_dict().items(), chunked.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_activation_bytes_of_a_torchscript_model_are_bounded_without_hooks():
+    """TorchScript takes no forward hooks: measuring them crashed the learner of a scripted model."""
+    from selfheal_core.model_parts import activation_bytes
+
+    scripted = torch.jit.trace(bn_model(), torch.randn(2, 1, 4, 4))
+    assert activation_bytes(scripted, torch.randn(1, 1, 4, 4)) == 16 * 16 * 4
+    assert activation_bytes(bn_model(), torch.randn(1, 1, 4, 4)) > 0

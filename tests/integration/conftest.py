@@ -126,6 +126,10 @@ def start_server(model_store, tmp_path_factory):
                         env={"SELFHEAL_SNAPSHOT_DIR": str(snapshots), **(env or {})})
         ts.start()
         try:
+            # the worker waits up to 60 s for its learner; on a busy machine the learner's start took
+            # longer, and the first label met 503 "intake not running": wait as a user would
+            wait_until(lambda: ts.feedback(model, method="get").status_code, lambda code: code == 200, 180,
+                       "the learner's feedback intake answers")
             yield Server(ts, snapshots, model)
         finally:
             ts.stop()
