@@ -42,6 +42,14 @@ class Guard(StateMixin):
     def reset(self) -> None:
         self._reset()
 
+    def drop(self, match: Callable[[torch.Tensor, torch.Tensor], bool]) -> int:
+        """Remove held-back pairs (x, y) that `match` picks (labels taken back); returns how many."""
+        before = len(self._holdout)
+        kept = [item for item in self._holdout if not match(*item)]
+        self._holdout.clear()
+        self._holdout.extend(kept)
+        return before - len(kept)
+
     def admit(self, x: torch.Tensor, y: torch.Tensor,
               skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hold back every k-th pair; return the pairs for training (incl. ones leaving the holdout).

@@ -47,6 +47,11 @@ CURRENT_TTL_S = 60.0  # how long features of the newest traffic stand for "now" 
 SNAPSHOT_FORMAT = 4  # 4: published weights apart from the learner's private record
 
 
+def _input_key(x: torch.Tensor) -> int:
+    """An input's identity by its bytes (in this process: labels taken back are found by it)."""
+    return hash(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def reference_of(state: dict) -> ReferenceView | None:
     """The reference view a stored version was published with."""
     return ReferenceView(**state["reference"]) if state.get("reference") else None
@@ -138,7 +143,7 @@ class Learner:
         self.absorbed = 0  # sequence number of the last feedback-log row folded in
         self.version = 0  # the version the weights were last published or loaded as
         self.counters = {"feedback": 0, "quarantined": 0, "updates": 0, "rolled_back": 0, "publishes": 0,
-                         "past_domain": 0}
+                         "past_domain": 0, "taken_back": 0}
         self._dirty = False  # state changed since the last publish
         self._last_update: float | None = None
         self._delays: deque[float] = deque(maxlen=DELAYS_KEPT)  # label acknowledged -> published, seconds
@@ -150,6 +155,10 @@ class Learner:
         self._current_version: tuple = ()
         self._statuses: list[str] = []  # what became of each label of the last absorb (log statuses)
         self._released: list[int] = []  # log seqs of held labels the last absorb or approval released
+        # learned labels that disagreed with what was served: (input key, given, served, log seq), one
+        # quarantine window of them, so a class the quarantine starts holding can take them back
+        self._disagreed: deque[tuple[int, int, int, int]] = deque(maxlen=self.config.guard.quarantine_window)
+        self._taken_back: list[int] = []  # log seqs of learned labels the last absorb took back
 
     @torch.no_grad()
     def _bayes_unsupported(self, raw: torch.Tensor) -> str | None:
@@ -241,6 +250,21 @@ class Learner:
                     layer.running_mean.copy_(mu)
                     layer.running_var.copy_(var)
 
+    @torch.no_grad()
+    def _source_answers(self, x: torch.Tensor) -> torch.Tensor:
+        """The classes the source weights give x with confidence (-1 where unsure): a stand-in for
+        the reference where it cannot speak, that learning, poisoned or not, never moves."""
+        now = {k: v.clone() for k, v in self.model.state_dict().items()}
+        try:
+            self.model.load_state_dict(self._source)
+            with self._source_norms():
+                probs = torch.cat([self.model(x[i:i + rows].to(self.device)).softmax(1).cpu()
+                                   for rows in (self._rows(x),) for i in range(0, len(x), rows)])
+        finally:
+            self.model.load_state_dict(now)
+        conf, cls = probs.max(1)
+        return torch.where(conf >= self.config.guard.quarantine_confidence, cls, torch.full_like(cls, -1))
+
     # ------------------------------------------------------------------ labels in
     def check_input(self, x) -> torch.Tensor:
         """Inputs validated as serving validates them; ValueError naming the problem."""
@@ -260,7 +284,7 @@ class Learner:
         recomputed with the current weights when not given. Returns the mask of labels held back.
         """
         y = self.task.check_targets(y, len(x))
-        self._released = []
+        self._released, self._taken_back = [], []
         self.use_context(context)
         if served is None or (self.task.is_classifier and confidence is None):
             served, confidence = self.served(self.as_served(x.to(self.device)))
@@ -274,6 +298,8 @@ class Learner:
             self.errors.observe_errors(self.task.errors(served, y, served=True))
         held = torch.zeros(len(y), dtype=torch.bool)
         drifted = bool((context or {}).get("inputs_drifted"))
+        holding = set(self.quarantine.classes) if self.quarantine is not None else set()
+        raised = self.concept.raised() if self.concept is not None else set()
         if self.quarantine is not None and self.learns:
             held = self.quarantine.screen(served, y, confidence.nan_to_num(0.0), drifted)
         statuses = [QUARANTINED if h else LEARNED for h in held.tolist()]
@@ -287,7 +313,8 @@ class Learner:
             # with: serving's adapted ones follow the traffic, which an attacker can drift (issue 26 B)
             with self._source_norms():
                 feats = self._features_of(x)
-            contradicts = self.concept.screen(feats, y, x, seqs, times, skip=held)
+            contradicts = self.concept.screen(feats, y, x, seqs, times, skip=held,
+                                              served=self._source_answers(x) if self.concept.raised() else None)
             if self.gradient is not None:
                 self.gradient.concept_moved(self.concept.moved)
             statuses = [HELD if c and st == LEARNED else st for st, c in zip(statuses, contradicts.tolist())]
@@ -299,6 +326,8 @@ class Learner:
             train_x, train_y = self.guard.admit(x, y, skip=held)
             if len(train_y):
                 self.gradient.add(train_x, train_y)
+            if self.task.is_classifier:
+                self._take_back(x, y, served, statuses, seqs, holding, raised)
         self.counters["feedback"] += len(y)
         self.counters["quarantined"] += int(held.sum())
         if seqs:
@@ -306,6 +335,36 @@ class Learner:
         self._unpublished += list(times or [])
         self._dirty = True
         return held
+
+    def _take_back(self, x: torch.Tensor, y: torch.Tensor, served: torch.Tensor, statuses: list[str],
+                   seqs: list[int] | None, holding: set[int], raised: set[tuple[int, int]]) -> None:
+        """Labels learned before a screen had seen enough to tell are taken back when it tells:
+        into a class the quarantine starts holding (a burst or a broken labeller into it), or of a
+        pair (served, given) the concept watch starts suspecting. A broken labeller's first dozen
+        labels, replayed and judged by ever after, cost 9 points on rotated digits; a poisoned
+        input learned before its pair was suspected is served as the attacker's class from then
+        on, so its repeats no longer contradict anything. Of the labels learned within the
+        quarantine's window that disagreed with what was served, those leave the replay buffer
+        and the holdout, and the log marks them quarantined. What updates already did with them
+        stays: later updates, with replay and the reference, pull it back."""
+        for i, (st, s, g) in enumerate(zip(statuses, served.tolist(), y.tolist())):
+            if st == LEARNED and 0 <= s != g:
+                self._disagreed.append((_input_key(x[i]), int(g), int(s), seqs[i] if seqs else -1))
+        classes = set(self.quarantine.classes) - holding if self.quarantine is not None else set()
+        pairs = self.concept.raised() - raised if self.concept is not None else set()
+        taken = [row for row in self._disagreed if row[1] in classes or (row[2], row[1]) in pairs]
+        if not taken:
+            return
+        keys = {(k, g) for k, g, _, _ in taken}
+        match = lambda xi, yi: yi.numel() == 1 and (_input_key(xi), int(yi)) in keys  # noqa: E731
+        removed = self.gradient.buffer.drop(match) + self.guard.drop(match)
+        kept = [row for row in self._disagreed if row not in taken]
+        self._disagreed.clear()
+        self._disagreed.extend(kept)
+        self._taken_back += [q for _, _, _, q in taken if q >= 0]
+        self.counters["taken_back"] += len(taken)
+        log.warning("labels into %s and of pairs %s are held now: %d learned ones taken back (%d pairs removed "
+                    "from replay and the holdout)", sorted(classes), sorted(pairs), len(taken), removed)
 
     def absorb_entries(self, entries: Entries, context: dict | None = None, log_: FeedbackLog | None = None,
                        current: Callable[[], tuple[torch.Tensor, list[float]] | None] | None = None) -> torch.Tensor:
@@ -332,6 +391,7 @@ class Learner:
             for status in (LEARNED, HELD, QUARANTINED):
                 log_.set_status([s for s, st in zip(entries.seq, self._statuses) if st == status], status)
             log_.set_status(self._released, LEARNED)  # held earlier, released by the concept policy now
+            log_.set_status(self._taken_back, QUARANTINED)  # learned earlier, taken back now
         return held
 
     def _past_domain(self, entries: Entries, current) -> list[bool]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 import torch
 
@@ -87,6 +88,13 @@ class ReplayBuffer:
         if not items:
             raise ValueError("no recent pairs")
         return self._stack(items)
+
+    def drop(self, match: Callable[[torch.Tensor, torch.Tensor], bool]) -> int:
+        """Remove the pairs (x, y) `match` picks, wherever they are; returns how many."""
+        before = len(self)
+        self._recent = deque(item for item in self._recent if not match(*item))
+        self._reservoir = [item for item in self._reservoir if not match(*item)]
+        return before - len(self)
 
     def clear(self) -> None:
         self._reset()

@@ -115,6 +115,61 @@ def test_inputs_scaled_out_of_the_radius_are_still_judged(demo_model, reference,
     assert recall3(h, digits) >= before - 0.1
 
 
+def test_poisoned_inputs_beyond_the_references_reach_are_held_on_the_source_models_word(demo_model, reference,
+                                                                                       digits, tmp_path):
+    """Issue 26 C, the rest of it: by direction the reference speaks for most scaled 3s, not for the
+    ones that sit between 3s and 8s. Each of those was learned, the model then served them as 8s,
+    and their repeats contradicted nothing (15 of 180 learned, probe accuracy -1.7 points). Once
+    the pair is suspected, the source weights' confident answer stands in where the reference is
+    silent, and what was learned of the pair before it was suspected is taken back."""
+    h = healer(demo_model, reference, tmp_path)
+    x, y = relabelled(digits, 320, 0.3, seed=10)
+    with torch.no_grad():
+        bad = (y == 8) & (demo_model(x).argmax(1) == 3)  # the relabelled 3s (the honest 8s are served as 8)
+    x = torch.where(bad[:, None, None, None], x * 1.6, x)
+    for i in range(0, len(y), 8):
+        h.predict(x[i:i + 8])
+        h.feedback(x[i:i + 8], y[i:i + 8])
+    statuses = {}
+    for rows in h.feedback_log.entries():
+        statuses.update(dict(zip(rows.seq, rows.status)))
+    learned = [k for k in bad.nonzero().flatten().tolist() if statuses[k + 1] == "learned"]
+    assert len(learned) <= 2, f"{len(learned)} of {int(bad.sum())} poisoned labels learned"
+    replayed = h.learner.gradient.buffer
+    keys = {x[k].numpy().tobytes() for k in bad.nonzero().flatten().tolist()}
+    items = list(replayed._recent) + replayed._reservoir
+    assert sum(xi.numpy().tobytes() in keys and int(yi) == 8 for xi, yi in items) <= len(learned)
+
+
+def test_a_broken_labellers_labels_learned_before_the_quarantine_saw_it_are_taken_back(demo_model, reference,
+                                                                                       digits, tmp_path):
+    """A broken labeller (30% of labels set to 8) during drift: its first labels came before the
+    quarantine's window had enough to tell, were learned, replayed and held back for the guard
+    ever after (rotated accuracy 9 points below honest labels on one stream). When class 8 is
+    quarantined they leave replay and the holdout, and the log says quarantined."""
+    x_tr, y_tr, _, _ = digits
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, len(y_tr), (240,), generator=g)
+    x, true = corrupt(x_tr[idx], "rotate", 4, seed=5), y_tr[idx]
+    flip = (torch.rand(240, generator=g) < 0.3) & (true != 8)
+    given = torch.where(flip, torch.full_like(true, 8), true)
+    h = healer(demo_model, reference, tmp_path)
+    for i in range(0, 240, 8):
+        h.predict(x[i:i + 8])
+        h.feedback(x[i:i + 8], given[i:i + 8])
+    st = h.status()
+    assert 8 in st["quarantine"]["classes"] and st["counters"]["taken_back"] > 0, st["counters"]
+    statuses = {}
+    for rows in h.feedback_log.entries():
+        statuses.update(dict(zip(rows.seq, rows.status)))
+    broken = {x[k].numpy().tobytes() for k in flip.nonzero().flatten().tolist()}
+    kept = list(h.learner.gradient.buffer._recent) + h.learner.gradient.buffer._reservoir
+    kept += list(h.learner.guard._holdout)
+    remembered = sum(xi.numpy().tobytes() in broken and int(yi) == 8 for xi, yi in kept)
+    learned = sum(statuses[k + 1] == "learned" for k in flip.nonzero().flatten().tolist())
+    assert remembered == learned <= 3, (remembered, learned)
+
+
 def test_approval_learns_the_new_concept_and_the_reference_follows(demo_model, reference, digits, tmp_path):
     h = healer(demo_model, reference, tmp_path)
     x, y = relabelled(digits, 240, 0.3, seed=1)
