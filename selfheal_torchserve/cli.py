@@ -502,8 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--inference-url", default="http://127.0.0.1:8080")
     rep.add_argument("--management-url", default="http://127.0.0.1:8081")
     rep.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json when present)")
-    rep.add_argument("--inference-key")
-    rep.add_argument("--management-key")
+    # TorchServe's keys may start with "-", which argparse reads as an option: --inference-key=KEY
+    rep.add_argument("--inference-key", help="the inference key (written --inference-key=KEY: a key may start with -)")
+    rep.add_argument("--management-key", help="the management key (--management-key=KEY, as above)")
     rep.add_argument("--batch", type=int, default=8, help="rows per request (images: one per request)")
     rep.add_argument("--feedback-rate", type=float, default=0.0, help="share of predictions whose label is sent")
     rep.add_argument("--feedback-delay", type=int, default=1, help="requests between a prediction and its label")

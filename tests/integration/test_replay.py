@@ -21,8 +21,8 @@ def test_replay_cli_writes_png_and_json(start_server, tmp_path):
         run = subprocess.run(
             [str(Path(sys.executable).with_name("selfheal")), "replay", str(tmp_path / "stream.npz"),
              "--model", "digits", "--inference-url", server.ts.inference_url,
-             "--management-url", server.ts.management_url, "--inference-key", keys["inference"],
-             "--management-key", keys["management"], "--feedback-rate", "0.5", "--window", "12",
+             "--management-url", server.ts.management_url, f"--inference-key={keys['inference']}",
+             f"--management-key={keys['management']}", "--feedback-rate", "0.5", "--window", "12",
              "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout + run.stderr
         status = server.settled()
