@@ -42,11 +42,7 @@ model's.
 from __future__ import annotations
 
 import copy
-import io
-import json
 import logging
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -56,15 +52,13 @@ import numpy as np
 import torch
 
 from selfheal_bench.data import corrupt, load_digits_split
-from selfheal_bench.harness import REPO, Bar, bench_parser, demo_model, write_report
+from selfheal_bench.harness import Bar, bench_parser, demo_model, write_report
 from selfheal_core import HealConfig, Learner
 from selfheal_core.intake import Intake
 from selfheal_core.serving import ServingModel
 from selfheal_core.storage import open_storage
 
 log = logging.getLogger("bench_scale")
-SELFHEAL = str(Path(sys.executable).with_name("selfheal"))
-EXAMPLES = Path(__file__).resolve().parent.parent / "selfheal_bench" / "examples"
 REQUEST = 64
 WEEK = 7 * 86400.0
 SHIFTS = (("rotate", 4), ("contrast", 4), ("brightness", 4), ("pixelate", 3), ("gaussian_noise", 3), (None, 0))
@@ -137,31 +131,6 @@ def delayed(model, x_ref, y_ref, x_pool, y_pool, shift, config: HealConfig, size
 
 
 # ----------------------------------------------------------------------------- the 224x224 ResNet
-def _jpegs(n: int, seed: int, shifted: bool) -> list[bytes]:
-    """n distinct 224x224 JPEG images (smooth random colour fields); `shifted`: brighter, lower contrast."""
-    from PIL import Image, ImageEnhance
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
-        im = Image.fromarray(small).resize((224, 224), Image.BICUBIC)
-        if shifted:
-            im = ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(1.5)).enhance(0.5)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def _decode(blob: bytes) -> torch.Tensor:
-    """What the handler does with a request's bytes: (3, 224, 224) in [0, 1]."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(blob)).convert("RGB").resize((224, 224))
-    return torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
-
-
 def _rss_mb(pid: int) -> float:
     import psutil
 
@@ -172,34 +141,17 @@ def resnet(requests_n: int, work: Path) -> dict:
     """Serve the ResNet-18 through TorchServe with drift and 5% labels; memory and publish size."""
     import requests as http_lib
 
-    from selfheal_bench.examples.resnet18 import ResNet18
-    from selfheal_bench.torchserve import TorchServe
+    from selfheal_bench.images224 import HANDLER, MODEL_FILE, WEIGHTS, answers, jpegs, prepare
+    from selfheal_bench.torchserve import TorchServe, build_archive
     from selfheal_torchserve.worker import parse_header
 
-    torch.manual_seed(0)
-    model = ResNet18().eval()
+    model = prepare(work)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    torch.save(model.state_dict(), work / "weights.pt")
-    ref_images = _jpegs(128, seed=1, shifted=False)
-    x_ref = torch.stack([_decode(b) for b in ref_images])
-    with torch.no_grad():  # stand-in ground truth: the model's own answers on clean images
-        y_ref = torch.cat([model(x_ref[i:i + 16]).argmax(1) for i in range(0, len(x_ref), 16)])
-    np.savez(work / "val.npz", x=x_ref.numpy(), y=y_ref.numpy())
-    common = ["--model-file", str(EXAMPLES / "resnet18.py"), "--weights", str(work / "weights.pt")]
-    for cmd in (["reference", "--inputs", str(work / "val.npz"), "--inputs-key", "x", "--labels", str(work / "val.npz"),
-                 "--labels-key", "y", "--out", str(work / "reference.pt"), *common],
-                ["archive", "--name", "resnet", "--reference", str(work / "reference.pt"), "--config",
-                 str(REPO / "model-config.yaml"), "--export-path", str(work / "store"), "--handler",
-                 str(EXAMPLES / "image224_handler.py"), *common]):
-        (work / "store").mkdir(exist_ok=True)
-        done = subprocess.run([SELFHEAL, *cmd], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"selfheal {cmd[0]}: {done.stderr[-2000:]}")
+    (work / "store").mkdir(exist_ok=True)
+    build_archive(work, work / "store", name="resnet", handler=str(HANDLER), model_file=MODEL_FILE, weights=WEIGHTS)
     unique = 256
-    clean, shifted = _jpegs(unique, seed=2, shifted=False), _jpegs(unique, seed=2, shifted=True)
-    with torch.no_grad():
-        x_clean = torch.stack([_decode(b) for b in clean])
-        truth = torch.cat([model(x_clean[i:i + 16]).argmax(1) for i in range(0, unique, 16)]).tolist()
+    clean, shifted = jpegs(unique, seed=2, shifted=False), jpegs(unique, seed=2, shifted=True)
+    truth = answers(model, clean)
     snapshots = work / "snapshots"
     ts = TorchServe(work / "server", work / "store", models="resnet=resnet.mar",
                     env={"SELFHEAL_SNAPSHOT_DIR": str(snapshots)})

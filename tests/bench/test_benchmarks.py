@@ -56,6 +56,10 @@ def test_bench_serve_tiny(tmp_path):
     result = run_tiny("bench_serve.py", tmp_path / "serve.json", timeout=900)
     assert {r["kind"] for r in result["rows"]} == {"plain", "monitor", "heal"}
     assert all(r["requests"] > 0 and r["non_2xx"] == 0 for r in result["rows"])
+    assert all(r["fixed_requests"] > 0 and r["fixed_non_2xx"] == 0 and r["workers_cpu_ms_per_request"] > 0
+               and r["frontend_cpu_ms_per_request"] > 0 for r in result["rows"]), "the fixed-load phase"
+    [heal] = [r for r in result["rows"] if r["kind"] == "heal"]
+    assert heal["fixed_labels"] > 0 and heal["learner_cpu_ms_per_label"] > 0, "labels by id, the learner's CPU"
     assert result["long_run"]["requests"] >= 600 and result["long_run"]["rss_end_mb"] > 0
 
 
