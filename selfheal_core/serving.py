@@ -110,6 +110,20 @@ class Published:
     reference: ReferenceView | None = None  # the reference through these weights: detectors re-read it
 
 
+def _same_version(old: Published | None, new: Published) -> bool:
+    """Whether `new` carries the weights and reference view `old` did (only its number differs)."""
+    if old is None or old.weights.keys() != new.weights.keys():
+        return False
+    if not all(torch.equal(old.weights[k], new.weights[k]) for k in new.weights):
+        return False
+    a, b = old.reference, new.reference
+    if a is None or b is None:
+        return a is b
+    pairs = [(getattr(a, f), getattr(b, f)) for f in ("probs", "features", "values", "errors")]
+    return all(x is y or (x is not None and y is not None and x.shape == y.shape and torch.equal(x, y))
+               for x, y in pairs)
+
+
 class ServingModel:
     """Serve `model`, watch its inputs and outputs, correct it without labels, install versions.
 
@@ -169,7 +183,10 @@ class ServingModel:
                        if reference.is_floating_point() and math.isfinite(config.input_range) else None)
         # (raw, features, inputs, keep) per forward, oldest first
         self._queue = PredictionQueue(config.max_queued, config.max_queued_bytes)
-        self._pending: Published | None = None  # a version prepared by install(), applied by the serving thread
+        # a version prepared by install(), applied by the serving thread: (version, whether its weights
+        # are the ones served already)
+        self._pending: tuple[Published, bool] | None = None
+        self._installed: Published | None = None  # the last version install() took (its thread's)
         self._reset_pending = False
         self._untrusted: deque[tuple[int, int, int]] = deque()  # (samples, implausible, nonfinite) per drain
         self._window_counts: tuple[int, ...] = (0, 0, 0)  # their sums (drain thread writes, any thread reads)
@@ -283,14 +300,16 @@ class ServingModel:
                 self.corrector.rebase(self._source)
         pending, self._pending = self._pending, None
         if pending is not None:
-            # a version carries the weights that differ from the source: the rest are the source's
-            weights = {name: pending.weights.get(name, self._source[name]) for name in self._source}
-            with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    p.copy_(weights[name])
-            if self.corrector is not None:
-                self.corrector.rebase(weights)
-            self._version = pending.version
+            published, same = pending
+            if not same:
+                # a version carries the weights that differ from the source: the rest are the source's
+                weights = {name: published.weights.get(name, self._source[name]) for name in self._source}
+                with torch.no_grad():
+                    for name, p in self.model.named_parameters():
+                        p.copy_(weights[name])
+                if self.corrector is not None:
+                    self.corrector.rebase(weights)
+            self._version = published.version
         if self.corrector is not None:
             self.corrector.apply()
 
@@ -396,11 +415,15 @@ class ServingModel:
         copied in by the serving thread before its next forward. ValueError (nothing changed) for a
         version this model cannot take."""
         self.check_published(published)
-        if published.reference is not None:
+        # a learner publishes a version after labels were absorbed even where its update was rolled
+        # back (most are): weights and reference as served already, nothing to re-read or copy
+        same = _same_version(self._installed, published)
+        if published.reference is not None and not same:
             self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
             self._calibrate_estimator(published.reference)
             self._trust = self._untrusted_because()  # against the new reference accuracy
-        self._pending = published
+        self._installed = published
+        self._pending = (published, same)
 
     def reset(self) -> None:
         """Back to the source weights; forget adaptation and drift state (weights at the next forward)."""
@@ -408,7 +431,7 @@ class ServingModel:
         self._untrusted.clear()
         self._window_counts = (0, 0, 0)
         self._trust = None
-        self._pending = None
+        self._pending = self._installed = None
         self._reset_pending = True
         if self.corrector is not None:
             self.corrector.reset()
@@ -434,7 +457,7 @@ class ServingModel:
     def pending_version(self) -> int:
         """The version served after the next forward: installed but maybe not yet applied."""
         pending = self._pending
-        return pending.version if pending is not None else self._version
+        return pending[0].version if pending is not None else self._version
 
     @property
     def drift(self) -> dict:

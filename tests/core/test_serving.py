@@ -112,6 +112,32 @@ def test_a_published_version_is_applied_by_the_serving_thread_only():
         assert torch.allclose(after, learner.model(x), atol=1e-6)
 
 
+def test_a_version_with_the_weights_served_already_is_not_re_read(monkeypatch):
+    """A learner publishes after absorbing labels even when its update was rolled back (most are):
+    a worker then re-fitted its detectors (an eigendecomposition) and copied every weight for
+    nothing. The same weights and reference under a new number only move the number."""
+    model = mlp()
+    serving = ServingModel(model, torch.randn(100, 5), FAST)
+    learner = Learner(copy.deepcopy(model), torch.randn(100, 5), FAST, reference_targets=torch.randint(0, 3, (100,)))
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(0.1)
+    fits = []
+    fit = serving.monitor.fit_rebase
+    monkeypatch.setattr(serving.monitor, "fit_rebase", lambda ref: fits.append(1) or fit(ref))
+    x = torch.randn(4, 5)
+    serving.install(learner.published(7))
+    first = serving.predict(x)
+    serving.install(learner.published(8))
+    assert serving.pending_version == 8 and len(fits) == 1, "the same weights: nothing re-read"
+    assert torch.equal(serving.predict(x), first) and serving.version == 8
+    with torch.no_grad():
+        list(learner.model.parameters())[-1].add_(0.5)  # the output layer's bias
+    learner._refit_reference()
+    serving.install(learner.published(9))
+    assert len(fits) == 2 and not torch.allclose(serving.predict(x), first) and serving.version == 9
+
+
 def test_bad_inputs_are_refused_with_the_reason():
     serving = ServingModel(mlp(), torch.randn(100, 5), FAST)
     for bad, words in [(torch.zeros(2, 4), "shape"), (torch.zeros(0, 5), "empty"),
