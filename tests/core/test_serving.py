@@ -95,13 +95,19 @@ def test_monitor_only_config_corrects_nothing():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_a_published_version_is_applied_by_the_serving_thread_only():
-    model = mlp()
-    serving = ServingModel(model, torch.randn(100, 5), FAST)
+def moved_learner(model) -> Learner:
+    """A learner over a copy of `model` whose weights all moved (as an update moves them)."""
     learner = Learner(copy.deepcopy(model), torch.randn(100, 5), FAST, reference_targets=torch.randint(0, 3, (100,)))
     with torch.no_grad():
         for p in learner.model.parameters():
             p.add_(0.1)
+    return learner
+
+
+def test_a_published_version_is_applied_by_the_serving_thread_only():
+    model = mlp()
+    serving = ServingModel(model, torch.randn(100, 5), FAST)
+    learner = moved_learner(model)
     x = torch.randn(4, 5)
     before = serving.predict(x)
     serving.install(learner.published(7))
@@ -118,10 +124,7 @@ def test_a_version_with_the_weights_served_already_is_not_re_read(monkeypatch):
     nothing. The same weights and reference under a new number only move the number."""
     model = mlp()
     serving = ServingModel(model, torch.randn(100, 5), FAST)
-    learner = Learner(copy.deepcopy(model), torch.randn(100, 5), FAST, reference_targets=torch.randint(0, 3, (100,)))
-    with torch.no_grad():
-        for p in learner.model.parameters():
-            p.add_(0.1)
+    learner = moved_learner(model)
     fits = []
     fit = serving.monitor.fit_rebase
     monkeypatch.setattr(serving.monitor, "fit_rebase", lambda ref: fits.append(1) or fit(ref))
