@@ -25,7 +25,7 @@ Then one long healing run of the digits CNN (1 worker, batch 8) for worker RSS g
 learner's RSS (--tiny: on the batch-1 healing server of the grid, not a server of its own).
 Writes bench/results/serve.json and prints a table.
 
-    python scripts/bench_serve.py            # ~35 min
+    python scripts/bench_serve.py            # ~30 min
     python scripts/bench_serve.py --tiny     # a smoke test (digits, seconds per config)
 
 wrk comes from the Debian package; the script installs it with apt-get when
@@ -299,7 +299,9 @@ def digits_workload(work: Path, grid, kinds, learner_nice: int) -> Workload:
     xc, yc = resample(x_te, y_te, 1000, seed=1)
     xd, yd = resample(x_te, y_te, 1000, seed=2)
     xd = corrupt(xd, "contrast", 5, seed=2)
-    body = lambda x: [json.dumps({"instances": as_numpy_list(x[i:i + 1])}).encode() for i in range(len(x))]  # noqa: E731
+    def body(x) -> list[bytes]:
+        return [json.dumps({"instances": as_numpy_list(x[i:i + 1])}).encode() for i in range(len(x))]
+
     stores = {(kind, w, b): build("digits", model_dir, work, kind, w, b, learner_nice,
                                   handler="selfheal_torchserve.handler",
                                   plain_handler=REPO / "selfheal_bench" / "plain_handler.py")
@@ -424,6 +426,11 @@ def long_run_on(ts: TorchServe, wrk, load: Workload, n_requests: int, plain_rps:
     return out
 
 
+def total_cpu(row: dict) -> float:
+    """CPU ms per request of the whole server (frontend, workers, learner) at the fixed load."""
+    return sum(row[f"{k}_cpu_ms_per_request"] for k in ("frontend", "workers", "learner"))
+
+
 def report(rows: list[dict], rss: dict | None, args, elapsed: float) -> None:
     plain = {(r["model"], r["workers"], r["batch"]): r for r in rows if r["kind"] == "plain"}
     print(f"\n{'model':<7} {'handler':<8} {'w x b':>5} {'req/s':>7} {'x plain':>7} {'p99 x':>6} | {'offered':>7} "
@@ -435,8 +442,7 @@ def report(rows: list[dict], rss: dict | None, args, elapsed: float) -> None:
         r["saturated_p99_ratio"] = r["p99_ms"] / base["p99_ms"]
         r["p99_ratio"] = r["fixed_p99_ms"] / base["fixed_p99_ms"]  # at the fixed load: the issue's bar
         r["cpu_per_request_ratio"] = r["workers_cpu_ms_per_request"] / base["workers_cpu_ms_per_request"]
-        total = lambda row: sum(row[f"{k}_cpu_ms_per_request"] for k in ("frontend", "workers", "learner"))  # noqa: E731
-        r["total_cpu_per_request_ratio"] = total(r) / total(base)
+        r["total_cpu_per_request_ratio"] = total_cpu(r) / total_cpu(base)
         per_label = r.get("learner_cpu_ms_per_label")
         print(f"{r['model']:<7} {r['kind']:<8} {r['workers']:>2}x{r['batch']:<2} {r['rps']:7.0f} {r['rps_ratio']:7.3f} "
               f"{r['saturated_p99_ratio']:6.2f} | {r['offered_rps']:7.0f} {r['fixed_p99_ms']:7.2f} "
