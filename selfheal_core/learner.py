@@ -30,7 +30,7 @@ from selfheal_core.estimate import AccuracyEstimator, LabelledAccuracy
 from selfheal_core.config import HealConfig
 from selfheal_core.guard import Guard
 from selfheal_core.learn import BayesianLastLayer, GradientLearner
-from selfheal_core.model_parts import FeatureTap, activation_bytes, find_parts, pool_inputs
+from selfheal_core.model_parts import ActivationBudget, FeatureTap, find_parts, pool_inputs
 from selfheal_core.monitor import ON_FEEDBACK, Monitor, ReferenceView
 from selfheal_core.plausible import PlausibleRange
 from selfheal_core.quarantine import Quarantine
@@ -98,7 +98,7 @@ class Learner:
         self.learns = config.adapt and not self.parts.scripted  # else: labels are logged and watched only
         targets = self.task.check_targets(reference_targets, len(reference)) if reference_targets is not None else None
         self._reference = reference.to(self.device)
-        self._act_bytes: int | None = None  # activations of one input's forward (measured at first use)
+        self._budget = ActivationBudget(model, config.learn.step_bytes)  # inputs per forward pass here
         self._range = (PlausibleRange(reference, config.input_range)
                        if reference.is_floating_point() and math.isfinite(config.input_range) else None)
         self._targets = targets
@@ -114,7 +114,7 @@ class Learner:
             if self.learns:
                 labelled = (self._reference, targets.to(self.device)) if targets is not None else None
                 self.gradient = GradientLearner(model, config.learn, self.task, self.parts.head_name, labelled,
-                                                seed=config.monitor.seed)
+                                                seed=config.monitor.seed, budget=self._budget)
                 noise = float(ref_errors.mean()) if ref_errors is not None and not self.task.is_classifier else 1.0
                 self.bayes_off = self._bayes_unsupported(raw)
                 if config.learn.bayes and self.bayes_off is None:
@@ -259,7 +259,7 @@ class Learner:
             self.model.load_state_dict(self._source)
             with self._source_norms():
                 probs = torch.cat([self.model(x[i:i + rows].to(self.device)).softmax(1).cpu()
-                                   for rows in (self._rows(x),) for i in range(0, len(x), rows)])
+                                   for rows in (self._budget.rows(x),) for i in range(0, len(x), rows)])
         finally:
             self.model.load_state_dict(now)
         conf, cls = probs.max(1)
@@ -472,19 +472,12 @@ class Learner:
         self._refit_reference()
         return UpdateResult(updated=True)
 
-    def _rows(self, x: torch.Tensor) -> int:
-        """Inputs per forward pass here (up to 256) within `step_bytes` of activations: 256
-        224x224 images through a ResNet-18 at once held ~800 MB in its first layer alone."""
-        if self._act_bytes is None and len(x):
-            self._act_bytes = activation_bytes(self.model, x[:1].to(self.device))
-        return max(1, min(256, self.config.learn.step_bytes // max(1, self._act_bytes or 1)))
-
     # ------------------------------------------------------------------ the trusted reference
     @torch.no_grad()
     def _features_of(self, x: torch.Tensor) -> torch.Tensor:
         """Features (B, F) of x through the current weights: the head's input, or pooled inputs."""
         out = []
-        rows = self._rows(x)
+        rows = self._budget.rows(x)
         for i in range(0, len(x), rows):
             xb = x[i:i + rows].to(self.device)
             self.model(xb)
@@ -518,7 +511,7 @@ class Learner:
         if self.concept is None:
             return None
         labels = self.concept.reference_labels
-        rows = self._rows(self._reference)
+        rows = self._budget.rows(self._reference)
         pred = torch.cat([self.model(self._reference[i:i + rows]).argmax(1).cpu()
                           for i in range(0, len(self._reference), rows)])
         hits = torch.bincount(labels[pred == labels], minlength=self.task.num_classes).double()
@@ -573,7 +566,7 @@ class Learner:
     @torch.no_grad()
     def _read_reference(self) -> ReferenceView:
         raws, feats = [], []
-        rows = self._rows(self._reference)
+        rows = self._budget.rows(self._reference)
         for i in range(0, len(self._reference), rows):
             xb = self._reference[i:i + rows]
             raws.append(self.model(xb).cpu())

@@ -18,7 +18,7 @@ from torch import nn
 
 from selfheal_core.config import LearnConfig, ParamSet
 from selfheal_core.learn.replay import ReplayBuffer
-from selfheal_core.model_parts import activation_bytes
+from selfheal_core.model_parts import ActivationBudget
 from selfheal_core.task import Task
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -48,7 +48,8 @@ class GradientLearner:
     """Buffers labelled pairs and, every `update_every` labels, takes `steps` Adam steps."""
 
     def __init__(self, model: nn.Module, config: LearnConfig, task: Task, head_name: str | None,
-                 reference: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> None:
+                 reference: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
+                 budget: ActivationBudget | None = None) -> None:
         self.config = config
         self.model = model
         self.task = task
@@ -64,7 +65,8 @@ class GradientLearner:
         self._opt = torch.optim.Adam(self.params.values(), lr=config.lr)
         self._gen = torch.Generator().manual_seed(seed)
         self._pending = 0  # labels added since the last update
-        self._act_bytes: int | None = None  # activation bytes of one input's forward (measured at the first step)
+        # inputs per forward/backward within `step_bytes` of activations (the learner's, shared)
+        self.budget = budget if budget is not None else ActivationBudget(model, config.step_bytes, cap=2 ** 31)
 
     def relabel_reference(self, labels: torch.Tensor) -> None:
         """The labels the reference is replayed with from now on (an approved concept change
@@ -143,7 +145,7 @@ class GradientLearner:
             # same step (the model is in eval mode: no batch statistics), in bounded memory (a
             # ResNet-18 at 224x224 keeps ~40 MB of activations per input for its backward: a learner
             # of 1.7 GB at 32 per minibatch)
-            chunk = self._chunk(x)
+            chunk = self.budget.rows(x)
             loss = torch.zeros((), device=device)
             for i in range(0, len(x), chunk):
                 part = self.task.loss(self.model(x[i:i + chunk]), y[i:i + chunk]) * (len(x[i:i + chunk]) / len(x))
@@ -155,13 +157,6 @@ class GradientLearner:
                 loss = loss + pull.detach()
             self._opt.step()
         return float(loss.detach())
-
-    def _chunk(self, x: torch.Tensor) -> int:
-        """Inputs per forward/backward within `step_bytes` of activations (measured once, on one
-        input: the bytes every module's output holds)."""
-        if self._act_bytes is None:
-            self._act_bytes = activation_bytes(self.model, x[:1])
-        return max(1, min(len(x), self.config.step_bytes // self._act_bytes))
 
     def concept_moved(self, classes: set[int]) -> None:
         """Reference classes whose meaning feedback changed: their reference labels are no longer

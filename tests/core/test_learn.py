@@ -256,7 +256,7 @@ def test_a_minibatch_too_large_for_step_bytes_runs_in_chunks_to_the_same_step():
                                                         torch.randint(0, 3, (10,))))
         learner.add(x, y)
         learner.step()
-        models.append((model, learner._chunk(x)))
+        models.append((model, learner.budget.rows(x)))
     (whole, n_whole), (chunked, n_chunked) = models
     assert n_whole == 64 and 1 <= n_chunked < 8
     for (k, a), b in zip(whole.state_dict().items(), chunked.state_dict().values()):
