@@ -119,6 +119,7 @@ class Workload:
     feedback_x: object  # tensor of drifted inputs, and their labels
     feedback_y: object
     grid: list[tuple[int, int]] = field(default_factory=list)
+    feedback_chunk: int = 5  # labelled inputs per POST (a 224x224 image is 1.6 MB of JSON: the body limit is 4 MiB)
     files: dict[str, Path] = field(default_factory=dict)  # body index files for wrk, by "clean"/"drifting"
 
 
@@ -174,10 +175,10 @@ def settle(ts: TorchServe, model: str, timeout: float = 120.0) -> dict:
 class FeedbackSender(threading.Thread):
     """Posts labelled drifted inputs to /feedback/<model> at a fixed rate of labels per second."""
 
-    def __init__(self, ts: TorchServe, load: Workload, labels_per_s: float, chunk: int = 5) -> None:
+    def __init__(self, ts: TorchServe, load: Workload, labels_per_s: float) -> None:
         super().__init__(daemon=True)
-        self.ts, self.load, self.chunk = ts, load, chunk
-        self.period = chunk / max(labels_per_s, 1e-6)
+        self.ts, self.load, self.chunk = ts, load, load.feedback_chunk
+        self.period = self.chunk / max(labels_per_s, 1e-6)
         self.stop_event = threading.Event()
         self.sent, self.failed = 0, 0
 
@@ -324,7 +325,7 @@ def resnet_workload(work: Path, grid, kinds, learner_nice: int) -> Workload:
               for w, b in grid for kind in kinds}
     feedback_x = torch.stack([images224.decode(b) for b in shifted[:16]])
     return Workload("resnet", stores, clean, clean + shifted, truth + truth, "application/octet-stream",
-                    feedback_x, torch.tensor(truth[:16]), list(grid))
+                    feedback_x, torch.tensor(truth[:16]), list(grid), feedback_chunk=1)
 
 
 def main() -> None:
