@@ -7,7 +7,10 @@ label on an input that sits among reference inputs of class m (its nearest
 neighbours in the model's feature space agree on m, and it is no farther from
 them than reference inputs are from each other, by place or, more strictly,
 by direction) but says g != m contradicts it. Inputs that drifted away from the reference are not judged: there the
-reference no longer speaks, and labels are what must correct the model.
+reference no longer speaks, and labels are what must correct the model. Once the reference has raised a
+pair (m, g), though, a label g on an input it cannot place is held when the source weights (which
+learning never moves) confidently call that input m: a poisoner's inputs just beyond the reference's
+reach otherwise slip through one by one.
 
 Contradictions are counted per pair (m, g); a pair seen `min_count` times is
 a *suspected concept change* (pair, count, since when), reported whatever the
