@@ -254,14 +254,10 @@ class Learner:
     def _source_answers(self, x: torch.Tensor) -> torch.Tensor:
         """The classes the source weights give x with confidence (-1 where unsure): a stand-in for
         the reference where it cannot speak, that learning, poisoned or not, never moves."""
-        now = {k: v.clone() for k, v in self.model.state_dict().items()}
-        try:
-            self.model.load_state_dict(self._source)
-            with self._source_norms():
-                probs = torch.cat([self.model(x[i:i + rows].to(self.device)).softmax(1).cpu()
-                                   for rows in (self._budget.rows(x),) for i in range(0, len(x), rows)])
-        finally:
-            self.model.load_state_dict(now)
+        # the source state (weights and BatchNorm statistics) for this call only: nothing copied in or out
+        rows = self._budget.rows(x)
+        probs = torch.cat([torch.func.functional_call(self.model, self._source, (x[i:i + rows].to(self.device),))
+                           .softmax(1).cpu() for i in range(0, len(x), rows)])
         conf, cls = probs.max(1)
         return torch.where(conf >= self.config.guard.quarantine_confidence, cls, torch.full_like(cls, -1))
 

@@ -106,7 +106,6 @@ class FeatureTap:
         self._handle.remove()
 
 
-@torch.no_grad()
 class ActivationBudget:
     """How many inputs one forward of `model` may take within `budget` bytes of activations
     (at most `cap`): 256 224x224 images through a ResNet-18 at once held ~800 MB in its first
@@ -124,6 +123,7 @@ class ActivationBudget:
         return max(1, min(self.cap, len(x), self.budget // max(1, self.per_input or 1)))
 
 
+@torch.no_grad()
 def activation_bytes(model: nn.Module, x1: torch.Tensor) -> int:
     """Bytes every leaf module's output holds for one input `x1` (1, ...): what a forward of one
     input keeps for its backward, and bounds what a batch of them needs at once. TorchScript
