@@ -416,12 +416,15 @@ class ServingModel:
         version this model cannot take."""
         self.check_published(published)
         # a learner publishes a version after labels were absorbed even where its update was rolled
-        # back (most are): weights and reference as served already, nothing to re-read or copy
+        # back (most are): weights and reference as installed already, nothing to re-read ...
         same = _same_version(self._installed, published)
         if published.reference is not None and not same:
             self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
             self._calibrate_estimator(published.reference)
             self._trust = self._untrusted_because()  # against the new reference accuracy
+        # ... or to copy, unless the version before it still waits for the serving thread
+        waiting = self._pending
+        same = same and (waiting is None or waiting[1])
         self._installed = published
         self._pending = (published, same)
 

@@ -129,8 +129,11 @@ def test_a_version_with_the_weights_served_already_is_not_re_read(monkeypatch):
     fit = serving.monitor.fit_rebase
     monkeypatch.setattr(serving.monitor, "fit_rebase", lambda ref: fits.append(1) or fit(ref))
     x = torch.randn(4, 5)
-    serving.install(learner.published(7))
+    serving.install(learner.published(6))
+    serving.install(learner.published(7))  # the same weights, while 6 still waits for the serving thread
     first = serving.predict(x)
+    with torch.no_grad():
+        assert torch.allclose(first, learner.model(x), atol=1e-6), "6's weights were applied"
     serving.install(learner.published(8))
     assert serving.pending_version == 8 and len(fits) == 1, "the same weights: nothing re-read"
     assert torch.equal(serving.predict(x), first) and serving.version == 8
