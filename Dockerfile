@@ -28,6 +28,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /opt/selfheal
 COPY pyproject.toml README.md ./
 COPY selfheal_core ./selfheal_core
+COPY selfheal_serving ./selfheal_serving
 COPY selfheal_torchserve ./selfheal_torchserve
 COPY selfheal_bench ./selfheal_bench
 # Exported as pip's own variables only when set: pip would read an empty one as a setting.
@@ -35,7 +36,7 @@ RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi \
  && if [ -n "$WHEEL_DIR" ]; then export PIP_FIND_LINKS="$WHEEL_DIR"; fi \
  && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
  && pip install "torch==${TORCH_VERSION}" "torchserve==0.12.0" "torch-model-archiver==0.12.0" ".[torchserve,postgres]" \
- && python -c "import selfheal_core, selfheal_torchserve.handler, ts, yaml, psycopg"
+ && python -c "import selfheal_core, selfheal_serving.runtime, selfheal_torchserve.handler, ts, yaml, psycopg"
 
 # selfheal's gauges declared for TorchServe's Prometheus export (metrics_config in config.properties).
 RUN useradd --create-home --uid 1000 model-server \

@@ -33,7 +33,7 @@ from selfheal_bench.examples import data
 from selfheal_bench.examples.__main__ import write
 from selfheal_bench.harness import REPO, RESULTS, Bar, write_report
 from selfheal_bench.torchserve import TorchServe
-from selfheal_torchserve.worker import parse_header
+from selfheal_serving.header import parse_header
 
 log = logging.getLogger("bench_byom")
 EXAMPLES = REPO / "selfheal_bench" / "examples"

@@ -143,7 +143,7 @@ def resnet(requests_n: int, work: Path) -> dict:
 
     from selfheal_bench.images224 import HANDLER, MODEL_FILE, WEIGHTS, answers, jpegs, prepare
     from selfheal_bench.torchserve import TorchServe, build_archive
-    from selfheal_torchserve.worker import parse_header
+    from selfheal_serving.header import parse_header
 
     model = prepare(work)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -56,7 +56,7 @@ from selfheal_bench.harness import bench_parser
 from selfheal_bench.load import LabelsById, cpu_seconds, paced
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive
 from selfheal_bench.train import save_demo
-from selfheal_torchserve.worker import parse_header
+from selfheal_serving.header import parse_header
 
 log = logging.getLogger("bench_serve")
 

@@ -23,7 +23,7 @@ import yaml
 from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive
 from selfheal_bench.train import save_demo
-from selfheal_torchserve.worker import parse_header
+from selfheal_serving.header import parse_header
 
 log = logging.getLogger("bench_workers")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from selfheal_core.storage.base import ascii_safe
 
-ERROR_TYPES = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict",
+ERROR_TYPES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict",
                413: "PayloadTooLarge", 415: "UnsupportedMediaType", 422: "UnprocessableEntity",
                503: "ServiceUnavailable", 504: "GatewayTimeout", 507: "InsufficientStorage"}
 

@@ -7,12 +7,13 @@ Names are imported on first use, so the `selfheal` command does not import Torch
 """
 import importlib
 
-_WHERE = {"SelfHealMixin": "mixin", "RequestError": "errors", "JSONArrayHandler": "json_handler",
-          "HandlerSettings": "settings", "JsonLimits": "settings"}
+_WHERE = {"SelfHealMixin": "selfheal_torchserve.mixin", "RequestError": "selfheal_torchserve.errors",
+          "JSONArrayHandler": "selfheal_torchserve.json_handler", "HandlerSettings": "selfheal_serving.settings",
+          "JsonLimits": "selfheal_serving.settings"}
 __all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
     if name in _WHERE:
-        return getattr(importlib.import_module(f"selfheal_torchserve.{_WHERE[name]}"), name)
+        return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'selfheal_torchserve' has no attribute {name!r}")

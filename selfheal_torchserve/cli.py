@@ -120,8 +120,8 @@ def model_settings(args) -> dict:
 
 def load_model(args) -> torch.nn.Module:
     """The model the arguments describe: eager (model file + state_dict) or TorchScript (weights only)."""
-    from selfheal_torchserve.loading import build_model
-    from selfheal_torchserve.settings import HandlerSettings
+    from selfheal_serving.loading import build_model
+    from selfheal_serving.settings import HandlerSettings
 
     weights = Path(args.weights)
     if not weights.exists():
@@ -211,7 +211,7 @@ def calibrate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     """The detectors' thresholds for this model, reference and settings, computed once here so that
     every worker starts without simulating them (it checks the key and simulates if it differs)."""
     from selfheal_core import ServingModel
-    from selfheal_torchserve.settings import HandlerSettings
+    from selfheal_serving.settings import HandlerSettings
 
     try:
         settings = HandlerSettings.from_yaml(section)
@@ -244,7 +244,7 @@ def cmd_archive(args) -> int:
     reference = Path(args.reference)
     if not reference.exists():
         raise UsageError(f"--reference {reference}: no such file (build one with `selfheal reference`)")
-    from selfheal_torchserve.loading import load_reference
+    from selfheal_serving.loading import load_reference
 
     inputs, targets = load_reference(reference)
     config = read_config(Path(args.config)) if args.config else {}

@@ -7,14 +7,12 @@ handler class in the learner role: the same model loading and the same
 `preprocess` as the workers, so feedback given with inputs is read exactly as
 inference requests are.
 
-Two threads, one owner each:
-- HTTP threads (loopback, a random port, a secret from the announcement file)
-  take feedback: validate, resolve ids, one durable append, answer. They read
-  the learner's status only as the snapshot the loop publishes.
-- The loop owns the `Learner`. While this process holds the model's learner
-  lease (one per machine with files, one per deployment with PostgreSQL) it
-  consumes the log in order (woken by each append), updates, and publishes
-  versions; otherwise it stands by (intake only) and retries the lease.
+The learner itself (intake HTTP threads, the loop that owns the `Learner`) is
+`selfheal_serving.learner.start_learner`; here it listens on loopback, on a
+random port, and announces that port and a random secret in the announcement
+file the feedback plugin reads. With `--listen` and a management key it is
+also reachable directly (a learner of its own beside KServe or Ray Serve
+replicas).
 
 It exits when the TorchServe frontend that started it is gone, when the .mar
 it was given disappears, or on SIGTERM.
@@ -22,42 +20,29 @@ it was given disappears, or on SIGTERM.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import hmac
 import importlib
 import json
 import logging
 import os
-import queue
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from selfheal_core import Learner
-from selfheal_core.faults import Faults
-from selfheal_core.intake import Intake, IntakeError
-from selfheal_core.learner import reference_of
-from selfheal_core.storage import DISCARDED, LEARNED, StorageError, open_storage
-from selfheal_torchserve.errors import ERROR_TYPES, RequestError
+from selfheal_serving.learner import KEY_ENV, LearnerHandle, fixed_mmap_threshold, start_learner
+from selfheal_serving.parsing import decode_b64
+from selfheal_serving.runtime import open_model_storage
+from selfheal_serving.settings import HandlerSettings
 from selfheal_torchserve.mixin import ROLE_ENV
-from selfheal_torchserve.parsing import decode_b64, parse_json
-from selfheal_torchserve.settings import HandlerSettings
 from selfheal_torchserve.supervisor import announcement
 
 log = logging.getLogger("selfheal.learner")
 
-SECRET_HEADER = "X-Selfheal-Secret"
-STATUS_EVERY_S = 1.0
-CONTEXT_MAX_AGE_S = 30.0
-POLL_S = 0.25  # rows appended elsewhere (other machines' intake) are found within this
 
 
 def build_handler(model_dir: Path, handler: str, model_name: str):
@@ -92,359 +77,17 @@ def build_handler(model_dir: Path, handler: str, model_name: str):
     return instance
 
 
-def handler_preprocess(handler, learner: Learner):
-    """Feedback instances -> validated inputs, through the handler's own preprocess."""
+def handler_reader(handler):
+    """One feedback instance -> its inputs, through the handler's own preprocess (base64 instances
+    decoded to bytes first, as an image request's body is)."""
     lock = threading.Lock()  # a user's preprocess need not be thread-safe
 
-    def preprocess(instances: list) -> torch.Tensor:
-        xs = []
-        for k, inst in enumerate(instances):
-            try:
-                body = decode_b64(inst) if isinstance(inst, dict) and "b64" in inst else inst
-                with lock:
-                    x = handler.preprocess([{"body": body}])
-                xs.append(learner.check_input(x))
-            except RequestError as err:
-                raise IntakeError(err.code, f"instance {k}: {err.message}") from None
-            except ValueError as exc:
-                raise IntakeError(400, f"instance {k}: bad inputs: {exc}") from None
-            except Exception as exc:
-                raise IntakeError(400, f"instance {k} could not be read: {type(exc).__name__}: {exc}") from None
-        return torch.cat(xs)
+    def read(value: Any) -> torch.Tensor:
+        body = decode_b64(value) if isinstance(value, dict) and "b64" in value else value
+        with lock:
+            return handler.preprocess([{"body": body}])
 
-    return preprocess
-
-
-class LearnerService:
-    """The loop that owns the Learner, plus the status the HTTP threads read."""
-
-    def __init__(self, learner: Learner, settings: HandlerSettings, storage, member: str, learn: bool,
-                 intake: Intake | None = None, wake: threading.Event | None = None) -> None:
-        """`intake`: whose counters the status shows; `wake`: the event its appends set (the
-        loop waits on it), made before both so neither is wired in after construction."""
-        self.learner = learner
-        self.settings = settings
-        self.storage = storage
-        self.member = member
-        self.learn = learn  # consume the log (learning too, unless the model is served monitor-only)
-        self.wake = wake if wake is not None else threading.Event()
-        self.stop = threading.Event()
-        self.active = False
-        self.resumed = False
-        self.warnings: list[str] = []
-        # open until that part next succeeds
-        self.faults = Faults(("storage", "publish", "log", "learn", "status"))
-        self._last_publish = 0.0
-        self._context: tuple[float, dict | None] = (0.0, None)
-        self.snapshot_status: dict = {}
-        self.commands: queue.Queue = queue.Queue()  # decisions from the HTTP threads, run by the loop
-        self.intake = intake  # for its counters in the status record
-        self.checks_concepts = learner.concept is not None  # fixed at construction: HTTP threads may read it
-        self._publish_status(board=False)  # the HTTP threads answer from this until the loop runs
-
-    # ------------------------------------------------------------------ decisions (HTTP threads)
-    def decide(self, body: Any, timeout: float = 60.0) -> dict:
-        """Queue an operator's decision on a suspected relabelling for the loop; its result. A
-        decision not taken within `timeout` is cancelled, never carried out later."""
-        pair, action = (body.get("pair"), body.get("action")) if isinstance(body, dict) else (None, None)
-        if action not in ("approve", "discard") or not (isinstance(pair, list) and len(pair) == 2
-                                                        and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                for v in pair)):
-            raise RequestError(400, 'a decision is {"pair": [served_class, given_class], "action": "approve" | '
-                                    '"discard"} (pairs: GET /feedback/{model}, concept.suspected)')
-        if not self.checks_concepts:
-            raise RequestError(409, "this model has no labelled reference to check labels against: nothing is held")
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self.commands.put((tuple(pair), action, done))
-        self.wake.set()
-        try:
-            try:
-                ok, result = done.result(timeout=timeout)
-            except concurrent.futures.TimeoutError:
-                if done.cancel():  # the loop had not claimed it: it never runs
-                    raise RequestError(503, "the learner did not take the decision in time (is it the active "
-                                            "learner?); nothing was changed") from None
-                ok, result = done.result()  # claimed just now: its outcome is the answer
-        except RequestError:
-            raise
-        except Exception as exc:
-            raise RequestError(503, f"the learner failed to carry out the decision: {type(exc).__name__}: "
-                                    f"{exc}") from None
-        if not ok:
-            raise RequestError(404, result)
-        return result
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                (source, target), action, done = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            if not done.set_running_or_notify_cancel():
-                continue  # its requester gave up and was told nothing changed
-            try:
-                done.set_result((True, self._decide(source, target, action)))
-            except KeyError as exc:
-                done.set_result((False, str(exc.args[0])))
-            except Exception as exc:  # the requester hears of it; the loop goes on
-                done.set_exception(exc)
-
-    def _decide(self, source: int, target: int, action: str) -> dict:
-        learner, log_ = self.learner, self.storage.log
-        if action == "approve":
-            seqs = learner.approve(source, target)
-            log_.set_status(seqs, LEARNED)
-            result = {"pair": [source, target], "action": action, "released": len(seqs)}
-        else:
-            dropped, since = learner.discard(source, target)
-            log_.set_status(dropped, DISCARDED)
-            result = {"pair": [source, target], "action": action, "dropped": len(dropped), "restored_version": None}
-            if since is not None:  # some of its labels were learned: back to a version from before them
-                result["restored_version"] = learner.restore_before(since, self.storage.snapshots)
-        log.warning("operator decision: %s relabelling %d -> %d: %s", action, source, target, result)
-        self._publish()
-        result["concept"] = learner.status()["concept"]  # read here, by the loop that owns the learner
-        return result
-
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> None:
-        next_status = 0.0
-        while not self.stop.is_set():
-            worked = False
-            try:
-                if self.learn:
-                    self.active = self.storage.lease("learner").try_acquire()
-                    if self.active:
-                        if not self.resumed:
-                            self._resume()
-                        self._run_commands()
-                        worked = self._step()
-                self.faults.ok("storage")
-                self.faults.ok("learn")
-            except StorageError as exc:
-                if self.faults.failed("storage", exc.message):
-                    log.warning("learning paused: %s", exc.message)
-            except Exception as exc:  # kept in status and metrics until a step succeeds again
-                if self.faults.failed("learn", f"{type(exc).__name__}: {exc}"):
-                    log.exception("learning step failed")
-            board = time.monotonic() >= next_status
-            if board or worked:
-                self._publish_status(board)
-                next_status = time.monotonic() + STATUS_EVERY_S if board else next_status
-            if not worked:
-                self.wake.wait(POLL_S)
-                self.wake.clear()
-
-    def _resume(self) -> None:
-        """Start from the newest published version and check it against the log."""
-        loaded = self.storage.snapshots.load_resumable()
-        if loaded is not None:
-            state, meta, private = loaded
-            try:
-                self.learner.load_state_dict(private["learner"], reference_of(state))
-                self.learner.version = int(meta["version"])
-                log.info("resumed from version %d (log absorbed to %d)", self.learner.version,
-                         self.learner.absorbed)
-            except (ValueError, KeyError, RuntimeError, TypeError) as exc:  # another model's, or an older format
-                self.learner.reset()
-                msg = (f"the newest snapshot (version {meta.get('version')}) does not fit this model ({exc}); "
-                       "learning starts from the source model and publishes above it")
-                log.warning("%s", msg)
-                self.warnings.append(msg[:500])
-        last = self.storage.log.stats()["last_seq"]
-        if self.learner.absorbed > last:
-            self._rebase_log(last)
-        self.resumed = True
-
-    def _rebase_log(self, last: int) -> None:
-        """The log ends before the learner's position: it was lost, replaced or truncated (at start,
-        or while running). Re-read from row 0 so that new labels are learned (weights kept)."""
-        msg = (f"the learner had absorbed feedback-log row {self.learner.absorbed} but the log ends at {last}: "
-               f"the log was lost or replaced ({self.storage.log.path}); re-based at row 0, so new labels are "
-               "learned (weights kept)")
-        log.warning("%s", msg)
-        self.warnings.append(msg)
-        self.learner.absorbed = 0
-
-    def _serving_context(self) -> dict | None:
-        """What serving normalises with now: the freshest worker status record (cached ~1 s)."""
-        at, ctx = self._context
-        if time.monotonic() - at < 1.0:
-            return ctx
-        records = self.storage.status.read(CONTEXT_MAX_AGE_S)
-        workers = sorted((r for r in records.values() if r.get("role") == "worker"), key=lambda r: r.get("_time", 0))
-        ctx = workers[-1].get("context") if workers else None
-        self._context = (time.monotonic(), ctx)
-        return ctx
-
-    def _step(self) -> bool:
-        """Absorb the next rows, update when due, publish when due; True if there was work."""
-        learner = self.learner
-        context = self._serving_context()
-        rows = next(self.storage.log.entries(after=learner.absorbed, batch=self.settings.heal.learn.max_labels_per_update),
-                    None)
-        if rows is None and learner.absorbed and self.storage.log.stats()["last_seq"] < learner.absorbed:
-            self._rebase_log(self.storage.log.stats()["last_seq"])
-        if rows is not None:
-            learner.absorb_entries(rows, context, self.storage.log,
-                                   current=lambda: self.storage.predictions.newest(learner.config.learn.past_sample))
-        if learner.update_due:
-            learner.update(context)
-        if learner.dirty and time.monotonic() - self._last_publish >= self.settings.heal.snapshot_interval_s:
-            self._publish()
-        return rows is not None
-
-    def _publish(self) -> None:
-        """Save the learner's state as a new version; a failure stays in `faults` (and the learner
-        dirty, so the next round retries) until a publish succeeds."""
-        self._last_publish = time.monotonic()
-        try:
-            state, meta, private = self.learner.snapshot()
-            version = self.storage.snapshots.save(state, meta, private)
-        except StorageError as exc:
-            if self.faults.failed("publish", exc.message):
-                log.warning("publishing failed: %s", exc.message)
-            return
-        self.faults.ok("publish")
-        self.learner.mark_published(version)
-        log.info("published version %d (log absorbed to %d)", version, self.learner.absorbed)
-
-    def _publish_status(self, board: bool = True) -> None:
-        """Refresh the status the HTTP threads read; write it to the status board when `board`.
-        Never raises: what fails here is kept in `faults` like any other failure."""
-        try:
-            status = self.learner.status()
-            log_stats = self.storage.log.stats()
-            self.faults.ok("log")
-        except StorageError as exc:
-            status, log_stats = self.learner.status(), None
-            self.faults.failed("log", exc.message)
-        lag = (log_stats["last_seq"] - self.learner.absorbed) if log_stats and self.active else None
-        faults = self.faults.snapshot()
-        storage_error = (faults.get("storage") or faults.get("log") or {}).get("error")
-        payload = {"role": "learner", "pid": os.getpid(), "host": socket.gethostname(), "active": self.active,
-                   "learning": self.learn, "log": log_stats, "lag": lag, "log_error": storage_error,
-                   "faults": faults, "warnings": list(self.warnings),
-                   "intake": dict(self.intake.counters) if self.intake is not None else None, **status}
-        self.snapshot_status = payload
-        if not board:
-            return
-        try:
-            self.storage.status.put(self.member, payload)
-            self.faults.ok("status")
-        except StorageError as exc:
-            if self.faults.failed("status", exc.message):
-                log.warning("status record: %s", exc.message)
-
-    def current_status(self) -> dict:
-        """The learner's status with the log read now (appends since the last step show as lag), and
-        each live worker's version and open faults (a worker that cannot write its prediction record
-        shows here, where a labeller looks, not only in that worker's own status)."""
-        status = dict(self.snapshot_status)
-        try:
-            status["log"] = self.storage.log.stats()
-            if self.active:
-                status["lag"] = status["log"]["last_seq"] - int(status.get("absorbed", 0))
-        except StorageError as exc:
-            status["log"], status["log_error"] = None, exc.message
-        try:  # how far back feedback by id reaches, against the record's budget
-            status["record"] = self.storage.predictions.stats()
-        except StorageError as exc:
-            status["record"] = {"error": exc.message}
-        try:
-            records = self.storage.status.read(CONTEXT_MAX_AGE_S)
-            status["workers"] = {m: {"version": r.get("version"),
-                                     "faults": {c: f for c, f in (r.get("faults") or {}).items() if f.get("error")}}
-                                 for m, r in records.items() if r.get("role") == "worker"}
-        except StorageError as exc:
-            status["workers"] = {"error": exc.message}
-        return status
-
-
-class IntakeServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, service: LearnerService, intake: Intake, model: str, secret: str,
-                 settings: HandlerSettings) -> None:
-        self.service, self.intake, self.model, self.secret, self.settings = service, intake, model, secret, settings
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: IntakeServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt: str, *args) -> None:  # the access log goes to debug, not stderr
-        log.debug(fmt, *args)
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, code: int, message: str) -> None:
-        err = RequestError(code, message)
-        self._send(code, err.body())
-
-    def _route(self) -> str | None:
-        given = self.headers.get(SECRET_HEADER, "")
-        if not hmac.compare_digest(given.encode(), self.server.secret.encode()):
-            self._error(403, "feedback reaches the learner only through the management API")
-            return None
-        path = self.path.split("?", 1)[0].rstrip("/")
-        prefix = f"/feedback/{self.server.model}"
-        if path == prefix:
-            return "feedback"
-        if path == f"{prefix}/quarantine":
-            return "quarantine"
-        self._error(404, f"no route {path[:80]}")
-        return None
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's names)
-        if self._route() == "feedback":
-            status = self.server.service.current_status()
-            status["model"] = self.server.model
-            self._send(200, status)
-
-    def do_POST(self) -> None:  # noqa: N802
-        route = self._route()
-        if route is None:
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        limit = self.server.settings.max_body_bytes
-        if length > limit:
-            self._error(413, f"feedback body of {length} bytes exceeds the limit of {limit}")
-            return
-        raw = self.rfile.read(length)
-        try:
-            body = parse_json(raw, self.server.settings.json_limits, limit) if raw else None
-        except RequestError as err:
-            self._send(err.code, err.body())
-            return
-        if body is None:
-            self._error(400, 'empty body: send {"feedback": [{"id": ..., "label": k}]} or {"instances": [...], '
-                             '"labels": [...]}')
-            return
-        if route == "quarantine":
-            try:
-                result = self.server.service.decide(body)
-            except RequestError as err:
-                self._send(err.code, err.body())
-                return
-            self._send(200, result)
-            return
-        try:
-            # no lock: a slow id lookup must not hold up other labellers (the log serialises appends)
-            result = self.server.intake.submit(body)
-        except IntakeError as err:
-            self._send(err.code, {"code": err.code, "type": ERROR_TYPES.get(err.code, "Error"),
-                                  "message": err.message})
-            return
-        result["model_version"] = self.server.service.snapshot_status.get("version")
-        self._send(200, result)
+    return read
 
 
 def write_announcement(path: Path, info: dict) -> None:
@@ -465,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--intake-only", action="store_true", help="take feedback, never learn (learner: external)")
+    ap.add_argument("--host", default="127.0.0.1", help="the intake's address (loopback unless reached directly)")
+    ap.add_argument("--port", type=int, default=0, help="the intake's port (0: any free one, announced)")
+    ap.add_argument("--key", default=os.environ.get(KEY_ENV, ""),
+                    help=f"a management key callers may give as Authorization: Bearer (default ${KEY_ENV})")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -472,27 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     handler = build_handler(args.model_dir, args.handler, args.model_name)
     settings: HandlerSettings = handler.selfheal_settings
     model, inputs, targets = handler.selfheal_parts
-    from selfheal_torchserve.worker import snapshot_root
-
-    storage = open_storage(args.model_name, snapshot_root(settings, args.workdir) / args.model_name,
-                           settings.log_url or None, settings.snapshot_keep, settings.recent_predictions,
-                           settings.feedback_retention, settings.record_bytes,
-                           settings.record_buffer_bytes)
-    learner = Learner(model, inputs, settings.heal, settings.task, targets)
-    member = f"learner-{socket.gethostname()}-{os.getpid()}"
-    wake = threading.Event()  # an append wakes the loop
-    intake = Intake(learner.task, lambda: storage.log, lambda: storage.predictions,
-                    handler_preprocess(handler, learner), settings.max_instances, settings.feedback_wait_s,
-                    on_append=lambda _seqs: wake.set())
-    service = LearnerService(learner, settings, storage, member, learn=not args.intake_only, intake=intake,
-                             wake=wake)
-    server = IntakeServer(service, intake, args.model_name, secrets.token_hex(32), settings)
-    threading.Thread(target=server.serve_forever, name="intake", daemon=True).start()
+    storage = open_model_storage(args.model_name, settings, args.workdir)
+    learner: LearnerHandle = start_learner(args.model_name, model, inputs, targets, settings, storage,
+                                           handler_reader(handler), learn=not args.intake_only,
+                                           secret=secrets.token_hex(32), keys=tuple(filter(None, [args.key])),
+                                           host=args.host, port=args.port)
     path = announcement(args.workdir, args.model_name)
-    write_announcement(path, {"pid": os.getpid(), "port": server.server_address[1], "secret": server.secret,
+    write_announcement(path, {"pid": os.getpid(), "port": learner.port, "secret": learner.secret,
                               "started": time.time(), "model": args.model_name})
-    log.info("learner for %s: intake on 127.0.0.1:%d, learning %s", args.model_name, server.server_address[1],
-             "off (intake only)" if args.intake_only else "when this process holds the lease")
     # Polite from here on. Start-up (imports, the model, calibration) ran at the worker's priority: at
     # nice 19 beside two busy processes it took over two minutes before any feedback was taken. Linux
     # keeps niceness per thread, so this lowers the loop that learns (and threads it starts), not the
@@ -501,21 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(args.nice)
 
     def stop(*_a) -> None:
-        service.stop.set()
-        service.wake.set()
+        learner.stop()
 
     signal.signal(signal.SIGTERM, stop)
 
     def watch() -> None:  # the frontend and the unpacked .mar outlive us, not the other way round
-        while not service.stop.wait(1.0):
+        while not learner.service.stop.wait(1.0):
             gone = args.frontend_pid and not _pid_exists(args.frontend_pid)
             if gone or not args.model_dir.exists():
                 log.info("TorchServe or the model is gone: stopping")
                 stop()
 
     threading.Thread(target=watch, name="watch", daemon=True).start()
-    service.run()
-    server.shutdown()
+    learner.run()
     info = {}
     try:
         info = json.loads(path.read_text())
@@ -525,24 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         path.unlink(missing_ok=True)
     storage.close()
     return 0
-
-
-def fixed_mmap_threshold(size: int = 2 ** 20) -> bool:
-    """Map blocks of `size` bytes and more with mmap, always (glibc; elsewhere nothing happens).
-    glibc raises its threshold as large blocks are freed, after which a forward's activations come
-    from the heap and its freed pages stay with the process: a 224x224 ResNet-18's learner kept
-    837 MB after one update, 614 MB with the threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_, if
-    the operator set it, is left alone)."""
-    import ctypes
-    import ctypes.util
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, size))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def _pid_exists(pid: int) -> bool:

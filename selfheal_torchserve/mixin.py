@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from selfheal_torchserve.batching import per_request
-from selfheal_torchserve.loading import build_model, load_reference
-from selfheal_torchserve.settings import HandlerSettings
+from selfheal_serving.loading import build_model, load_reference
+from selfheal_serving.settings import HandlerSettings
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from selfheal_torchserve.worker import HEADER, parse_header
+from selfheal_serving.header import HEADER, parse_header
 
 log = logging.getLogger(__name__)
 

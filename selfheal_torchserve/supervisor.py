@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from selfheal_core.storage import FileLease
-from selfheal_torchserve.settings import HandlerSettings
+from selfheal_serving.settings import HandlerSettings
 
 log = logging.getLogger(__name__)
 

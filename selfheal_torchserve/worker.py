@@ -1,39 +1,26 @@
-"""What selfheal runs inside each TorchServe worker: serve, monitor, record, follow published versions.
+"""The TorchServe adapter of the replica runtime: one `WorkerRuntime` per TorchServe worker.
 
-The request thread serves (`predict`, `record`, `respond`). One background
-thread per worker does the rest, every `drain_interval_s`: monitoring and
-label-free correction on what was served (`ServingModel.drain`), writing
-prediction ids to the shared record, and every `sync_interval_s` installing a
-newer published version, writing this worker's status record, and keeping
-the model's learner process alive. Workers never train.
+It resolves what a worker knows through TorchServe (the model's name and the
+unpacked .mar from the context, the frontend's working directory for
+relative snapshot paths), exports through TorchServe's metrics cache, sends
+the fields as the `X-Selfheal` header (or the opt-in envelope), and keeps the
+model's learner process alive (`LearnerSupervisor`). Serving, monitoring and
+following published versions are `selfheal_serving.runtime.ReplicaRuntime`'s.
 """
 from __future__ import annotations
 
 import logging
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from selfheal_core import ServingModel
-from selfheal_core.faults import Faults
-from selfheal_core.learner import published_from_snapshot
-from selfheal_core.monitor import merge_drift
-from selfheal_core.storage import StorageError, open_storage
-from selfheal_torchserve.errors import RequestError
-from selfheal_torchserve.settings import HandlerSettings
+from selfheal_serving.header import HEADER
+from selfheal_serving.runtime import ReplicaRuntime, load_calibration, open_model_storage
+from selfheal_serving.settings import HandlerSettings
 
 log = logging.getLogger(__name__)
-
-# One response header: each extra header cost the TorchServe frontend ~3% of its throughput at batch 1
-# (bench_serve, monitor vs plain: one header 0.93, four 0.81). The ids come last, so that
-# `sed 's/.*ids=//'` cuts them out.
-HEADER = "X-Selfheal"
-STATUS_MAX_AGE_S = 30.0  # status records older than this belong to members that are gone
 
 
 def server_workdir() -> Path:
@@ -44,343 +31,44 @@ def server_workdir() -> Path:
         return Path(os.environ.get("PWD", os.getcwd()))
 
 
-CALIBRATION_FILE = "selfheal_calibration.pt"  # detector thresholds computed by `selfheal archive`
-
-
-UNTRUSTED = "untrusted"  # the header's accuracy when no confidence-based estimate can speak
-UNKNOWN = "unknown"  # the header's drift when monitoring is failing
-
-
-def header_value(version: int, drift: dict, ids: list[str], accuracy: float | str | None = None,
-                 monitoring: bool = True) -> str:
-    """`version=3; drift=true; detectors=confidence,feature_shift; accuracy=0.874; ids=<id>,<id>`
-    (accuracy: the live estimate without labels, classifiers only; `untrusted` where it cannot be
-    trusted). `monitoring` False: the monitor is failing, so drift is `unknown`, never `false`."""
-    detectors = f"; detectors={','.join(drift['firing'])}" if drift["firing"] else ""
-    estimate = (f"; accuracy={accuracy}" if isinstance(accuracy, str)
-                else f"; accuracy={accuracy:.3f}" if accuracy is not None else "")
-    state = UNKNOWN if not monitoring else "true" if drift["detected"] else "false"
-    return f"version={version}; drift={state}{detectors}{estimate}; ids={','.join(ids)}"
-
-
-def parse_header(value: str) -> dict:
-    """The X-Selfheal header as {"version", "drift", "detectors", "accuracy", "ids"}; drift is None
-    when unknown (monitoring failing), accuracy None when absent or untrusted.
-
-    >>> parse_header("version=3; drift=true; detectors=confidence; accuracy=0.874; ids=a1,b2")
-    {'version': 3, 'drift': True, 'detectors': ['confidence'], 'accuracy': 0.874, 'ids': ['a1', 'b2']}
-    >>> parse_header("version=3; drift=unknown; accuracy=untrusted; ids=a1")["drift"]
-    """
-    fields = dict(part.strip().split("=", 1) for part in value.split(";") if "=" in part)
-    accuracy = fields.get("accuracy")
-    return {"version": int(fields["version"]),
-            "drift": None if fields["drift"] == UNKNOWN else fields["drift"] == "true",
-            "detectors": [d for d in fields.get("detectors", "").split(",") if d],
-            "accuracy": float(accuracy) if accuracy not in (None, UNTRUSTED) else None,
-            "ids": [i for i in fields.get("ids", "").split(",") if i]}
-
-
-def load_calibration(model_dir: Path) -> dict | None:
-    path = model_dir / CALIBRATION_FILE
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file only costs the simulation it was meant to save
-        log.warning("ignoring %s: %s", path.name, exc)
-        return None
-
-
-class StepCounter:
-    """Optimizer steps taken in this process: a worker takes them only for label-free adaptation
-    (LayerNorm/GroupNorm affine, feature adapter), never for labelled learning."""
-
-    steps = 0
-    _handle = None
-
-    @classmethod
-    def install(cls) -> None:
-        if cls._handle is None:
-            def count(*_args) -> None:
-                cls.steps += 1
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            cls._handle = register_optimizer_step_post_hook(count)
-
-
-def snapshot_root(settings: HandlerSettings, workdir: Path) -> Path:
-    root = Path(settings.snapshot_dir)
-    return root if root.is_absolute() else workdir / root
-
-
-class WorkerRuntime:
-    """One worker's selfheal: a ServingModel, the shared storage, a background thread."""
+class WorkerRuntime(ReplicaRuntime):
+    """A replica runtime built from TorchServe's context, with the model's learner supervised."""
 
     def __init__(self, context, settings: HandlerSettings, model: torch.nn.Module, inputs: torch.Tensor,
                  targets: torch.Tensor | None, handler: Any) -> None:
-        self.settings = settings
-        self.model_name = context.model_name
         self.workdir = server_workdir()
-        self.storage = open_storage(self.model_name, snapshot_root(settings, self.workdir) / self.model_name,
-                                    settings.log_url or None, settings.snapshot_keep, settings.recent_predictions,
-                                    settings.feedback_retention, settings.record_bytes,
-                                    settings.record_buffer_bytes)
-        calibration = load_calibration(Path(context.system_properties["model_dir"]))
-        self.serving = ServingModel(model, inputs, settings.heal, settings.task, targets, calibration)
-        self.member = f"worker-{socket.gethostname()}-{os.getpid()}"
-        StepCounter.install()
-        for warning in self.serving.reference_report.warnings:
-            log.warning("reference: %s", warning)
-        try:
-            self.storage.open_record()  # announce this writer before handing out ids
-        except StorageError as exc:
-            log.warning("prediction record: %s (feedback by id waits until it can be written)", exc.message)
-        # each background job's failures, open until that job next succeeds
-        self.faults = Faults(("monitor", "record", "sync", "install", "status", "learner", "metrics"))
-        # TorchServe batches: count, requests, the largest, and those mixing refused and answered requests
-        self.batches = {"batches": 0, "requests": 0, "largest": 0, "mixed": 0}
-        self._failed_version = 0  # a published version that could not be loaded (not retried)
-        self._learner: dict | None = None  # the learner's status record, read every status interval
-        self._drift = self.serving.drift
-        # live accuracy estimate, refreshed by the background thread; before any prediction was observed
-        # the reference's own accuracy (the first answers carried no estimate at all)
-        self._estimate: float | None = self.serving.estimator.reference_accuracy
-        self._published_at: float | None = None  # when the newest version seen was published
-        self.metrics = None
+        metrics = None
         if getattr(context, "metrics", None) is not None:
             from selfheal_torchserve.metrics import MetricsEmitter
 
-            self.metrics = MetricsEmitter(context.metrics, self.model_name)
-        self._job("sync", self._install_latest)
-        self._apply = self.serving.sync
-        self._apply()
-        self._stop = threading.Event()
-        self._warned: dict[str, float] = {}
+            metrics = MetricsEmitter(context.metrics, context.model_name)
         self.supervisor = None
         if settings.learner != "off":
             from selfheal_torchserve.supervisor import LearnerSupervisor
 
-            self.supervisor = LearnerSupervisor(self.workdir, self.model_name, context, type(handler), settings)
-        self._thread: threading.Thread | None = None
+            self.supervisor = LearnerSupervisor(self.workdir, context.model_name, context, type(handler), settings)
+        super().__init__(context.model_name, settings, model, inputs, targets,
+                         open_model_storage(context.model_name, settings, self.workdir),
+                         load_calibration(Path(context.system_properties["model_dir"])), metrics,
+                         on_status=self.supervisor.tick if self.supervisor is not None else None)
 
     def start(self, background: bool = True) -> "WorkerRuntime":
-        """Start the model's learner process (waiting until it is up) and, with `background`, the
-        thread that runs `step()`; without it the caller steps (tests: no second drainer races it)."""
+        """Start the model's learner process (waiting until it is up), then the runtime."""
         if self.supervisor is not None:
             self.supervisor.tick()
             self.supervisor.wait_ready(60.0)
-        if background:
-            self._thread = threading.Thread(target=self._loop, name=f"selfheal-{self.model_name}", daemon=True)
-            self._thread.start()
-        log.info("selfheal ready: model %s (%s, %s), version %d, label-free: %s, storage %s, learner %s",
-                 self.model_name, self.serving.task.kind.value, self.serving.mode, self.serving.version,
-                 self.serving.corrector.summary if self.serving.corrector else "off (monitor-only)",
-                 self.storage.describe(), self.settings.learner)
-        return self
-
-    # ------------------------------------------------------------------ request thread
-    def check(self, x: Any) -> torch.Tensor:
-        """The base's preprocessed batch, validated against the reference's shape and dtype."""
-        if not isinstance(x, torch.Tensor):
-            raise RequestError(400, f"preprocess returned {type(x).__name__}, selfheal needs a tensor batch")
-        if len(x) > self.settings.max_instances:
-            raise RequestError(413, f"{len(x)} inputs exceed the limit of {self.settings.max_instances}")
-        try:
-            return self.serving.check_input(x)
-        except ValueError as exc:
-            raise RequestError(400, f"bad inputs: {exc}") from None
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Outputs for a checked batch; TorchServe's batch of requests may together exceed
-        `max_batch` (each request was checked alone), so it is forwarded in chunks of at most that."""
-        limit = self.serving.config.max_batch
-        if len(x) <= limit:
-            return self.serving.predict(x, defer=True, checked=True)
-        return torch.cat([self.serving.predict(x[i:i + limit], defer=True, checked=True)
-                          for i in range(0, len(x), limit)])
-
-    def note_batch(self, requests: int, answered: int) -> None:
-        """Serving thread: how TorchServe batched requests (status: batching works, and a refused
-        request shared batches with answered ones)."""
-        b = self.batches
-        b["batches"] += 1
-        b["requests"] += requests
-        b["largest"] = max(b["largest"], requests)
-        b["mixed"] += int(0 < answered < requests)
-
-    def record(self, x: torch.Tensor, outputs: torch.Tensor) -> list[str]:
-        """Prediction ids, one per input, resolvable by feedback once the record is flushed (what was
-        served is worked out from the outputs at the flush)."""
-        outputs, task = outputs.detach(), self.serving.task
-        return self.storage.predictions.add(x, lambda: task.served(outputs))
-
-    @property
-    def version(self) -> int:
-        return self.serving.version
-
-    @property
-    def drift(self) -> dict:
-        """Label-free drift seen here, merged with the feedback errors the learner watches."""
-        return self._drift
+        return super().start(background)
 
     def respond(self, context, idx: int, answer: Any, ids: list[str], version: int, drift: dict) -> Any:
         if self.settings.envelope:
             return {"response": answer, "selfheal": {"ids": ids, "model_version": version, "drift": drift,
                                                      "estimated_accuracy": self._estimate}}
-        context.set_response_header(idx, HEADER, header_value(version, drift, ids, self.estimate_field,
-                                                              not self.faults.is_open("monitor")))
+        context.set_response_header(idx, HEADER, self.header(ids, version, drift))
         return answer
 
-    @property
-    def estimate_field(self) -> float | str | None:
-        """The live estimate as the header gives it: `untrusted` where it cannot be trusted."""
-        if self._estimate is not None and self.serving.estimate_trust() is not None:
-            return UNTRUSTED
-        return self._estimate
-
-
-    # ------------------------------------------------------------------ background thread
-    def _loop(self) -> None:
-        next_sync = next_status = 0.0
-        while not self._stop.wait(self.settings.drain_interval_s):
-            self.step(next_sync, next_status)
-            now = time.monotonic()
-            if now >= next_sync:
-                next_sync = now + self.settings.sync_interval_s
-            if now >= next_status:
-                next_status = now + self.settings.status_interval_s
-
-    def step(self, sync_due_at: float = 0.0, status_due_at: float = 0.0) -> None:
-        """One round of the background jobs, each on its own: one that fails is kept in `faults`
-        (status, metrics; a failing monitor makes the header say drift=unknown) until it next
-        succeeds, and the others still run."""
-        now = time.monotonic()
-        drained = self._job("monitor", self.serving.drain)
-        self._job("record", self._flush)
-        if now >= sync_due_at:
-            self._job("sync", self._install_latest)
-        status_due = now >= status_due_at
-        if status_due:
-            self._job("status", self._write_status)
-            self._learner = self._job("learner", self.learner_status)
-            if self.supervisor is not None:
-                self._job("supervisor", self.supervisor.tick)
-        errors = (self._learner or {}).get("errors")
-        serving = self.serving.drift
-        self._drift = merge_drift(serving, errors) if errors else serving
-        if drained or status_due:  # the estimate moves with new predictions or new labels only
-            self._estimate = self._job("estimate", lambda: self.estimated_accuracy(self._learner))
-        if status_due and self.metrics is not None:
-            self._job("metrics", lambda: self.metrics.emit(self.serving.status(), self._drift, self._learner,
-                                                           self._published_at, self.estimate_field,
-                                                           self.faults.snapshot(), self.dropped()))
-
-    def _job(self, name: str, fn):
-        try:
-            result = fn()
-        except Exception as exc:  # keep serving; kept in faults until the job succeeds again
-            if self.faults.failed(name, f"{type(exc).__name__}: {exc}"):
-                log.exception("selfheal background job %s failed", name)
-            return None
-        self.faults.ok(name)
-        return result
-
-    def _flush(self) -> None:
-        try:
-            self.storage.predictions.flush()
-        except StorageError as exc:  # kept in memory and retried: ids handed out stay resolvable
-            self._warn("record", f"prediction record: {exc.message}")
-            raise
-
-    def _warn(self, key: str, message: str, every_s: float = 60.0) -> None:
-        if time.monotonic() - self._warned.get(key, -every_s) >= every_s:
-            self._warned[key] = time.monotonic()
-            log.warning("%s", message)
-
-    def _install_latest(self) -> None:
-        """Prepare the newest published version, if newer than the one served."""
-        try:
-            store = self.storage.snapshots
-            latest = store.latest_version()
-            if latest <= max(self.serving.pending_version, self._failed_version):
-                return
-            loaded = store.load_latest()
-        except StorageError as exc:
-            self._warn("snapshots", f"snapshot store: {exc.message}")
-            raise
-        if loaded is None or int(loaded[1]["version"]) <= self.serving.pending_version:
-            self._failed_version = latest
-            return
-        try:
-            self.serving.install(published_from_snapshot(*loaded))
-            self._published_at = loaded[1].get("created")
-        except (ValueError, KeyError, RuntimeError, TypeError) as exc:  # skipped, not retried; serving goes on
-            self._failed_version = int(loaded[1]["version"])
-            self.faults.failed("install", f"version {loaded[1]['version']} skipped: {exc}")
-            self._warn("install", f"cannot install version {loaded[1]['version']}, serving version "
-                                  f"{self.serving.pending_version} on: {exc}")
-            return
-        self.faults.ok("install")
-        log.info("installing published version %d", loaded[1]["version"])
-
-    def _write_status(self) -> None:
-        payload = {"role": "worker", "pid": os.getpid(), "version": self.serving.version,
-                   "drift": self.serving.drift, "context": self.serving.context(),
-                   "counters": dict(self.serving.counters), "optimizer_steps": StepCounter.steps,
-                   "faults": self.faults.snapshot()}
-        try:
-            self.storage.status.put(self.member, payload)
-        except StorageError as exc:
-            self._warn("status", f"status records: {exc.message}")
-            raise
-
-    # ------------------------------------------------------------------ status
-    def learner_status(self) -> dict | None:
-        """The model's learner, as its status record tells (the active one first)."""
-        try:
-            records = self.storage.status.read(STATUS_MAX_AGE_S)
-        except StorageError as exc:
-            return {"error": exc.message}
-        learners = [r for r in records.values() if r.get("role") == "learner"]
-        learners.sort(key=lambda r: (not r.get("active"), -r.get("_time", 0)))
-        return learners[0] if learners else None
-
-    def estimated_accuracy(self, learner: dict | None) -> float | None:
-        """ATC's live estimate, corrected by what the learner (its status record) observed on labelled
-        predictions."""
-        labelled = (learner or {}).get("accuracy")
-        return self.serving.estimator.corrected(labelled) if self.serving.task.is_classifier else None
-
-    def dropped(self) -> dict[str, int]:
-        """What this worker's full buffers dropped: predictions not monitored (the queue) and
-        predictions never written to the record (its unwritten buffer, while the store failed)."""
-        record = self.storage.opened("predictions")
-        return {"queue": int(self.serving.counters["shed"]), "record": record.dropped if record is not None else 0}
-
-    def describe(self) -> dict:
-        self._apply()  # a version prepared since the last request is what is served now
-        status = self.serving.status()
-        learner = self.learner_status()
-        if status.get("accuracy") is not None:
-            status["accuracy"] = dict(status["accuracy"], labelled=(learner or {}).get("accuracy"),
-                                      corrected=self.estimated_accuracy(learner))
-        if learner and isinstance(learner.get("errors"), dict):
-            status["drift"] = merge_drift(status["drift"], learner["errors"])
-        status["learner"] = learner
-        status["faults"] = self.faults.snapshot()
-        status["batches"] = dict(self.batches)
-        status["dropped"] = self.dropped()
-        status["handler"] = {"worker": self.member, "pid": os.getpid(), "optimizer_steps": StepCounter.steps,
-                             "storage": self.storage.describe(),
-                             "learner_mode": self.settings.learner, "envelope": self.settings.envelope}
-        return status
-
     def close(self) -> None:
-        """Stop the background thread (tests; TorchServe ends workers by killing them)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        """Stop the background thread and the supervised learner (tests; TorchServe ends workers by
+        killing them)."""
+        super().close()
         if self.supervisor is not None:
             self.supervisor.close()
-        self.serving.close()
-        self.storage.close()

@@ -9,7 +9,7 @@ import requests
 import yaml
 
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive
-from selfheal_torchserve.worker import parse_header
+from selfheal_serving.header import parse_header
 from tests.conftest import wait_until
 
 

@@ -7,7 +7,7 @@ import torch
 
 from selfheal_bench.data import corrupt, load_digits_split, resample
 from selfheal_core import FileSnapshotStore, SelfHealer
-from selfheal_torchserve.worker import parse_header
+from selfheal_serving.header import parse_header
 
 
 def stream(name, severity, n, seed):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from selfheal_torchserve import cli
-from selfheal_torchserve.settings import HandlerSettings
+from selfheal_serving.settings import HandlerSettings
 from tests.torchserve.conftest import digits_args
 
 

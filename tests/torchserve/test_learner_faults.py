@@ -12,8 +12,8 @@ from selfheal_core import Learner
 from selfheal_core.storage import StorageUnavailable, open_storage
 from selfheal_core.storage.files import FileSnapshotStore
 from selfheal_torchserve.errors import RequestError
-from selfheal_torchserve.learner_service import LearnerService
-from selfheal_torchserve.settings import HandlerSettings
+from selfheal_serving.learner import LearnerService
+from selfheal_serving.settings import HandlerSettings
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from selfheal_bench.examples import data
 from tests.torchserve.conftest import digits_args, np_list, rul_args, tabular_args
 
 IMG = [[0.5] * 8] * 8
-from selfheal_torchserve.worker import parse_header
+from selfheal_serving.header import parse_header
 
 
 def test_stock_handler_keeps_the_answer_and_adds_headers(serve, trained, reference):

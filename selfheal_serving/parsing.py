@@ -1,14 +1,15 @@
-"""Reading request bodies: JSON with limits, inputs as tensors, targets for feedback."""
+"""Reading request bodies: JSON with limits, numeric instances as input tensors (any server)."""
 from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 import torch
 
-from selfheal_torchserve.errors import RequestError, echo
-from selfheal_torchserve.settings import JsonLimits
+from selfheal_core.errors import ClientError as RequestError, echo
+from selfheal_serving.settings import JsonLimits
 
 
 def _check_depth(text: str, limit: int) -> None:
@@ -125,3 +126,47 @@ def _has_bool(value: Any) -> bool:
             elif any(type(e) is bool or isinstance(e, list) for e in v):
                 stack.extend(e for e in v if isinstance(e, (bool, list)))
     return False
+
+
+def request_inputs(body: Any, shape: tuple[int, ...] | None, dtype: torch.dtype, max_instances: int) -> torch.Tensor:
+    """An inference request's inputs as (N, *shape): `{"instances": [x, ...]}` (KServe v1),
+    `{"data": x}` (also "input", "inputs"), or a bare array (one input, or a batch when it has one
+    more dimension than an input); ClientError (400/413) naming the problem."""
+    if isinstance(body, dict):
+        if "instances" in body:
+            values = body["instances"]
+            if not isinstance(values, list) or not values:
+                raise RequestError(400, '"instances" must be a non-empty list of inputs')
+            if len(values) > max_instances:
+                raise RequestError(413, f"{len(values)} inputs exceed the limit of {max_instances}")
+            return _checked(shaped(as_tensor(values, dtype), shape, batch=True), max_instances)
+        for key in ("data", "input", "inputs"):
+            if key in body:
+                return _checked(shaped(as_tensor(body[key], dtype), shape, batch=False), max_instances)
+        raise RequestError(400, 'body needs "instances": [x, ...] or "data": x')
+    if isinstance(body, list):
+        return _checked(shaped(as_tensor(body, dtype), shape, batch=None), max_instances)
+    raise RequestError(400, 'body must be a JSON array or object: {"instances": [...]} or {"data": x}')
+
+
+def shaped(x: torch.Tensor, shape: tuple[int, ...] | None, batch: bool | None) -> torch.Tensor:
+    """x as (N, *shape): a single input gains the batch dimension; unit dimensions the input
+    shape has (an 8x8 image for a (1, 8, 8) model) are added. `batch`: x is a batch (True), one
+    input (False), or either (None)."""
+    if shape is None:
+        return x if batch else x.unsqueeze(0)
+    squeezed = tuple(d for d in shape if d != 1)
+    if batch is not False and tuple(x.shape[1:]) in (shape, squeezed) and x.dim() >= 1:
+        return x.reshape(len(x), *shape)
+    if batch is not True and tuple(x.shape) in (shape, squeezed):
+        return x.reshape(1, *shape)
+    raise RequestError(400, f"inputs must have shape {list(shape)} (or a list of them), got "
+                            f"{list(x.shape[1:] if batch else x.shape)}")
+
+
+def _checked(x: torch.Tensor, max_instances: int) -> torch.Tensor:
+    if len(x) > max_instances:
+        raise RequestError(413, f"{len(x)} inputs exceed the limit of {max_instances}")
+    if x.is_floating_point() and not math.isfinite(float(x.sum())) and not torch.isfinite(x).all():
+        raise RequestError(400, "inputs contain NaN or inf")
+    return x

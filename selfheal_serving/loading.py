@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfheal_torchserve.settings import HandlerSettings
+from selfheal_serving.settings import HandlerSettings
 
 log = logging.getLogger(__name__)
 
