@@ -61,3 +61,35 @@ def test_serve_your_own_model_commands_run_as_written(tmp_path):
     pids = [int(p) for p in stopped.group(1).split(",")]
     assert len(pids) >= 3  # the frontend, the worker, the learner
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_serve_it_on_kserve_commands_run_as_written(tmp_path):
+    """Steps 1-2 of "Serve your own model" (the .mar), then "Serve it on KServe" as written."""
+    import signal
+
+    import pytest
+
+    pytest.importorskip("kserve", reason="KServe is not installed: pip install -e '.[kserve]' (make test installs it)")
+    own = readme_block("Serve your own model")
+    script = own[:own.index("# 3. serve it")] + readme_block("Serve it on KServe")
+    for old, new in zip(("8085", "8086", "8087", "8088", "8090"), free_ports(5)):
+        script = script.replace(old, str(new))
+    for name in (".venv", "selfheal_bench"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "model-config.yaml").write_text((REPO / "model-config.yaml").read_text())
+    (tmp_path / "model_store").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("SELFHEAL_SNAPSHOT_DIR", "SELFHEAL_LOG_URL")}
+    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        try:  # the servers the script started in the background, whatever became of it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    (tmp_path / "stdout.txt").write_text(out)
+    (tmp_path / "stderr.txt").write_text(err)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+    assert re.search(r"(?i)x-selfheal: version=0; drift=false(; accuracy=[0-9.]+)?; ids=", out), out[-2000:]
+    assert '"predictions"' in out and '"accepted": 1' in out, f"{out[-2000:]}\n{err[-1000:]}"

@@ -1,0 +1,3 @@
+from selfheal_kserve.server import main
+
+raise SystemExit(main())
