@@ -30,8 +30,9 @@ COPY pyproject.toml README.md ./
 COPY selfheal_core ./selfheal_core
 COPY selfheal_serving ./selfheal_serving
 COPY selfheal_torchserve ./selfheal_torchserve
-# the KServe adapter is packaged too; its server comes with the extra, not in this image
+# the KServe and Ray Serve adapters are packaged too; their servers come with the extras, not in this image
 COPY selfheal_kserve ./selfheal_kserve
+COPY selfheal_ray ./selfheal_ray
 COPY selfheal_bench ./selfheal_bench
 # Exported as pip's own variables only when set: pip would read an empty one as a setting.
 RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi \

@@ -93,3 +93,36 @@ def test_serve_it_on_kserve_commands_run_as_written(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
     assert re.search(r"(?i)x-selfheal: version=0; drift=false(; accuracy=[0-9.]+)?; ids=", out), out[-2000:]
     assert '"predictions"' in out and '"accepted": 1' in out, f"{out[-2000:]}\n{err[-1000:]}"
+
+
+def test_serve_it_on_ray_commands_run_as_written(tmp_path):
+    """Steps 1-2 of "Serve your own model", then "Serve it on Ray Serve" as written, in a network
+    namespace of their own (Ray's processes bind every interface)."""
+    import signal
+
+    import pytest
+
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]' (make test installs it)")
+    own = readme_block("Serve your own model")
+    script = "ip link set lo up\n" + own[:own.index("# 3. serve it")] + readme_block("Serve it on Ray Serve")
+    for name in (".venv", "selfheal_bench"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "model-config.yaml").write_text((REPO / "model-config.yaml").read_text())
+    (tmp_path / "model_store").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("SELFHEAL_SNAPSHOT_DIR", "SELFHEAL_LOG_URL")}
+    env.update(HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")  # Ray keeps a token under ~/.ray
+    netns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
+    proc = subprocess.Popen([*netns, "bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        try:  # Ray's daemons, whatever became of the script (`ray stop` ends them when it runs)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    (tmp_path / "stdout.txt").write_text(out)
+    (tmp_path / "stderr.txt").write_text(err)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+    assert '"accepted": 1' in out, f"{out[-2000:]}\n{err[-1000:]}"
+    assert '"version":' in out and '"learner":' in out, out[-2000:]
