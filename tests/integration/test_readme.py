@@ -12,6 +12,7 @@ import re
 import subprocess
 
 import psutil
+import pytest
 
 from selfheal_bench.torchserve import PLUGINS, REPO, free_ports
 
@@ -63,61 +64,29 @@ def test_serve_your_own_model_commands_run_as_written(tmp_path):
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
-def test_serve_it_on_kserve_commands_run_as_written(tmp_path):
-    """Steps 1-2 of "Serve your own model" (the .mar), then "Serve it on KServe" as written."""
+def run_after_archive(tmp_path, heading: str, prefix: list[str] = (), ports: tuple[str, ...] = (),
+                      **env_extra: str) -> str:
+    """Steps 1-2 of "Serve your own model" (the .mar), then the README block under `heading` as
+    written (its `ports` swapped for free ones), with `prefix` before bash (a network namespace);
+    its stdout. Whatever the script started in the background is killed with its session."""
     import signal
 
-    import pytest
-
-    pytest.importorskip("kserve", reason="KServe is not installed: pip install -e '.[kserve]' (make test installs it)")
     own = readme_block("Serve your own model")
-    script = own[:own.index("# 3. serve it")] + readme_block("Serve it on KServe")
-    for old, new in zip(("8085", "8086", "8087", "8088", "8090"), free_ports(5)):
+    script = own[:own.index("# 3. serve it")] + readme_block(heading)
+    for old, new in zip(ports, free_ports(len(ports))):
         script = script.replace(old, str(new))
     for name in (".venv", "selfheal_bench"):
         (tmp_path / name).symlink_to(REPO / name)
     (tmp_path / "model-config.yaml").write_text((REPO / "model-config.yaml").read_text())
     (tmp_path / "model_store").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("SELFHEAL_SNAPSHOT_DIR", "SELFHEAL_LOG_URL")}
-    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, text=True,
+    env.update(env_extra)
+    proc = subprocess.Popen([*prefix, "bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=600)
     finally:
-        try:  # the servers the script started in the background, whatever became of it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    (tmp_path / "stdout.txt").write_text(out)
-    (tmp_path / "stderr.txt").write_text(err)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
-    assert re.search(r"(?i)x-selfheal: version=0; drift=false(; accuracy=[0-9.]+)?; ids=", out), out[-2000:]
-    assert '"predictions"' in out and '"accepted": 1' in out, f"{out[-2000:]}\n{err[-1000:]}"
-
-
-def test_serve_it_on_ray_commands_run_as_written(tmp_path):
-    """Steps 1-2 of "Serve your own model", then "Serve it on Ray Serve" as written, in a network
-    namespace of their own (Ray's processes bind every interface)."""
-    import signal
-
-    import pytest
-
-    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]' (make test installs it)")
-    own = readme_block("Serve your own model")
-    script = "ip link set lo up\n" + own[:own.index("# 3. serve it")] + readme_block("Serve it on Ray Serve")
-    for name in (".venv", "selfheal_bench"):
-        (tmp_path / name).symlink_to(REPO / name)
-    (tmp_path / "model-config.yaml").write_text((REPO / "model-config.yaml").read_text())
-    (tmp_path / "model_store").mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("SELFHEAL_SNAPSHOT_DIR", "SELFHEAL_LOG_URL")}
-    env.update(HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")  # Ray keeps a token under ~/.ray
-    netns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
-    proc = subprocess.Popen([*netns, "bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        try:  # Ray's daemons, whatever became of the script (`ray stop` ends them when it runs)
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -125,4 +94,21 @@ def test_serve_it_on_ray_commands_run_as_written(tmp_path):
     (tmp_path / "stderr.txt").write_text(err)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
     assert '"accepted": 1' in out, f"{out[-2000:]}\n{err[-1000:]}"
+    return out
+
+
+def test_serve_it_on_kserve_commands_run_as_written(tmp_path):
+    pytest.importorskip("kserve", reason="KServe is not installed: pip install -e '.[kserve]' (make test installs it)")
+    out = run_after_archive(tmp_path, "Serve it on KServe", ports=("8085", "8086", "8087", "8088", "8090"))
+    assert re.search(r"(?i)x-selfheal: version=0; drift=false(; accuracy=[0-9.]+)?; ids=", out), out[-2000:]
+    assert '"predictions"' in out
+
+
+def test_serve_it_on_ray_commands_run_as_written(tmp_path):
+    """In a network namespace of their own: Ray's processes bind every interface."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]' (make test installs it)")
+    netns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
+    out = run_after_archive(tmp_path, "Serve it on Ray Serve", prefix=[*netns, "sh", "-c", 'ip link set lo up && exec "$@"',
+                                                                      "netns"],
+                            HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")  # Ray keeps a token under ~/.ray
     assert '"version":' in out and '"learner":' in out, out[-2000:]
