@@ -114,7 +114,7 @@ def learner(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_a: handle.stop())
     signal.signal(signal.SIGINT, lambda *_a: handle.stop())
     try:
-        handle.run()
+        handle.run(nice=args.nice)  # learning yields the CPU to the servers; the intake stays prompt
     finally:
         storage.close()
     return 0
@@ -135,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--port", type=int, default=8090)
             p.add_argument("--threads", type=int, default=1)
+            p.add_argument("--nice", type=int, default=10, help="the learning loop's niceness (0: as the servers)")
     return ap
 
 

@@ -138,7 +138,8 @@ class SelfHealLearner:
     """The model's learner in a replica of its own; its intake listens on the replica's loopback
     and this deployment forwards `/feedback/{model}[...]` to it (auth included)."""
 
-    def __init__(self, mar: str, workdir: str = ".", model_name: str | None = None, key: str = "") -> None:
+    def __init__(self, mar: str, workdir: str = ".", model_name: str | None = None, key: str = "",
+                 nice: int = 10) -> None:
         key = key or os.environ.get(KEY_ENV, "")
         if not key:
             raise RuntimeError(f"the learner's routes need a management key: key=... or ${KEY_ENV}")
@@ -147,7 +148,9 @@ class SelfHealLearner:
         self.storage = _storage(bundle, workdir)
         self.handle = start_learner(bundle.name, bundle.model, bundle.inputs, bundle.targets, bundle.settings,
                                     self.storage, keys=(key,), member=f"ray-learner-{uuid.uuid4().hex[:8]}")
-        self._thread = threading.Thread(target=self.handle.run, name="selfheal-learner", daemon=True)
+        # learning yields the CPU to the ingress replicas on the node; the intake thread stays prompt
+        self._thread = threading.Thread(target=self.handle.run, kwargs={"nice": nice}, name="selfheal-learner",
+                                        daemon=True)
         self._thread.start()
         self._http = requests.Session()
 

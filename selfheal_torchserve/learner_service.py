@@ -127,12 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     path = announcement(args.workdir, args.model_name)
     write_announcement(path, {"pid": os.getpid(), "port": learner.port, "secret": learner.secret,
                               "started": time.time(), "model": args.model_name})
-    # Polite from here on. Start-up (imports, the model, calibration) ran at the worker's priority: at
-    # nice 19 beside two busy processes it took over two minutes before any feedback was taken. Linux
-    # keeps niceness per thread, so this lowers the loop that learns (and threads it starts), not the
-    # intake thread already serving: labels are still acknowledged promptly on a busy machine.
-    if args.nice:
-        os.nice(args.nice)
 
     def stop(*_a) -> None:
         learner.stop()
@@ -147,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop()
 
     threading.Thread(target=watch, name="watch", daemon=True).start()
-    learner.run()
+    learner.run(nice=args.nice)  # start-up ran at the worker's priority; learning yields to serving
     info = {}
     try:
         info = json.loads(path.read_text())

@@ -134,3 +134,14 @@ def test_bench_scale_tiny(tmp_path):
     assert {"delayed_resolved_share", "delayed_current_accuracy_drop_points"} <= set(result["scale"])
     assert {"rotate 4", "contrast 4", "none"} <= {r["shift"] for r in result["rows"]}
     assert all(r["resolved_share"] == 1.0 for r in result["rows"])
+
+
+def test_bench_servers_tiny(tmp_path):
+    """One archive on TorchServe, Ray Serve and KServe, plain and selfheal, in a network namespace."""
+    result = run_tiny("bench_servers.py", tmp_path / "servers.json", timeout=600)
+    assert set(result["servers"]) == {"torchserve", "ray", "kserve"}
+    for name, s in result["servers"].items():
+        assert s["p50_ratio"] > 0 and s["p99_ratio"] > 0 and s["adapter_lines"] > 0, name
+        assert s["label_delay_p99_s"] is not None and s["version_lag_p99_s"] >= 0, name
+        assert result["raw"][name]["selfheal"]["labels_sent"] > 0, name
+    assert {"ray.version_lag_p99_s", "kserve.drifted_accuracy"} <= set(result["bars"])
