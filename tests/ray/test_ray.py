@@ -91,3 +91,23 @@ def test_replicas_on_more_than_one_node_refuse_to_start_without_postgresql(demo_
         app._storage(bundle, str(tmp_path))
     monkeypatch.setattr(app, "_alive_nodes", lambda: 1)  # one machine: its snapshot folder is shared
     app._storage(bundle, str(tmp_path)).close()
+
+
+def test_the_serve_config_fits_rays_schema_and_builds_both_applications(tmp_path, demo_model_dir):
+    """deploy/ray/serve_config.yaml against Ray Serve's own schema; its builders with its args."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from selfheal_ray import app
+
+    config = yaml.safe_load((REPO / "deploy" / "ray" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    assert {a.name for a in schema.applications} == {"digits", "digits-learner"}
+    for a in schema.applications:
+        module, name = a.import_path.split(":")
+        assert module == "selfheal_ray.app"
+        built = getattr(app, name)(dict(a.args))  # a bound application; nothing starts
+        assert built is not None
+    first = {k: v for k, v in config["applications"][0].items() if k != "import_path"}
+    with pytest.raises(ValueError):  # the check can fail: an application without its import path
+        ServeDeploySchema.model_validate(dict(config, applications=[first]))
