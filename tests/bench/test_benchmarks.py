@@ -8,9 +8,9 @@ import sys
 from selfheal_bench.torchserve import REPO
 
 
-def run_tiny(script: str, out, timeout: int = 600) -> dict:
+def run_tiny(script: str, out, timeout: int = 600, extra: tuple[str, ...] = ()) -> dict:
     """`scripts/<script> --tiny --out <out>`, failing with its output's tail; the JSON it wrote."""
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--tiny", "--out", str(out)],
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--tiny", "--out", str(out), *extra],
                          capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     return json.loads(out.read_text())
@@ -137,11 +137,13 @@ def test_bench_scale_tiny(tmp_path):
 
 
 def test_bench_servers_tiny(tmp_path):
-    """One archive on TorchServe, Ray Serve and KServe, plain and selfheal, in a network namespace."""
-    result = run_tiny("bench_servers.py", tmp_path / "servers.json", timeout=600)
-    assert set(result["servers"]) == {"torchserve", "ray", "kserve"}
-    for name, s in result["servers"].items():
-        assert s["p50_ratio"] > 0 and s["p99_ratio"] > 0 and s["adapter_lines"] > 0, name
-        assert s["label_delay_p99_s"] is not None and s["version_lag_p99_s"] >= 0, name
-        assert result["raw"][name]["selfheal"]["labels_sent"] > 0, name
-    assert {"ray.version_lag_p99_s", "kserve.drifted_accuracy"} <= set(result["bars"])
+    """The three-server benchmark end to end in its network namespace, on KServe alone (plain, then
+    selfheal with its learner): its TorchServe and Ray runs cost a minute more of servers starting,
+    and those adapters have tests of their own (tests/integration, tests/ray)."""
+    result = run_tiny("bench_servers.py", tmp_path / "servers.json", timeout=600, extra=("--servers", "kserve"))
+    [(name, s)] = result["servers"].items()
+    assert name == "kserve"
+    assert s["p50_ratio"] > 0 and s["p99_ratio"] > 0 and s["adapter_lines"] > 0
+    assert s["label_delay_p99_s"] is not None and s["version_lag_p99_s"] >= 0
+    assert result["raw"]["kserve"]["selfheal"]["labels_sent"] > 0
+    assert result["bars"]["kserve.version_lag_p99_s"]["target"] == 2.0

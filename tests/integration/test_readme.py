@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 
 import psutil
@@ -64,21 +65,35 @@ def test_serve_your_own_model_commands_run_as_written(tmp_path):
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
-def run_after_archive(tmp_path, heading: str, prefix: list[str] = (), ports: tuple[str, ...] = (),
+@pytest.fixture(scope="module")
+def archived(tmp_path_factory):
+    """Steps 1-2 of "Serve your own model" run once: the folder holding build/ and model_store/."""
+    own = readme_block("Serve your own model")
+    work = tmp_path_factory.mktemp("archived")
+    for name in (".venv", "selfheal_bench"):
+        (work / name).symlink_to(REPO / name)
+    (work / "model-config.yaml").write_text((REPO / "model-config.yaml").read_text())
+    (work / "model_store").mkdir()
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", own[:own.index("# 3. serve it")]], cwd=work,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"steps 1-2: exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
+    return work
+
+
+def run_after_archive(archived, tmp_path, heading: str, prefix: list[str] = (), ports: tuple[str, ...] = (),
                       **env_extra: str) -> str:
-    """Steps 1-2 of "Serve your own model" (the .mar), then the README block under `heading` as
-    written (its `ports` swapped for free ones), with `prefix` before bash (a network namespace);
-    its stdout. Whatever the script started in the background is killed with its session."""
+    """The README block under `heading` as written (its `ports` swapped for free ones), in a folder
+    holding steps 1-2's output, with `prefix` before bash (a network namespace); its stdout.
+    Whatever the script started in the background is killed with its session."""
     import signal
 
-    own = readme_block("Serve your own model")
-    script = own[:own.index("# 3. serve it")] + readme_block(heading)
+    script = readme_block(heading)
     for old, new in zip(ports, free_ports(len(ports))):
         script = script.replace(old, str(new))
     for name in (".venv", "selfheal_bench"):
         (tmp_path / name).symlink_to(REPO / name)
-    (tmp_path / "model-config.yaml").write_text((REPO / "model-config.yaml").read_text())
-    (tmp_path / "model_store").mkdir()
+    shutil.copytree(archived / "build", tmp_path / "build", symlinks=True)
+    shutil.copytree(archived / "model_store", tmp_path / "model_store")
     env = {k: v for k, v in os.environ.items() if k not in ("SELFHEAL_SNAPSHOT_DIR", "SELFHEAL_LOG_URL")}
     env.update(env_extra)
     proc = subprocess.Popen([*prefix, "bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, text=True,
@@ -97,18 +112,18 @@ def run_after_archive(tmp_path, heading: str, prefix: list[str] = (), ports: tup
     return out
 
 
-def test_serve_it_on_kserve_commands_run_as_written(tmp_path):
+def test_serve_it_on_kserve_commands_run_as_written(archived, tmp_path):
     pytest.importorskip("kserve", reason="KServe is not installed: pip install -e '.[kserve]' (make test installs it)")
-    out = run_after_archive(tmp_path, "Serve it on KServe", ports=("8085", "8086", "8087", "8088", "8090"))
+    out = run_after_archive(archived, tmp_path, "Serve it on KServe", ports=("8085", "8086", "8087", "8088", "8090"))
     assert re.search(r"(?i)x-selfheal: version=0; drift=false(; accuracy=[0-9.]+)?; ids=", out), out[-2000:]
     assert '"predictions"' in out
 
 
-def test_serve_it_on_ray_commands_run_as_written(tmp_path):
+def test_serve_it_on_ray_commands_run_as_written(archived, tmp_path):
     """In a network namespace of their own: Ray's processes bind every interface."""
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]' (make test installs it)")
     netns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
-    out = run_after_archive(tmp_path, "Serve it on Ray Serve", prefix=[*netns, "sh", "-c", 'ip link set lo up && exec "$@"',
+    out = run_after_archive(archived, tmp_path, "Serve it on Ray Serve", prefix=[*netns, "sh", "-c", 'ip link set lo up && exec "$@"',
                                                                       "netns"],
                             HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")  # Ray keeps a token under ~/.ray
     assert '"version":' in out and '"learner":' in out, out[-2000:]
