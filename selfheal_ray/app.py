@@ -12,7 +12,8 @@ or `serve run selfheal_ray.app:ingress mar=model_store/digits.mar` and
   checked alone (a bad one gets its 4xx, never its neighbours'), then the
   valid ones are batched (`serve.batch`) for one forward. Answers
   `{"predictions": [...]}` with the `X-Selfheal` header; `GET` answers this
-  replica's status. Each replica follows the versions the learner publishes.
+  replica's status, with the management key. Each replica follows the versions
+  the learner publishes.
 - **Learner** (`SelfHealLearner`, one replica: the lease lets one learn):
   `/feedback/{model}` (GET status, POST labels by id or with inputs) and
   `/feedback/{model}/quarantine`, behind a management key of its own
@@ -27,6 +28,7 @@ multi-node cluster.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import threading
@@ -75,8 +77,9 @@ class SelfHealIngress:
     """One replica: the archive's model under a `ReplicaRuntime`, batched across requests."""
 
     def __init__(self, mar: str, workdir: str = ".", model_name: str | None = None, max_batch_size: int = 16,
-                 batch_wait_timeout_s: float = 0.005) -> None:
+                 batch_wait_timeout_s: float = 0.005, key: str = "") -> None:
         self.bundle = open_bundle(mar, model_name)
+        self._key = (key or os.environ.get(KEY_ENV, "")).encode()  # for the status (GET); none: no status
         s = self.bundle.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
@@ -96,7 +99,12 @@ class SelfHealIngress:
         self._forward.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def __call__(self, request: Request) -> Response:
-        if request.method == "GET":
+        if request.method == "GET":  # a replica's status is the operator's, as on TorchServe's management port
+            scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+            if not (self._key and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                                                       self._key)):
+                return _error(ClientError(401, "a replica's status needs the management key: Authorization: Bearer "
+                                               "<key>"))
             return JSONResponse(self.runtime.describe())
         if request.method != "POST":
             return _error(ClientError(405, f"{request.method} is not a method of this route: POST (or GET status)"))
@@ -184,9 +192,10 @@ def _in_serve() -> bool:
 
 
 def ingress(args: dict[str, Any]):
-    """`serve run selfheal_ray.app:ingress mar=... [replicas=2 workdir=. model_name=...]`"""
+    """`serve run selfheal_ray.app:ingress mar=... [replicas=2 workdir=. model_name=... key=...]` (key, for
+    the replicas' status: default $SELFHEAL_MANAGEMENT_KEY)"""
     return SelfHealIngress.options(num_replicas=int(args.get("replicas", 2))).bind(
-        args["mar"], args.get("workdir", "."), args.get("model_name"))
+        args["mar"], args.get("workdir", "."), args.get("model_name"), key=args.get("key", ""))
 
 
 def learner(args: dict[str, Any]):
@@ -203,6 +212,6 @@ def deploy(mar: str, replicas: int = 2, workdir: str = ".", key: str = "", model
     workdir = str(Path(workdir).resolve())
     serve.run(learner({"mar": mar, "workdir": workdir, "model_name": name, "key": key}), name=f"{name}-learner",
               route_prefix=f"/feedback/{name}")
-    serve.run(ingress({"mar": mar, "workdir": workdir, "model_name": name, "replicas": replicas}), name=name,
+    serve.run(ingress({"mar": mar, "workdir": workdir, "model_name": name, "replicas": replicas, "key": key}), name=name,
               route_prefix=f"/predictions/{name}")
     return name

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from selfheal_bench.torchserve import PLUGINS, REPO, free_ports
+from tests.conftest import RAY_PATIENCE
 
 PORTS = ("8080", "8081", "8082", "7070", "7071")
 
@@ -125,5 +126,6 @@ def test_serve_it_on_ray_commands_run_as_written(archived, tmp_path):
     netns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
     out = run_after_archive(archived, tmp_path, "Serve it on Ray Serve", prefix=[*netns, "sh", "-c", 'ip link set lo up && exec "$@"',
                                                                       "netns"],
-                            HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")  # Ray keeps a token under ~/.ray
+                            HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0",  # Ray keeps a token under ~/.ray
+                            **RAY_PATIENCE)
     assert '"version":' in out and '"learner":' in out, out[-2000:]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ def replica_versions(s: Scenario, calls: int = 12) -> dict[str, int]:
     """Each ingress replica met over `calls` status requests: its member id and version."""
     seen = {}
     for _ in range(calls):
-        st = requests.get(f"{BASE}/predictions/{MODEL}", timeout=30).json()
+        st = requests.get(f"{BASE}/predictions/{MODEL}", headers=AUTH, timeout=30).json()
         seen[st["handler"]["worker"]] = st["version"]
     return seen
 
@@ -90,7 +89,8 @@ def main() -> int:
            requests.post(f"{BASE}/predictions/{MODEL}", data=b"{oops", timeout=30).status_code,
            predict([[[[0.0] * 8] * 8]] * 65).status_code]
     no_key = requests.get(f"{BASE}/feedback/{MODEL}", timeout=30).status_code
-    s.note(bad_codes=bad, feedback_without_key=no_key,
+    status_without_key = requests.get(f"{BASE}/predictions/{MODEL}", timeout=30).status_code
+    s.note(bad_codes=bad, feedback_without_key=no_key, status_without_key=status_without_key,
            served_after_bad=predict(x[:1].tolist()).status_code)
 
     # labels by id for predictions from both replicas

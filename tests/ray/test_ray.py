@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import RAY_PATIENCE, REPO
 from tests.integration.conftest import archive
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]' (make test installs it)")
@@ -28,7 +28,7 @@ def ray_run(demo_model_dir, digits, tmp_path_factory) -> dict:
         pytest.fail("unshare (util-linux) is needed to keep Ray on a network namespace of its own")
     # HOME: Ray writes its cluster token under ~/.ray; this one lives and dies with the test
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "HOME": str(work)}
+           "HOME": str(work), **RAY_PATIENCE}
     try:
         run = subprocess.run([*netns, sys.executable, str(REPO / "tests" / "ray" / "scenario.py"), "--mar", str(mar),
                               "--work", str(work), "--out", str(out)], env=env, capture_output=True, text=True,
@@ -54,9 +54,10 @@ def test_two_replicas_serve_and_refuse_bad_input_alone(ray_run):
     assert ray_run["served_after_bad"] == 200
 
 
-def test_the_learners_routes_need_its_key(ray_run):
+def test_the_learners_routes_and_a_replicas_status_need_the_key(ray_run):
     check(ray_run, "feedback_without_key")
     assert ray_run["feedback_without_key"] == 401
+    assert ray_run["status_without_key"] == 401
 
 
 def test_labels_by_id_publish_a_version_both_replicas_serve(ray_run):
