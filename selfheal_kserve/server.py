@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 log = logging.getLogger("selfheal.kserve")
@@ -102,7 +101,7 @@ def learner(args) -> int:
 
     key = os.environ.get(KEY_ENV, "")
     if not key:
-        print(f"set {KEY_ENV}: the learner's routes take it as Authorization: Bearer <key>", file=sys.stderr)
+        log.error("set %s: the learner's routes take it as Authorization: Bearer <key>", KEY_ENV)
         return 2
     torch.set_num_threads(args.threads)
     fixed_mmap_threshold()
@@ -110,7 +109,6 @@ def learner(args) -> int:
     storage = open_model_storage(bundle.name, bundle.settings, Path(args.workdir).resolve())
     handle = start_learner(bundle.name, bundle.model, bundle.inputs, bundle.targets, bundle.settings, storage,
                            keys=(key,), host=args.host, port=args.port)
-    print(f"learner for {bundle.name} on {args.host}:{handle.port}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_a: handle.stop())
     signal.signal(signal.SIGINT, lambda *_a: handle.stop())
     try:
@@ -145,5 +143,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(args) if args.cmd == "serve" else learner(args)
     except ValueError as exc:  # a missing or unreadable archive
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2

@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+log = logging.getLogger("selfheal.ray")
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m selfheal_ray", description=__doc__.splitlines()[0])
@@ -30,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name = deploy(args.mar, replicas=args.replicas, workdir=args.workdir)
     except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
-    print(f"selfheal on Ray Serve: http://{args.host}:{args.port}/predictions/{name} and /feedback/{name}")
+    log.info("selfheal on Ray Serve: http://%s:%d/predictions/%s and /feedback/%s", args.host, args.port, name, name)
     return 0
 
 

@@ -206,10 +206,10 @@ class ReplicaRuntime:
         cannot be trusted) and the `X-Selfheal` header that says all of it."""
         version = self.serving.version if version is None else version
         drift = self._drift if drift is None else drift
-        return {"ids": ids, "model_version": version,
-                "drift": None if self.faults.is_open("monitor") else drift["detected"],
-                "detectors": list(drift["firing"]), "estimated_accuracy": self.estimate_field,
-                "header": self.header(ids, version, drift)}
+        monitoring, estimate = not self.faults.is_open("monitor"), self.estimate_field  # each read once
+        return {"ids": ids, "model_version": version, "drift": drift["detected"] if monitoring else None,
+                "detectors": list(drift["firing"]), "estimated_accuracy": estimate,
+                "header": header_value(version, drift, ids, estimate, monitoring)}
 
     def header(self, ids: list[str], version: int | None = None, drift: dict | None = None) -> str:
         """The `X-Selfheal` header for an answer (`selfheal_serving.header`)."""
