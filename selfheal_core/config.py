@@ -212,6 +212,11 @@ class GuardConfig:
     concept_hold_bytes: int = 128 * 2 ** 20  # ... and the bytes of their inputs (2,000 224x224 images: 1.2 GB)
     reference_check_drop: float = 0.10  # an update that lowers any class's recall on the labelled reference
     # by more than this is rolled back (the reference is trusted; approved concept changes relabel it)
+    source_window: int = 32  # labels over which the learned weights are compared with the source weights,
+    # each label before it is learned (0: off); worse by source_significance standard errors of the paired
+    # loss difference, the learned weights go back to the source ones (source_check.py)
+    source_significance: float = 3.0
+    source_min_labels: int = 8  # ... once the window holds at least this many labels
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -223,6 +228,12 @@ class GuardConfig:
         _choice(self, "concept_change", ("hold", "learn"))
         if self.min_holdout < 0 or self.tolerance < 0 or self.significance < 0:
             raise ValueError("GuardConfig.min_holdout, tolerance and significance must be >= 0")
+        if self.source_window < 0 or self.source_significance < 0 or self.source_min_labels < 1:
+            raise ValueError("GuardConfig.source_window and source_significance must be >= 0, "
+                             "source_min_labels >= 1")
+        if self.source_window and self.source_min_labels > self.source_window:
+            raise ValueError(f"GuardConfig.source_min_labels ({self.source_min_labels}) must be <= "
+                             f"GuardConfig.source_window ({self.source_window}): the check could never decide")
         if self.min_holdout > self.holdout_size:
             raise ValueError(f"GuardConfig.min_holdout ({self.min_holdout}) must be <= GuardConfig.holdout_size "
                              f"({self.holdout_size}): no update could ever be validated")

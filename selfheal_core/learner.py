@@ -36,6 +36,7 @@ from selfheal_core.plausible import PlausibleRange
 from selfheal_core.quarantine import Quarantine
 from selfheal_core.serving import (Published, check_inputs, model_device, reference_outputs,
                                    validate_reference)
+from selfheal_core.source_check import SourceCheck
 from selfheal_core.state import clone_state
 from selfheal_core.storage.base import DISCARDED, HELD, LEARNED, PAST, QUARANTINED, Entries, FeedbackLog, decode_targets
 from selfheal_core.task import Task
@@ -131,6 +132,9 @@ class Learner:
         # labels checked against the trusted labelled reference (classifiers with reference labels)
         self.concept = (ConceptWatch(config.guard) if self.learns and self.task.is_classifier and targets is not None
                         else None)
+        g = config.guard
+        self.source_check = (SourceCheck(g.source_window, g.source_significance, g.source_min_labels)
+                             if self.learns and g.source_window else None)
         self.estimator = AccuracyEstimator()  # the serving side's ATC threshold, to check it on labels
         self.labelled = LabelledAccuracy()
         self._input_transform: tuple[torch.Tensor, torch.Tensor] | None = None  # serving's, from the context
@@ -318,6 +322,8 @@ class Learner:
             self._learn_released(self.concept.release(
                 frozenset(self.quarantine.classes) if self.quarantine is not None else frozenset()))
         self._statuses = statuses
+        if self.source_check is not None and not bool(held.all()):
+            self._check_against_source(x[~held], y[~held])
         if self.learns:
             train_x, train_y = self.guard.admit(x, y, skip=held)
             if len(train_y):
@@ -331,6 +337,36 @@ class Learner:
         self._unpublished += list(times or [])
         self._dirty = True
         return held
+
+    @torch.no_grad()
+    def _check_against_source(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """New labels, before anything learns from them, judge the learned weights against the
+        source weights under serving's statistics (source_check.py); worse, they go back."""
+        learned = {k: v for k, v in self.model.named_parameters() if not torch.equal(v, self._source[k])}
+        if not learned:
+            return
+        source = {k: self._source[k] for k in learned}
+        xs = self.as_served(x.to(self.device))
+        rows = self._budget.rows(xs)
+        losses = []
+        for params in (None, source):
+            raw = torch.cat([(self.model(xs[i:i + rows]) if params is None else
+                              torch.func.functional_call(self.model, params, (xs[i:i + rows],))).cpu()
+                             for i in range(0, len(xs), rows)])
+            losses.append(self.task.loss(raw, y.to(raw.device), reduction="none").reshape(len(y), -1).mean(1))
+        if self._tap is not None:
+            self._tap.take()  # these forwards are no update's features
+        if not self.source_check.observe(*losses):
+            return
+        log.warning("the learned weights served the last %d labels worse than the source weights would: "
+                    "back to the source weights (fallback %d)", self.config.guard.source_window,
+                    self.source_check.fallbacks)
+        self.gradient.fall_back(self.config.learn.newest_window)
+        if self.bayes:
+            self.bayes.reset()
+        self.counters["fallbacks"] = self.counters.get("fallbacks", 0) + 1
+        self._dirty = True
+        self._refit_reference()
 
     def _take_back(self, x: torch.Tensor, y: torch.Tensor, served: torch.Tensor, statuses: list[str],
                    seqs: list[int] | None, holding: set[int], raised: set[tuple[int, int]]) -> None:
@@ -453,7 +489,7 @@ class Learner:
                 self.model(new_x.to(self.device))
             self.bayes.update(self._tap.take(), new_y)
         recall_before = self._reference_recall()
-        self.gradient.step(self.as_served)
+        self.gradient.step(self.as_served, self._source_norms)
         harms_reference = self._reference_harmed(recall_before)
         if not self.guard.judge(before, self.guard.evaluate(self.model, self.as_served)) or harms_reference:
             self.gradient.restore_params(saved)
@@ -508,8 +544,12 @@ class Learner:
             return None
         labels = self.concept.reference_labels
         rows = self._budget.rows(self._reference)
-        pred = torch.cat([self.model(self._reference[i:i + rows]).argmax(1).cpu()
-                          for i in range(0, len(self._reference), rows)])
+        # read with the statistics the reference was read with: serving's adapted ones describe the
+        # drifted traffic, and clean inputs read through them measure neither domain (a weight change
+        # that cost clean inputs 80 points of a class's recall passed, another was refused on noise)
+        with self._source_norms():
+            pred = torch.cat([self.model(self._reference[i:i + rows]).argmax(1).cpu()
+                              for i in range(0, len(self._reference), rows)])
         hits = torch.bincount(labels[pred == labels], minlength=self.task.num_classes).double()
         total = torch.bincount(labels, minlength=self.task.num_classes).double()
         return torch.where(total >= 5, hits / total.clamp_min(1), torch.full_like(total, float("nan")))
@@ -639,6 +679,7 @@ class Learner:
             "guard": self.guard.state_dict(),
             "quarantine": self.quarantine.state_dict() if self.quarantine else None,
             "concept": self.concept.state_dict() if self.concept else None,
+            "source_check": self.source_check.state_dict() if self.source_check else None,
             "labelled": self.labelled.state_dict(),
             "errors": self.errors.state_dict(),
             "absorbed": self.absorbed,
@@ -666,6 +707,8 @@ class Learner:
             self.quarantine.load_state_dict(state["quarantine"])
         if state.get("labelled") is not None:
             self.labelled.load_state_dict(state["labelled"])
+        if self.source_check and state.get("source_check") is not None:
+            self.source_check.load_state_dict(state["source_check"])
         if self.concept and state.get("concept") is not None:
             self.concept.load_state_dict(state["concept"])
             if self.gradient is not None:
@@ -712,6 +755,8 @@ class Learner:
             self.concept.reset()
         if self.bayes:
             self.bayes.reset()
+        if self.source_check:
+            self.source_check.reset()
         self.errors.reset()
         if self.gradient is not None and self._targets is not None:
             self.gradient.relabel_reference(self._targets)
@@ -729,6 +774,7 @@ class Learner:
             "guard": self.guard.status(),
             "quarantine": self.quarantine.status() if self.quarantine else None,
             "concept": self.concept.status() if self.concept else None,
+            "source_check": self.source_check.status() if self.source_check else None,
             "accuracy": self.labelled.summary(),
             "learner": ({"buffer": len(self.gradient.buffer), "params": len(self.gradient.params),
                          "pending": self.gradient.pending,

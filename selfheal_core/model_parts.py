@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn

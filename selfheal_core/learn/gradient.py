@@ -11,7 +11,8 @@ validated by the guard.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -98,9 +99,10 @@ class GradientLearner:
                 p.copy_(saved[k])
 
     def _minibatch(self, device: torch.device, as_served: Callable[[torch.Tensor], torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uniform replay, the newest labels and the labelled reference; the labelled traffic (not
-        the reference, which is what the source inputs look like) through `as_served`."""
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """Uniform replay, the newest labels and the labelled reference, as parts (x, y, is the
+        reference); the labelled traffic (not the reference, which is what the source inputs look
+        like) through `as_served`."""
         c = self.config
         n_ref = int(round(c.batch_size * c.reference_fraction)) if self._reference is not None else 0
         n_new = int(round(c.batch_size * c.newest_fraction))
@@ -117,18 +119,24 @@ class GradientLearner:
             parts.append(self.buffer.sample_newest(n_new, c.newest_window))
         if as_served is not None:
             parts = [(as_served(px.to(device)), py) for px, py in parts]
+        out = [(torch.cat([p[0].to(device) for p in parts]), torch.cat([p[1] for p in parts]).to(device), False)
+               ] if parts else []
         if n_ref:
             rx, ry = self._reference
             pick = torch.randint(0, len(ry) if allowed is None else len(allowed), (n_ref,), generator=self._gen)
             idx = pick if allowed is None else allowed[pick]
-            like_x, like_y = parts[0] if parts else (rx, ry)
-            parts.append((rx[idx].to(device, like_x.dtype), ry[idx].cpu().to(like_y.dtype)))
-        return torch.cat([p[0].to(device) for p in parts]), torch.cat([p[1] for p in parts]).to(device)
+            like_x, like_y = out[0][:2] if out else (rx, ry)
+            out.append((rx[idx].to(device, like_x.dtype), ry[idx].to(device, like_y.dtype), True))
+        return out
 
     @torch.enable_grad()
-    def step(self, as_served: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    def step(self, as_served: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             reference_norms: Callable[[], ContextManager] | None = None) -> float:
         """Run one update (several Adam steps); the model stays in eval mode. Returns the last loss.
-        `as_served`: the labelled inputs as serving gives them to the model now (its input transform)."""
+        `as_served`: the labelled inputs as serving gives them to the model now (its input transform).
+        `reference_norms`: the normalisation the reference rows are read with (the source statistics:
+        serving's adapted ones describe the drifted traffic, not clean inputs, and training the clean
+        reference through them pulled the weights where neither domain is served well)."""
         pending, self._pending = self._pending, 0
         device = next(iter(self.params.values())).device
         loss = torch.zeros(())
@@ -139,24 +147,32 @@ class GradientLearner:
         for group in self._opt.param_groups:
             group["lr"] = self.config.lr * self.config.steps / steps
         for _ in range(steps):
-            x, y = self._minibatch(device, as_served)
+            parts = self._minibatch(device, as_served)
+            total = sum(len(y) for _, y, _ in parts)
             self._opt.zero_grad(set_to_none=True)
-            # the minibatch in chunks whose activations fit `step_bytes`, gradients accumulated: the
-            # same step (the model is in eval mode: no batch statistics), in bounded memory (a
-            # ResNet-18 at 224x224 keeps ~40 MB of activations per input for its backward: a learner
-            # of 1.7 GB at 32 per minibatch)
-            chunk = self.budget.rows(x)
             loss = torch.zeros((), device=device)
-            for i in range(0, len(x), chunk):
-                part = self.task.loss(self.model(x[i:i + chunk]), y[i:i + chunk]) * (len(x[i:i + chunk]) / len(x))
-                part.backward()
-                loss = loss + part.detach()
+            for x, y, is_reference in parts:
+                with reference_norms() if is_reference and reference_norms is not None else nullcontext():
+                    loss = loss + self._accumulate(x, y, total)
             if self.config.anchor and not self._moved:  # the concept moved: the source is no place to return to
                 pull = self.config.anchor * sum(((p - self._source[k]) ** 2).sum() for k, p in self.params.items())
                 pull.backward()
                 loss = loss + pull.detach()
             self._opt.step()
         return float(loss.detach())
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, total: int) -> torch.Tensor:
+        """Backward of this part's share of the minibatch loss, in chunks whose activations fit
+        `step_bytes`, gradients accumulated: the same step (the model is in eval mode: no batch
+        statistics), in bounded memory (a ResNet-18 at 224x224 keeps ~40 MB of activations per input
+        for its backward: a learner of 1.7 GB at 32 per minibatch)."""
+        chunk = self.budget.rows(x)
+        loss = torch.zeros((), device=x.device)
+        for i in range(0, len(x), chunk):
+            part = self.task.loss(self.model(x[i:i + chunk]), y[i:i + chunk]) * (len(x[i:i + chunk]) / total)
+            part.backward()
+            loss = loss + part.detach()
+        return loss
 
     def concept_moved(self, classes: set[int]) -> None:
         """Reference classes whose meaning feedback changed: their reference labels are no longer
@@ -168,6 +184,13 @@ class GradientLearner:
         or fewer, then fewer steps per label down to `min_steps`."""
         c = self.config
         return max(min(c.min_steps, c.steps), min(c.steps, c.steps * c.update_every // max(labels, 1)))
+
+    def fall_back(self, keep_newest: int) -> None:
+        """Source values for the chosen parameters and a fresh optimizer; of the buffer only the
+        newest `keep_newest` labels stay (the current domain's: older ones taught what failed)."""
+        self.restore_params(self._source)
+        self._opt = torch.optim.Adam(self.params.values(), lr=self.config.lr)
+        self.buffer.keep_newest(keep_newest)
 
     def reset(self) -> None:
         """Source values for the chosen parameters; empty buffer; fresh optimizer."""

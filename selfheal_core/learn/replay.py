@@ -99,6 +99,12 @@ class ReplayBuffer:
     def clear(self) -> None:
         self._reset()
 
+    def keep_newest(self, k: int) -> None:
+        """Forget all but the k most recently added pairs (the reservoir too)."""
+        kept = list(self._recent)[-k:] if k > 0 else []
+        self._reset()
+        self._recent.extend(kept)
+
     def state_dict(self) -> dict:
         """Stacked tensors, so snapshots load with torch.load(weights_only=True)."""
 

@@ -70,8 +70,9 @@ def test_minibatch_fractions_may_leave_no_uniform_share(newest):
     learner = GradientLearner(model, config, CLS3, "4", reference=(torch.randn(10, 1, 4, 4), torch.randint(0, 3, (10,))))
     assert learner.add(torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0]))
     learner.step()
-    x, y = learner._minibatch(torch.device("cpu"))
-    assert x.shape == (8, 1, 4, 4) and y.shape == (8,)
+    parts = learner._minibatch(torch.device("cpu"))
+    assert sum(len(x) for x, _, _ in parts) == 8 and all(x.shape[1:] == (1, 4, 4) for x, _, _ in parts)
+    assert sum(len(y) for _, y, ref in parts if ref) == round(8 * (1.0 - newest))
 
 
 def test_gradient_learner_regression_loss():
@@ -215,11 +216,11 @@ def test_classes_whose_meaning_moved_are_not_replayed_and_the_anchor_steps_back(
     learner.add(torch.randn(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
     learner.concept_moved({1})
     for _ in range(20):
-        _, y = learner._minibatch(torch.device("cpu"))
-        assert len(y) == 8 and 1 not in y[4:].tolist()  # the reference half holds no class-1 row
+        (_, fed, _), (_, ref_y, is_ref) = learner._minibatch(torch.device("cpu"))
+        assert is_ref and len(fed) == len(ref_y) == 4 and 1 not in ref_y.tolist()  # no class-1 reference row
     learner.concept_moved({0, 1, 2})
-    _, y = learner._minibatch(torch.device("cpu"))
-    assert len(y) == 8  # every class moved: the minibatch is all feedback
+    parts = learner._minibatch(torch.device("cpu"))
+    assert len(parts) == 1 and len(parts[0][1]) == 8 and not parts[0][2]  # every class moved: all feedback
     learner.reset()
     assert learner._moved == frozenset()
 
@@ -270,3 +271,18 @@ def test_activation_bytes_of_a_torchscript_model_are_bounded_without_hooks():
     scripted = torch.jit.trace(bn_model(), torch.randn(2, 1, 4, 4))
     assert activation_bytes(scripted, torch.randn(1, 1, 4, 4)) == 16 * 16 * 4
     assert activation_bytes(bn_model(), torch.randn(1, 1, 4, 4)) > 0
+
+
+def test_source_check_calls_consistent_harm_and_not_noise():
+    from selfheal_core.source_check import SourceCheck
+    check = SourceCheck(window=32, significance=3.0, min_labels=8)
+    g = torch.Generator().manual_seed(0)
+    noise = [check.observe(torch.randn(4, generator=g), torch.randn(4, generator=g)) for _ in range(50)]
+    assert not any(noise) and check.fallbacks == 0
+    assert not check.observe(torch.full((7,), 1.0), torch.zeros(7))  # fewer than min_labels of harm so far
+    assert check.observe(torch.full((8,), 1.0) + 0.1 * torch.randn(8, generator=g), torch.zeros(8))
+    assert check.fallbacks == 1 and check.status()["labels"] == 0  # the window restarts after a verdict
+    copy_ = SourceCheck(window=32, significance=3.0, min_labels=8)
+    check.observe(torch.ones(3), torch.zeros(3))
+    copy_.load_state_dict(check.state_dict())
+    assert copy_.status() == check.status()

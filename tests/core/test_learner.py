@@ -152,3 +152,43 @@ def test_labels_a_week_late_about_a_domain_the_traffic_left_are_kept_not_learned
             assert learner.counters["feedback"] == 96
         ages = learner.status()["label_age"]
         assert ages["labels"] == 96 and ages["p50_s"] >= 7 * 86400 - 60
+
+
+def test_the_reference_is_read_with_the_source_statistics_whatever_serving_adapted_to(demo_model, reference):
+    """Issue 27: the reference check read the clean reference through serving's adapted statistics
+    (the drifted traffic's): clean inputs answered near chance there and per-class recall swung with
+    every step, so it judged updates on noise. It reads them as the reference was read."""
+    x_ref, y_ref = reference
+    learner = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    clean = learner._reference_recall()
+    drifted = {"active": True, "mean": [torch.full_like(m.running_mean, 3.0) for m in learner.parts.batchnorms],
+               "sq": [torch.full_like(m.running_mean, 10.0) for m in learner.parts.batchnorms]}
+    learner.use_context({"norm": drifted})
+    with torch.no_grad():
+        assert float((learner.model(x_ref).argmax(1) == y_ref).float().mean()) < 0.5  # what it used to read
+    assert torch.equal(learner._reference_recall(), clean)
+    mean = learner.parts.batchnorms[0].running_mean
+    assert torch.allclose(mean, torch.full_like(mean, 3.0))  # serving's statistics are back after the read
+
+
+def test_learned_weights_that_serve_new_labels_worse_than_the_source_go_back(demo_model, reference, digits):
+    """Weights learned earlier (here: a head dragged off) that now serve labels worse than the
+    source weights would are put back to the source weights; the labels before judged them."""
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    learner = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    head = learner.model.get_submodule(learner.parts.head_name)
+    with torch.no_grad():
+        head.bias[3] += 12.0  # most inputs served as 3
+    learner.absorb(x_te[:40], y_te[:40])
+    st = learner.status()
+    assert learner.counters.get("fallbacks") == 1 and st["source_check"]["fallbacks"] == 1, st
+    assert all(torch.equal(v, demo_model.state_dict()[k]) for k, v in learner.model.named_parameters())
+    # honest learning from there is not called worse: the source weights' loss is no bar to it
+    for i in range(40, 400, 20):
+        learner.absorb(x_te[i:i + 20], y_te[i:i + 20])
+        learner.update()
+    assert learner.counters["fallbacks"] == 1 and learner.counters["updates"] >= 3, learner.counters
+    restored = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    restored.load_state_dict(learner.state_dict())
+    assert restored.status()["source_check"] == learner.status()["source_check"]
