@@ -32,7 +32,7 @@ from selfheal_core.task import TaskKind
 from selfheal_serving.answers import predictions
 from selfheal_serving.bundle import ModelBundle
 from selfheal_serving.header import HEADER
-from selfheal_serving.parsing import request_inputs, shaped
+from selfheal_serving.parsing import refuse_feedback, request_inputs, shaped
 from selfheal_serving.runtime import ReplicaRuntime
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,7 @@ class SelfHealModel(kserve.Model):
                 raise ClientError(413, f"{len(array)} inputs exceed the limit of {limit}")
             # NaN and inf are refused by the runtime's check, as on every server
             return shaped(torch.from_numpy(np.ascontiguousarray(array)).to(ref.dtype), shape, batch=True)
-        if isinstance(payload, dict) and {"feedback", "labels", "targets"} & set(payload):
-            raise ClientError(403, f"feedback is taken by the learner: POST /feedback/{self.name} there, with "
-                                   "the management key")
+        refuse_feedback(payload, f"by the learner: POST /feedback/{self.name} there, with the management key")
         return request_inputs(payload, shape, ref.dtype, limit)
 
     def describe(self) -> dict:

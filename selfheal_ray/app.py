@@ -49,7 +49,7 @@ from selfheal_serving.answers import predictions
 from selfheal_serving.bundle import archive_name, open_bundle
 from selfheal_serving.header import HEADER
 from selfheal_serving.learner import KEY_ENV, start_learner
-from selfheal_serving.parsing import parse_json, request_inputs
+from selfheal_serving.parsing import parse_json, refuse_feedback, request_inputs
 from selfheal_serving.runtime import ReplicaRuntime, open_model_storage
 
 log = logging.getLogger("selfheal.ray")
@@ -111,8 +111,7 @@ class SelfHealIngress:
         s = self.bundle.settings
         try:
             body = parse_json(await request.body(), s.json_limits, s.max_body_bytes)
-            if isinstance(body, dict) and {"feedback", "labels", "targets"} & set(body):
-                raise ClientError(403, f"feedback is taken on /feedback/{self.bundle.name}, with the management key")
+            refuse_feedback(body, f"on /feedback/{self.bundle.name}, with the management key")
             x = self.runtime.check(request_inputs(body, tuple(self.bundle.inputs.shape[1:]), self.bundle.inputs.dtype,
                                                   s.max_instances))
         except ClientError as err:

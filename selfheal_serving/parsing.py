@@ -128,6 +128,24 @@ def _has_bool(value: Any) -> bool:
     return False
 
 
+FEEDBACK_KEYS = frozenset({"feedback", "labels", "targets"})  # labels sent where inference is served
+
+
+def refuse_feedback(body: Any, where: str) -> None:
+    """Labels sent to an inference route: 403 saying where feedback is taken (`where`, e.g. "on
+    /feedback/m, with the management key"); nothing of the request is served or learned.
+
+    >>> refuse_feedback({"instances": [[0.5]]}, "on /feedback/m")
+    >>> try:
+    ...     refuse_feedback({"instances": [[0.5]], "labels": [3]}, "on /feedback/m")
+    ... except RequestError as err:
+    ...     print(err.code, err.message)
+    403 feedback is taken on /feedback/m
+    """
+    if isinstance(body, dict) and FEEDBACK_KEYS & set(body):
+        raise RequestError(403, f"feedback is taken {where}")
+
+
 def request_inputs(body: Any, shape: tuple[int, ...] | None, dtype: torch.dtype, max_instances: int) -> torch.Tensor:
     """An inference request's inputs as (N, *shape): `{"instances": [x, ...]}` (KServe v1),
     `{"data": x}` (also "input", "inputs"), or a bare array (one input, or a batch when it has one

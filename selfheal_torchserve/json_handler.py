@@ -18,9 +18,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from selfheal_core.task import TaskKind
 from selfheal_torchserve.batching import per_request
-from selfheal_torchserve.errors import RequestError
 from selfheal_serving.answers import predictions
-from selfheal_serving.parsing import json_body, request_inputs
+from selfheal_serving.parsing import json_body, refuse_feedback, request_inputs
 from selfheal_serving.settings import HandlerSettings
 
 
@@ -58,10 +57,9 @@ class JSONArrayHandler(BaseHandler):
     def _inputs(self, row: dict) -> torch.Tensor:
         s = self.settings
         body = json_body(row, s.json_limits, s.max_body_bytes)
-        if isinstance(body, dict) and {"feedback", "labels", "targets"} & set(body):
-            model = getattr(self.context, "model_name", "{model}")
-            raise RequestError(403, f"feedback is taken on the management API: POST /feedback/{model} on the "
-                                    "management port, with the management key")
+        model = getattr(self.context, "model_name", "{model}")
+        refuse_feedback(body, f"on the management API: POST /feedback/{model} on the management port, with the "
+                              "management key")
         return request_inputs(body, self.input_shape, self.input_dtype, s.max_instances)
 
     def postprocess(self, data: torch.Tensor) -> dict:

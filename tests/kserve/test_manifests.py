@@ -4,7 +4,6 @@ SDK's own types, and the commands against the argument parser they run."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
