@@ -59,11 +59,13 @@ class GradientLearner:
             p.requires_grad_(False)
         for p in self.params.values():
             p.requires_grad_(True)
+        # the step size: a part of the weights (norm affine, the last layer) steps more carefully
+        self.lr = config.lr if len(self.params) == len(list(model.parameters())) else config.partial_lr
         self._source = {k: p.detach().clone() for k, p in self.params.items()}
         self._reference = reference
         self._moved: frozenset[int] = frozenset()  # reference classes whose meaning changed: not replayed
         self.buffer = ReplayBuffer(config.recent_size, config.reservoir_size, seed, config.replay_bytes)
-        self._opt = torch.optim.Adam(self.params.values(), lr=config.lr)
+        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
         self._gen = torch.Generator().manual_seed(seed)
         self._pending = 0  # labels added since the last update
         # inputs per forward/backward within `step_bytes` of activations (the learner's, shared)
@@ -145,7 +147,7 @@ class GradientLearner:
         # would. At the fixed step size a concept switch fed every label was learned too slowly
         # (bench_tabular, every label: SEA 0.968 -> 0.974, hyperplane 0.904 -> 0.910 after drift)
         for group in self._opt.param_groups:
-            group["lr"] = self.config.lr * self.config.steps / steps
+            group["lr"] = self.lr * self.config.steps / steps
         for _ in range(steps):
             parts = self._minibatch(device, as_served)
             total = sum(len(y) for _, y, _ in parts)
@@ -189,7 +191,7 @@ class GradientLearner:
         """Source values for the chosen parameters and a fresh optimizer; of the buffer only the
         newest `keep_newest` labels stay (the current domain's: older ones taught what failed)."""
         self.restore_params(self._source)
-        self._opt = torch.optim.Adam(self.params.values(), lr=self.config.lr)
+        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
         self.buffer.keep_newest(keep_newest)
 
     def reset(self) -> None:
@@ -197,7 +199,7 @@ class GradientLearner:
         self.restore_params(self._source)
         self._moved = frozenset()
         self.buffer.clear()
-        self._opt = torch.optim.Adam(self.params.values(), lr=self.config.lr)
+        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
         self._pending = 0
 
     def state_dict(self) -> dict:

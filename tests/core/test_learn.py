@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -113,6 +114,16 @@ def test_parameter_sets():
     with pytest.raises(ValueError, match="needs an output nn.Linear"):
         select_parameters(nn.Sequential(nn.Conv2d(1, 1, 1)), "last_layer", None)
     assert len(select_parameters(nn.Sequential(nn.Conv2d(1, 1, 1)), "auto", None)) == 2, "auto without a head: all"
+
+
+def test_a_part_of_the_weights_steps_at_partial_lr():
+    """Norm affine and the last layer of a large model step at `partial_lr`; every weight at `lr`."""
+    config = LearnConfig(lr=1e-3, partial_lr=1e-4)
+    assert GradientLearner(bn_model(), replace(config, params="norm_and_last"), CLS3, "4").lr == 1e-4
+    assert GradientLearner(bn_model(), replace(config, params="last_layer"), CLS3, "4").lr == 1e-4
+    assert GradientLearner(bn_model(), replace(config, params="all"), CLS3, "4").lr == 1e-3
+    learner = GradientLearner(bn_model(), replace(config, params="auto", auto_max_params=10), CLS3, "4")
+    assert learner.lr == 1e-4 and learner._opt.param_groups[0]["lr"] == 1e-4
 
 
 @pytest.mark.parametrize("kind, targets", [
