@@ -489,7 +489,8 @@ class Learner:
                 self.model(new_x.to(self.device))
             self.bayes.update(self._tap.take(), new_y)
         recall_before = self._reference_recall()
-        self.gradient.step(self.as_served, self._source_norms)
+        # the reference rows as their own forward only where serving's statistics are not the source's
+        self.gradient.step(self.as_served, None if self._at_source_norms() else self._source_norms)
         harms_reference = self._reference_harmed(recall_before)
         if not self.guard.judge(before, self.guard.evaluate(self.model, self.as_served)) or harms_reference:
             self.gradient.restore_params(saved)

@@ -138,7 +138,8 @@ class GradientLearner:
         `as_served`: the labelled inputs as serving gives them to the model now (its input transform).
         `reference_norms`: the normalisation the reference rows are read with (the source statistics:
         serving's adapted ones describe the drifted traffic, not clean inputs, and training the clean
-        reference through them pulled the weights where neither domain is served well)."""
+        reference through them pulled the weights where neither domain is served well); None where
+        serving's are the source's (one forward for the whole minibatch)."""
         pending, self._pending = self._pending, 0
         device = next(iter(self.params.values())).device
         loss = torch.zeros(())
@@ -150,6 +151,8 @@ class GradientLearner:
             group["lr"] = self.lr * self.config.steps / steps
         for _ in range(steps):
             parts = self._minibatch(device, as_served)
+            if reference_norms is None and len(parts) > 1:  # one forward serves both: cheaper per step
+                parts = [(torch.cat([x for x, _, _ in parts]), torch.cat([y for _, y, _ in parts]), False)]
             total = sum(len(y) for _, y, _ in parts)
             self._opt.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
