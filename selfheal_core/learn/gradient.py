@@ -100,11 +100,11 @@ class GradientLearner:
             for k, p in self.params.items():
                 p.copy_(saved[k])
 
-    def _minibatch(self, device: torch.device, as_served: Callable[[torch.Tensor], torch.Tensor] | None = None
-                   ) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    def _minibatch(self, device: torch.device, as_served: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   separate: bool = True) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
         """Uniform replay, the newest labels and the labelled reference, as parts (x, y, is the
-        reference); the labelled traffic (not the reference, which is what the source inputs look
-        like) through `as_served`."""
+        reference; one part holding all when not `separate`); the labelled traffic (not the
+        reference, which is what the source inputs look like) through `as_served`."""
         c = self.config
         n_ref = int(round(c.batch_size * c.reference_fraction)) if self._reference is not None else 0
         n_new = int(round(c.batch_size * c.newest_fraction))
@@ -129,6 +129,8 @@ class GradientLearner:
             idx = pick if allowed is None else allowed[pick]
             like_x, like_y = out[0][:2] if out else (rx, ry)
             out.append((rx[idx].to(device, like_x.dtype), ry[idx].to(device, like_y.dtype), True))
+        if not separate and len(out) > 1:
+            out = [(torch.cat([x for x, _, _ in out]), torch.cat([y for _, y, _ in out]), False)]
         return out
 
     @torch.enable_grad()
@@ -150,9 +152,8 @@ class GradientLearner:
         for group in self._opt.param_groups:
             group["lr"] = self.lr * self.config.steps / steps
         for _ in range(steps):
-            parts = self._minibatch(device, as_served)
-            if reference_norms is None and len(parts) > 1:  # one forward serves both: cheaper per step
-                parts = [(torch.cat([x for x, _, _ in parts]), torch.cat([y for _, y, _ in parts]), False)]
+            # one forward for the whole minibatch unless the reference is read with other statistics
+            parts = self._minibatch(device, as_served, separate=reference_norms is not None)
             total = sum(len(y) for _, y, _ in parts)
             self._opt.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
