@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from selfheal_core.config import HealConfig
-from selfheal_core.learner import Learner, UpdateResult, published_from_snapshot
+from selfheal_core.learner import Learner, UpdateResult, published_from_snapshot, reference_of
 from selfheal_core.model_parts import detached_copy, is_scripted
 from selfheal_core.monitor import merge_drift
 from selfheal_core.serving import ServingModel
@@ -184,7 +184,7 @@ class SelfHealer:
         """Restore a state from `state_dict()`; on any error the healer is left as it was."""
         published = published_from_snapshot(state, {"version": self.version})
         backup = self.learner.state_dict()
-        self.learner.load_state_dict(state["learner"], published.reference)
+        self.learner.load_state_dict(state["learner"], reference_of(state))
         try:
             if state.get("serving") is not None:
                 self.serving.load_state_dict(state["serving"])

@@ -31,7 +31,7 @@ from selfheal_core.config import HealConfig
 from selfheal_core.guard import Guard
 from selfheal_core.learn import BayesianLastLayer, GradientLearner
 from selfheal_core.model_parts import ActivationBudget, FeatureTap, find_parts, pool_inputs
-from selfheal_core.monitor import ON_FEEDBACK, Monitor, ReferenceView
+from selfheal_core.monitor import LABEL_FREE, ON_FEEDBACK, Monitor, ReferenceView
 from selfheal_core.plausible import PlausibleRange
 from selfheal_core.quarantine import Quarantine
 from selfheal_core.serving import (Published, check_inputs, model_device, reference_outputs,
@@ -45,7 +45,11 @@ log = logging.getLogger(__name__)
 
 DELAYS_KEPT = 1_000  # label-to-weights delays kept for percentiles
 CURRENT_TTL_S = 60.0  # how long features of the newest traffic stand for "now" when judging late labels
-SNAPSHOT_FORMAT = 4  # 4: published weights apart from the learner's private record
+# 4: published weights apart from the learner's private record; 5: the published record carries
+# the reference statistics workers install (`Published.rebase`), the reference view moved to the
+# private record. Workers read both.
+SNAPSHOT_FORMAT = 5
+READABLE_FORMATS = (4, 5)
 
 
 def _input_key(x: torch.Tensor) -> int:
@@ -53,18 +57,23 @@ def _input_key(x: torch.Tensor) -> int:
     return hash(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def reference_of(state: dict) -> ReferenceView | None:
-    """The reference view a stored version was published with."""
-    return ReferenceView(**state["reference"]) if state.get("reference") else None
+def reference_of(*records: dict | None) -> ReferenceView | None:
+    """The reference view a stored version was made with: in its private record (format 5) or
+    its published one (format 4), the first record that has it."""
+    for record in records:
+        if isinstance(record, dict) and record.get("reference"):
+            return ReferenceView(**record["reference"])
+    return None
 
 
 def published_from_snapshot(state: dict, meta: dict) -> Published:
     """What a worker installs from a stored version's published record (the weights that differ
     from the source model: the rest are the source's); ValueError for a format it cannot read."""
-    if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         raise ValueError(f"unsupported snapshot format {state.get('format') if isinstance(state, dict) else None} "
-                         f"(this selfheal reads {SNAPSHOT_FORMAT})")
-    return Published(version=int(meta["version"]), weights=state["weights"], reference=reference_of(state))
+                         f"(this selfheal reads {', '.join(map(str, READABLE_FORMATS))})")
+    return Published(version=int(meta["version"]), weights=state["weights"], rebase=state.get("rebase"),
+                     reference=reference_of(state) if state.get("rebase") is None else None)
 
 
 @dataclass
@@ -141,7 +150,12 @@ class Learner:
         self._norm_layers = list(self.parts.batchnorms)
         self._norm_source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._norm_layers]
         self._reset()
+        self._rebase: tuple[ReferenceView, dict] | None = None  # rebase_values() and the view they were fitted on
         self._refit_reference()
+        # label-free detectors as the workers' are, fitted on the source view (no thresholds): what
+        # fits each version's reference statistics for them
+        self._rebaser = (Monitor(config.monitor, self.task, LABEL_FREE).fit_reference(self._view)
+                         if self.learns else None)
 
     def _reset(self) -> None:
         self.absorbed = 0  # sequence number of the last feedback-log row folded in
@@ -615,8 +629,26 @@ class Learner:
                              values=None if self.task.is_classifier else self.task.values(raw))
 
     def reference_view(self) -> ReferenceView:
-        """The reference through the current version's weights: what workers' detectors re-read."""
+        """The reference through the current version's weights (this process's; workers install
+        the statistics fitted on it, `rebase_values`)."""
         return self._view
+
+    def rebase_values(self) -> dict:
+        """What a worker installs so that this version's weights do not read as drift: each label-free
+        detector's reference statistics (fitted here along the axes both calibrated on the source
+        view) and the reference's confidences and predicted classes (its accuracy estimate's
+        calibration). A few KB, where the view itself held every reference input's features."""
+        if self._rebase is None or self._rebase[0] is not self._view:
+            view, out = self._view, {}
+            if self._rebaser is not None:  # float32 in transit: workers keep them in float64
+                out["detectors"] = {name: {k: v.float() if v.is_floating_point() else v for k, v in values.items()}
+                                    for name, values in self._rebaser.fit_rebase(view).items()}
+            if view.probs is not None:
+                conf, pred = view.probs.max(1)
+                out.update(confidence=conf.float(),
+                           predicted=pred.to(torch.int16 if self.task.num_classes < 2 ** 15 else torch.int32))
+            self._rebase = (view, out)
+        return clone_state(self._rebase[1])
 
     @property
     def dirty(self) -> bool:
@@ -630,16 +662,18 @@ class Learner:
 
     def published(self, version: int) -> Published:
         """What a worker installs for `version` (the changed weights and their reference view)."""
-        return Published(version=version, weights=self._changed_weights(), reference=self.reference_view())
+        return Published(version=version, weights=self._changed_weights(), rebase=self.rebase_values())
 
     def snapshot(self, serving_state: dict | None = None) -> tuple[dict, dict, dict]:
         """(published, meta, private) of a version: what workers install (the weights that differ
-        from the source and the reference view read with them), and the private record only a
-        learner reads (its whole state and, in one process, the serving state)."""
+        from the source and the reference statistics fitted with them), and the private record only
+        a learner reads (its whole state, the reference view it restores without re-reading and,
+        in one process, the serving state)."""
         ref = self.reference_view()
         published = {"format": SNAPSHOT_FORMAT, "task": self.task.kind.value, "weights": self._changed_weights(),
-                     "reference": {k: v for k, v in ref.__dict__.items() if v is not None}}
-        private = {"format": SNAPSHOT_FORMAT, "learner": self.state_dict(), "serving": serving_state}
+                     "rebase": self.rebase_values()}
+        private = {"format": SNAPSHOT_FORMAT, "learner": self.state_dict(), "serving": serving_state,
+                   "reference": {k: v for k, v in ref.__dict__.items() if v is not None}}
         meta = {"feedback_seq": self.absorbed, "based_on": self.version, "validation_error": self.guard.last_error,
                 "task": self.task.kind.value, "updates": self.counters["updates"]}
         return published, meta, private
@@ -733,7 +767,7 @@ class Learner:
             except (ValueError, OSError):
                 continue
             if private is not None:
-                self.load_state_dict(private["learner"], reference_of(state))
+                self.load_state_dict(private["learner"], reference_of(private, state))
                 break
         else:
             version = 0

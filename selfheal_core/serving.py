@@ -107,21 +107,28 @@ class Published:
 
     version: int
     weights: dict[str, torch.Tensor]  # parameter name -> value
-    reference: ReferenceView | None = None  # the reference through these weights: detectors re-read it
+    # the reference statistics fitted with these weights (`Learner.rebase_values`): {"detectors":
+    # {name: reference_state}, "confidence": (R,), "predicted": (R,)}, installed as they are
+    rebase: dict | None = None
+    reference: ReferenceView | None = None  # or the reference view itself (format 4): fitted here
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Tensors, dicts and dataclass views compared by value."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, ReferenceView) and isinstance(b, ReferenceView):
+        return _equal(a.__dict__, b.__dict__)
+    return a is b or a == b
 
 
 def _same_version(old: Published | None, new: Published) -> bool:
-    """Whether `new` carries the weights and reference view `old` did (only its number differs)."""
-    if old is None or old.weights.keys() != new.weights.keys():
-        return False
-    if not all(torch.equal(old.weights[k], new.weights[k]) for k in new.weights):
-        return False
-    a, b = old.reference, new.reference
-    if a is None or b is None:
-        return a is b
-    pairs = [(getattr(a, f), getattr(b, f)) for f in ("probs", "features", "values", "errors")]
-    return all(x is y or (x is not None and y is not None and x.shape == y.shape and torch.equal(x, y))
-               for x, y in pairs)
+    """Whether `new` carries the weights and reference statistics `old` did (only its number differs)."""
+    return old is not None and _equal(old.weights, new.weights) and _equal(old.rebase, new.rebase) \
+        and _equal(old.reference, new.reference)
 
 
 class ServingModel:
@@ -177,8 +184,10 @@ class ServingModel:
             raise
         self._version = 0  # the published version these weights come from (0: the source model)
         # predictions: served; shed: predictions dropped unobserved (queue full); implausible: inputs outside
-        # the reference's range; nonfinite_outputs: answers with NaN or inf (neither is observed)
-        self.counters = {"predictions": 0, "shed": 0, "drains": 0, "implausible": 0, "nonfinite_outputs": 0}
+        # the reference's range; nonfinite_outputs: answers with NaN or inf (neither is observed);
+        # rebase_refused: a version's detector statistics fitted along other axes (not installed)
+        self.counters = {"predictions": 0, "shed": 0, "drains": 0, "implausible": 0, "nonfinite_outputs": 0,
+                         "rebase_refused": 0}
         self._range = (PlausibleRange(reference, config.input_range)
                        if reference.is_floating_point() and math.isfinite(config.input_range) else None)
         # (raw, features, inputs, keep) per forward, oldest first
@@ -409,6 +418,22 @@ class ServingModel:
                                  f"{tuple(params[name].shape)}")
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"version {published.version}: weight {name!r} is not finite")
+        if published.rebase is not None:
+            self._check_rebase(published)
+
+    def _check_rebase(self, published: Published) -> None:
+        """ValueError naming what in a version's reference statistics this model cannot take."""
+        rebase, v = published.rebase, published.version
+        if not isinstance(rebase, dict) or not isinstance(rebase.get("detectors", {}), dict):
+            raise ValueError(f"version {v}: its reference statistics are not a mapping")
+        if "confidence" in rebase:
+            conf, pred = rebase.get("confidence"), rebase.get("predicted")
+            n = len(self._targets) if self._targets is not None else None
+            if not (isinstance(conf, torch.Tensor) and isinstance(pred, torch.Tensor) and conf.dim() == pred.dim() == 1
+                    and len(conf) == len(pred) and (n is None or len(conf) == n)):
+                raise ValueError(f"version {v}: its reference confidences do not fit this model's reference")
+            if not bool(torch.isfinite(conf).all()) or pred.is_floating_point():
+                raise ValueError(f"version {v}: its reference confidences are not finite or its classes not whole")
 
     def install(self, published: Published) -> None:
         """Prepare a published version: the monitor re-reads its reference now, the weights are
@@ -418,15 +443,37 @@ class ServingModel:
         # a learner publishes a version after labels were absorbed even where its update was rolled
         # back (most are): weights and reference as installed already, nothing to re-read ...
         same = _same_version(self._installed, published)
-        if published.reference is not None and not same:
-            self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
-            self._calibrate_estimator(published.reference)
+        if not same and (published.rebase is not None or published.reference is not None):
+            if published.rebase is not None:
+                self._install_rebase(published)
+            else:
+                self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
+                self._calibrate_estimator(published.reference)
             self._trust = self._untrusted_because()  # against the new reference accuracy
         # ... or to copy, unless the version before it still waits for the serving thread
         waiting = self._pending
         same = same and (waiting is None or waiting[1])
         self._installed = published
         self._pending = (published, same)
+
+    def _install_rebase(self, published: Published) -> None:
+        """A learner's reference statistics for `published` (checked by `check_published`). A
+        detector whose values were fitted along other axes than its own keeps its reference and
+        says so: the version's weights are served all the same."""
+        values = published.rebase.get("detectors") or {}
+        try:
+            self.monitor.install_rebase(values)
+        except ValueError:
+            for name, state in values.items():
+                try:
+                    self.monitor.install_rebase({name: state})
+                except ValueError as exc:
+                    self.counters["rebase_refused"] += 1
+                    log.warning("version %d: %s keeps its reference statistics: %s", published.version, name, exc)
+        if "confidence" in published.rebase:
+            conf, pred = published.rebase["confidence"].double(), published.rebase["predicted"].long()
+            self.estimator.calibrate(conf, (pred == self._targets) if self._targets is not None else None,
+                                     classes=pred)
 
     def reset(self) -> None:
         """Back to the source weights; forget adaptation and drift state (weights at the next forward)."""

@@ -176,7 +176,7 @@ class LearnerService:
         if loaded is not None:
             state, meta, private = loaded
             try:
-                self.learner.load_state_dict(private["learner"], reference_of(state))
+                self.learner.load_state_dict(private["learner"], reference_of(private, state))
                 self.learner.version = int(meta["version"])
                 log.info("resumed from version %d (log absorbed to %d)", self.learner.version,
                          self.learner.absorbed)

@@ -33,6 +33,7 @@ LABEL_FREE = frozenset({DetectorName.CONFIDENCE, DetectorName.FEATURE_SHIFT, Det
                         DetectorName.OUTPUT_SHIFT})
 ON_FEEDBACK = frozenset({DetectorName.ERROR_RATE, DetectorName.RESIDUAL})
 INPUT_SHIFT = frozenset({DetectorName.CONFIDENCE, DetectorName.FEATURE_SHIFT})  # the inputs themselves moved
+UNUSED_THRESHOLD = float.fromhex("0x1.fffffffffffffp+1023")  # `fit_reference`: finite (calibrated), never crossed
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,29 @@ class Monitor(StateMixin):
         with the same settings on the same reference view) skips the simulations when its key
         matches: a worker starts in milliseconds instead of seconds.
         """
-        d, D = self.detectors, DetectorName
         key = self.key(ref)
         given = thresholds["thresholds"] if thresholds and thresholds.get("key") == key else {}
         source = "given thresholds" if given else "simulation"
         if not given and key in _CALIBRATED:
             given, source = _CALIBRATED[key], "simulation (earlier in this process)"
-        t = lambda name: given.get(name.value)  # noqa: E731
+        self._fit(ref, lambda name: given.get(name.value))
+        self.calibrated_from = source
+        self._key = key
+        _CALIBRATED[key] = {n.value: float(det.threshold) for n, det in self.detectors.items()}
+        while len(_CALIBRATED) > 16:
+            _CALIBRATED.popitem(last=False)
+        return self
+
+    def fit_reference(self, ref: ReferenceView) -> "Monitor":
+        """Fit the detectors' reference statistics only, with no thresholds (no simulation): a
+        monitor that never watches a stream, kept to `fit_rebase` versions for workers whose
+        monitors calibrated on the same reference (a learner's). Its thresholds mean nothing."""
+        self._fit(ref, lambda name: UNUSED_THRESHOLD)
+        self.calibrated_from = "reference statistics only"
+        return self
+
+    def _fit(self, ref: ReferenceView, t: Callable[[DetectorName], float | None]) -> None:
+        d, D = self.detectors, DetectorName
         if D.CONFIDENCE in d:
             d[D.CONFIDENCE].calibrate(normalized_entropy(ref.probs), threshold=t(D.CONFIDENCE))
         if D.CLASS_SHIFT in d:
@@ -158,12 +175,6 @@ class Monitor(StateMixin):
                 self._drop(D.RESIDUAL, "no reference targets: give labelled reference data to watch feedback errors")
             else:
                 d[D.RESIDUAL].calibrate(ref.errors, threshold=t(D.RESIDUAL))
-        self.calibrated_from = source
-        self._key = key
-        _CALIBRATED[key] = {n.value: float(det.threshold) for n, det in d.items()}
-        while len(_CALIBRATED) > 16:
-            _CALIBRATED.popitem(last=False)
-        return self
 
     def key(self, ref: ReferenceView) -> str:
         """What the thresholds depend on: settings, task, detectors and the reference view."""

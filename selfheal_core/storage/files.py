@@ -74,9 +74,69 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def pack(obj: dict[str, Any]) -> bytes:
+_FLAT, _TENSOR = "__flat__", "__tensor__"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                                       torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+                                                       torch.bool)}
+
+
+def flatten(obj: Any) -> dict[str, Any]:
+    """`obj` with its tensors gathered into one flat tensor per dtype, each replaced by
+    {"__tensor__": [dtype, offset, shape]}: a published record of a ResNet's last layer and norm
+    weights is 42 small tensors, and torch.save's per-tensor entries came to a fifth of their bytes.
+
+    >>> back = unflatten(flatten({"w": {"a": torch.ones(2, 3), "b": torch.arange(4)}, "n": 7}))
+    >>> back["w"]["a"].shape, back["w"]["b"].tolist(), back["n"]
+    (torch.Size([2, 3]), [0, 1, 2, 3], 7)
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    sizes: dict[str, int] = {}
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = str(value.dtype).removeprefix("torch.")
+            if name not in _DTYPES:
+                raise ValueError(f"cannot publish a tensor of dtype {value.dtype}")
+            offset = sizes.get(name, 0)
+            parts.setdefault(name, []).append(value.detach().reshape(-1).cpu())
+            sizes[name] = offset + value.numel()
+            return {_TENSOR: [name, offset, list(value.shape)]}
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        return value
+
+    skeleton = walk(obj)
+    return {_FLAT: {name: torch.cat(ts) for name, ts in parts.items()}, "skeleton": skeleton}
+
+
+def unflatten(packed: dict[str, Any]) -> Any:
+    """The object `flatten` gathered (tensors are copies); ValueError where it does not add up."""
+    flats = packed[_FLAT]
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {_TENSOR}:
+            name, offset, shape = value[_TENSOR]
+            flat = flats.get(name)
+            n = int(torch.Size(shape).numel())
+            if flat is None or flat.dtype != _DTYPES.get(name) or offset < 0 or offset + n > len(flat):
+                raise ValueError(f"a packed tensor ({name}, {offset}, {shape}) lies outside its buffer")
+            return flat[offset:offset + n].reshape(shape).clone()
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(packed["skeleton"])
+
+
+def pack(obj: dict[str, Any], flat: bool = False) -> bytes:
+    """Checksum line and torch.save payload; `flat`: tensors gathered per dtype (`flatten`), for
+    records of many small tensors that every worker reads."""
     payload = io.BytesIO()
-    torch.save(obj, payload)
+    torch.save(flatten(obj) if flat else obj, payload)
     data = payload.getvalue()
     return hashlib.sha256(data).hexdigest().encode() + b"\n" + data
 
@@ -86,7 +146,8 @@ def unpack(blob: bytes, what: str) -> dict[str, Any]:
     if not sep or hashlib.sha256(data).hexdigest().encode() != digest:
         raise ValueError(f"{what}: checksum mismatch")
     try:
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        return unflatten(obj) if isinstance(obj, dict) and _FLAT in obj else obj
     except Exception as exc:  # unpickling failure of a checksummed file: treat as corrupt
         raise ValueError(f"{what}: unreadable payload ({exc})") from exc
 
@@ -118,7 +179,7 @@ class FileSnapshotStore(SnapshotStore):
     def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None,
              private: dict[str, Any] | None = None) -> int:
         parent = self.latest_version()
-        blob = pack({"state": state, "meta": dict(meta or {}, parent=parent, created=time.time())})
+        blob = pack({"state": state, "meta": dict(meta or {}, parent=parent, created=time.time())}, flat=True)
         self._sweep()
         tmp = _write_atomic(self.path(parent + 1), blob, _TMP)
         private_tmp = None

@@ -299,7 +299,7 @@ class PostgresSnapshotStore(SnapshotStore):
                 parent = conn.execute("SELECT COALESCE(MAX(version), 0) FROM selfheal_snapshots WHERE model = %s",
                                       (self.model,)).fetchone()[0]
                 now = time.time()
-                blob = pack({"state": state, "meta": dict(meta or {}, parent=parent, created=now)})
+                blob = pack({"state": state, "meta": dict(meta or {}, parent=parent, created=now)}, flat=True)
                 conn.execute("INSERT INTO selfheal_snapshots (model, version, payload, created) VALUES (%s, %s, %s, %s)",
                              (self.model, parent + 1, blob, now))
                 if private is not None:  # a row of its own: workers never read it

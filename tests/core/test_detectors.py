@@ -164,3 +164,40 @@ def _roundtrip(state):
     torch.save(state, buf)
     buf.seek(0)
     return buf
+
+
+def test_feature_axes_agree_across_processes_to_float_noise_and_old_states_load():
+    """A learner and a worker calibrate on the same reference read in other batch sizes (last bits
+    differ): their axes' digests agree, so one's reference statistics install in the other; axes
+    of other features are refused. A state saved with the (D,) centre and (D, k) projection loads
+    as the same whitening."""
+    from selfheal_core.monitor.feature_shift import FeatureShiftDetector
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g,
+                                                                                  dtype=torch.float64)
+    worker = FeatureShiftDetector(expected_run_time=1_000, paths=50).calibrate(feats)
+    noisy = feats * (1 + 1e-7 * torch.randn(feats.shape, generator=g, dtype=torch.float64))
+    learner = FeatureShiftDetector(expected_run_time=1_000, paths=50).calibrate(noisy, threshold=1.0)
+    moved = feats * 1.3 + 0.5
+    worker.load_reference(learner.rebase(moved).reference_state())
+    assert torch.allclose(worker._center, learner._center) and torch.allclose(worker._white, learner._white)
+    stranger = FeatureShiftDetector(expected_run_time=1_000, paths=50).calibrate(
+        torch.randn(300, 16, generator=g, dtype=torch.float64), threshold=1.0)
+    kept = worker.reference_state()
+    try:
+        worker.load_reference(stranger.reference_state())
+    except ValueError as exc:
+        assert "axes" in str(exc)
+    else:
+        raise AssertionError("statistics fitted along other axes were installed")
+    assert all(torch.equal(kept[k], v) for k, v in worker.reference_state().items())
+    # the format before the axes were kept apart
+    x = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    old = {k: v for k, v in worker.state_dict().items() if k not in ("_axes", "_center", "_white")}
+    proj = worker._axes @ worker._white
+    old.update(_proj=proj, _center=feats.mean(0))
+    restored = FeatureShiftDetector(expected_run_time=1_000, paths=50)
+    restored.load_state_dict(old)
+    want = (x - old["_center"]) @ proj
+    assert torch.allclose(torch.from_numpy(restored._whiten(x)), want, atol=1e-9)

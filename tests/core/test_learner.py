@@ -63,7 +63,63 @@ def test_a_published_snapshot_resumes_the_learner_and_feeds_workers(demo_model, 
     published = published_from_snapshot(loaded_state, loaded_meta)
     changed = {k for k, v in learner.model.named_parameters() if not torch.equal(v, dict(demo_model.named_parameters())[k])}
     assert published.version == version and set(published.weights) == changed and changed  # what differs from the source
-    assert published.reference.probs.shape == (len(x_ref), 10) and published.reference.features is not None
+    # workers get the reference statistics fitted with these weights, a few KB; the view itself
+    # (every reference input's features) is the learner's, in the private record
+    rebase = published.rebase
+    assert published.reference is None and rebase["confidence"].shape == rebase["predicted"].shape == (len(x_ref),)
+    assert set(rebase["detectors"]) == {"confidence", "feature_shift"}
+    assert "reference" not in loaded_state and store.load_private(version)["reference"]["features"] is not None
+
+
+def test_a_worker_installs_the_learners_reference_statistics_as_it_would_fit_them_itself(demo_model, reference,
+                                                                                           digits):
+    """Workers read a version's detector statistics fitted by the learner (a few KB), not the
+    reference's features: installed, they equal what the worker fits from the learner's view. A
+    learner on another reference fitted along other axes: refused and counted, weights served."""
+    from selfheal_core.serving import Published, ServingModel
+
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    x, y = resample(x_te, y_te, 160, seed=4)
+    x = corrupt(x, "rotate", 4, seed=4)
+    learner = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    for i in range(0, 160, 16):
+        learner.absorb(x[i:i + 16], y[i:i + 16])
+        learner.update()
+    published = learner.published(3)
+    assert published.weights, "an update was accepted"
+    serving = ServingModel(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
+    expected = serving.monitor.fit_rebase(learner.reference_view())
+    serving.install(published)
+    serving.sync()
+    assert serving.counters["rebase_refused"] == 0
+    for name, values in expected.items():
+        installed = serving.monitor.detectors[next(d for d in serving.monitor.detectors if d.value == name)]
+        for key, value in values.items():
+            got = installed.reference_state()[key]
+            assert torch.allclose(got, value, atol=1e-8), (name, key)
+    conf, pred = learner.reference_view().probs.max(1)
+    assert abs(serving.estimator.reference_accuracy - float((pred == y_ref).double().mean())) < 1e-9
+    # another reference, other axes: the detector keeps its statistics, the weights are served
+    other = Learner(copy.deepcopy(demo_model), x_te[:300], HealConfig(), reference_targets=y_te[:300])
+    before = serving.monitor.detectors[next(d for d in serving.monitor.detectors if d.value == "feature_shift")]
+    kept = before.reference_state()
+    with torch.no_grad():
+        head = dict(other.model.named_parameters())
+        head[list(head)[-1]].add_(0.25)
+    other._refit_reference()
+    serving.install(other.published(4))
+    serving.sync()
+    assert serving.counters["rebase_refused"] == 1 and serving.version == 4
+    assert all(torch.equal(kept[k], v) for k, v in before.reference_state().items())
+    assert torch.equal(serving.model(x_ref[:5]), other.model(x_ref[:5]))
+    bad = Published(version=5, weights={}, rebase={"confidence": torch.rand(7), "predicted": torch.zeros(7, dtype=torch.int32)})
+    try:
+        serving.install(bad)
+    except ValueError as exc:
+        assert "reference" in str(exc)
+    else:
+        raise AssertionError("confidences of another reference's size were installed")
 
 
 def test_a_monitor_only_learner_watches_errors_and_trains_nothing(demo_model, reference, digits):

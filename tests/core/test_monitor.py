@@ -138,11 +138,11 @@ def test_rebase_hands_reference_statistics_through_public_state_and_refuses_a_mi
     assert torch.equal(other.detectors[DetectorName.FEATURE_SHIFT].reference_state()["_center"],
                        values["feature_shift"]["_center"])
     bad = {"confidence": values["confidence"], "feature_shift": {**values["feature_shift"],
-                                                                 "_proj": torch.zeros(3, 3)}}
+                                                                 "_white": torch.zeros(3, 3)}}
     try:
         mon.install_rebase(bad)
     except ValueError as e:
-        assert "_proj" in str(e)
+        assert "_white" in str(e)
     else:
         raise AssertionError("a reference of the wrong shape was installed")
     for name, det in mon.detectors.items():

@@ -95,9 +95,13 @@ def test_monitor_only_config_corrects_nothing():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+REF = torch.randn(100, 5, generator=torch.Generator().manual_seed(5))
+
+
 def moved_learner(model) -> Learner:
-    """A learner over a copy of `model` whose weights all moved (as an update moves them)."""
-    learner = Learner(copy.deepcopy(model), torch.randn(100, 5), FAST, reference_targets=torch.randint(0, 3, (100,)))
+    """A learner over a copy of `model` whose weights all moved (as an update moves them), on the
+    workers' reference (REF)."""
+    learner = Learner(copy.deepcopy(model), REF, FAST, reference_targets=torch.randint(0, 3, (100,)))
     with torch.no_grad():
         for p in learner.model.parameters():
             p.add_(0.1)
@@ -106,7 +110,7 @@ def moved_learner(model) -> Learner:
 
 def test_a_published_version_is_applied_by_the_serving_thread_only():
     model = mlp()
-    serving = ServingModel(model, torch.randn(100, 5), FAST)
+    serving = ServingModel(model, REF, FAST)
     learner = moved_learner(model)
     x = torch.randn(4, 5)
     before = serving.predict(x)
@@ -120,14 +124,14 @@ def test_a_published_version_is_applied_by_the_serving_thread_only():
 
 def test_a_version_with_the_weights_served_already_is_not_re_read(monkeypatch):
     """A learner publishes after absorbing labels even when its update was rolled back (most are):
-    a worker then re-fitted its detectors (an eigendecomposition) and copied every weight for
+    a worker then re-installed its detectors' reference statistics and copied every weight for
     nothing. The same weights and reference under a new number only move the number."""
     model = mlp()
-    serving = ServingModel(model, torch.randn(100, 5), FAST)
+    serving = ServingModel(model, REF, FAST)
     learner = moved_learner(model)
     fits = []
-    fit = serving.monitor.fit_rebase
-    monkeypatch.setattr(serving.monitor, "fit_rebase", lambda ref: fits.append(1) or fit(ref))
+    fit = serving.monitor.install_rebase
+    monkeypatch.setattr(serving.monitor, "install_rebase", lambda values: fits.append(1) or fit(values))
     x = torch.randn(4, 5)
     serving.install(learner.published(6))
     serving.install(learner.published(7))  # the same weights, while 6 still waits for the serving thread
@@ -142,6 +146,7 @@ def test_a_version_with_the_weights_served_already_is_not_re_read(monkeypatch):
     learner._refit_reference()
     serving.install(learner.published(9))
     assert len(fits) == 2 and not torch.allclose(serving.predict(x), first) and serving.version == 9
+    assert serving.counters["rebase_refused"] == 0, "the learner fitted along the worker's axes"
 
 
 def test_bad_inputs_are_refused_with_the_reason():
