@@ -186,21 +186,33 @@ def resnet(requests_n: int, work: Path) -> dict:
     versions = sorted(snapshots.glob("resnet/snapshot-*.pt"))
     published = [p.stat().st_size for p in versions]
     from selfheal_core.storage import FileSnapshotStore
+    from selfheal_core.storage.files import FileStatusBoard
+
+    # versions whose detector statistics the worker could not take (fitted along other axes)
+    refused = sum(int((r.get("counters") or {}).get("rebase_refused", 0))
+                  for r in FileStatusBoard(snapshots / "resnet").read().values() if r.get("role") == "worker")
 
     store = FileSnapshotStore(snapshots / "resnet", keep=100)
     latest = store.load(store.latest_version())[0] if versions else {"weights": {}}
     weights_bytes = sum(v.numel() * v.element_size() for v in latest["weights"].values())
     mean_publish = float(np.mean(published)) if published else None
+    # per version that carries weights: the bytes a worker reads for it against its weights' bytes (a
+    # version from before the first accepted update carries none, and would flatter a mean)
+    ratios = []
+    for path, size in zip(versions, published):
+        carried = store.load(int(path.stem.split("-")[1]))[0]["weights"]
+        if carried:
+            ratios.append(size / sum(v.numel() * v.element_size() for v in carried.values()))
     return {"requests": requests_n, "errors": errors, "labels_accepted": labels, "seconds": round(time.time() - t0, 1),
             "model_bytes": model_bytes, **{k: round(v, 1) for k, v in rss.items()},
             "worker_rss_growth_mb": round(rss["worker_end_mb"] - rss["worker_start_mb"], 1),
             "learner_limit_mb": round(3 * model_bytes / 2 ** 20 + 500, 1),
             "versions": len(published), "publish_bytes_mean": mean_publish,
             "published_weights_bytes": weights_bytes, "published_weight_tensors": len(latest["weights"]),
-            # a version whose weights equal the source's carries none: then only the whole model's size compares
-            "publish_bytes_per_worker_ratio": round(mean_publish / weights_bytes, 2) if mean_publish and weights_bytes
-            else None,
+            "publish_bytes_per_worker_ratio": round(float(np.mean(ratios)), 3) if ratios else None,
+            "versions_with_weights": len(ratios),
             "publish_bytes_vs_whole_model": round(mean_publish / model_bytes, 3) if mean_publish else None,
+            "worker_rebase_refused": refused,
             "learner_status": {k: status.get(k) for k in ("version", "absorbed", "counters", "lag")}}
 
 

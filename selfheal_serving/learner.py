@@ -223,10 +223,14 @@ class LearnerService:
         if rows is not None:
             learner.absorb_entries(rows, context, self.storage.log,
                                    current=lambda: self.storage.predictions.newest(learner.config.learn.past_sample))
-        if learner.update_due:
+        heavy = learner.update_due
+        if heavy:
             learner.update(context)
         if learner.dirty and time.monotonic() - self._last_publish >= self.settings.heal.snapshot_interval_s:
             self._publish()
+            heavy = True
+        if heavy:
+            release_freed_memory()
         return rows is not None
 
     def _publish(self) -> None:
@@ -485,19 +489,35 @@ def start_learner(model_name: str, model: torch.nn.Module, inputs: torch.Tensor,
     return LearnerHandle(service, intake, server)
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def release_freed_memory() -> bool:
+    """Hand the allocator's free pages back to the system (glibc's malloc_trim; elsewhere
+    nothing). Inputs below the mmap threshold (a 224x224 image is 602 KB) are decoded by the
+    intake's threads, each with an arena of its own, and freed by the loop: their pages stayed with
+    the process. The learner calls it after an update or a publish, once per round at most."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(_libc().malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def fixed_mmap_threshold(size: int = 2 ** 20) -> bool:
     """Map blocks of `size` bytes and more with mmap, always (glibc; elsewhere nothing happens).
     glibc raises its threshold as large blocks are freed, after which a forward's activations come
     from the heap and its freed pages stay with the process: a 224x224 ResNet-18's learner kept
     837 MB after one update, 614 MB with the threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_, if
     the operator set it, is left alone)."""
-    import ctypes
-    import ctypes.util
-
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, size))  # M_MMAP_THRESHOLD
+        return bool(_libc().mallopt(-3, size))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         return False

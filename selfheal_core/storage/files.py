@@ -133,10 +133,14 @@ def unflatten(packed: dict[str, Any]) -> Any:
 
 
 def pack(obj: dict[str, Any], flat: bool = False) -> bytes:
-    """Checksum line and torch.save payload; `flat`: tensors gathered per dtype (`flatten`), for
-    records of many small tensors that every worker reads."""
+    """Checksum line and torch.save payload; `flat`: tensors gathered per dtype (`flatten`), in
+    torch's plain pickle format (no zip directory: a few buffers, not a file per tensor), for the
+    small records every worker reads."""
     payload = io.BytesIO()
-    torch.save(flatten(obj) if flat else obj, payload)
+    if flat:
+        torch.save(flatten(obj), payload, _use_new_zipfile_serialization=False)
+    else:
+        torch.save(obj, payload)
     data = payload.getvalue()
     return hashlib.sha256(data).hexdigest().encode() + b"\n" + data
 
