@@ -303,6 +303,7 @@ class ReplicaRuntime:
         if loaded is None or int(loaded[1]["version"]) <= self.serving.pending_version:
             self._failed_version = latest
             return
+        refused = self.serving.counters["rebase_refused"]
         try:
             self.serving.install(published_from_snapshot(*loaded))
             self._published_at = loaded[1].get("created")
@@ -312,7 +313,11 @@ class ReplicaRuntime:
             self._warn("install", f"cannot install version {loaded[1]['version']}, serving version "
                                   f"{self.serving.pending_version} on: {exc}")
             return
-        self.faults.ok("install")
+        if self.serving.counters["rebase_refused"] > refused:  # served, but a detector kept the old reference
+            self.faults.failed("install", f"version {loaded[1]['version']}: detector statistics fitted along other "
+                                          "axes than this worker's were not installed (the update may read as drift)")
+        else:
+            self.faults.ok("install")
         log.info("installing published version %d", loaded[1]["version"])
 
     def _write_status(self) -> None:

@@ -201,3 +201,31 @@ def test_feature_axes_agree_across_processes_to_float_noise_and_old_states_load(
     restored.load_state_dict(old)
     want = (x - old["_center"]) @ proj
     assert torch.allclose(torch.from_numpy(restored._whiten(x)), want, atol=1e-9)
+
+
+def test_a_rebase_along_the_calibrated_axes_keeps_an_update_from_reading_as_drift():
+    """After an update the same inputs give other features (here scaled and shifted per
+    dimension and mixed, as norm affine weights move them): unrebased, the chart alarms at once;
+    rebased on the reference through the new weights (centre and whitening along the axes fixed
+    at calibration), a stream like the reference stays quiet, and a real shift still alarms."""
+    from selfheal_core.monitor import FeatureShiftDetector
+
+    g = torch.Generator().manual_seed(11)
+    mix = torch.eye(16, dtype=torch.float64) + 0.3 * torch.randn(16, 16, generator=g, dtype=torch.float64)
+    scale = 1 + torch.rand(16, generator=g, dtype=torch.float64)
+
+    def features(n: int) -> torch.Tensor:
+        return torch.randn(n, 16, generator=g, dtype=torch.float64) @ mix
+
+    def updated(f: torch.Tensor) -> torch.Tensor:
+        return f * scale + 0.8
+
+    ref = features(300)
+    stale = FeatureShiftDetector(expected_run_time=10_000, paths=100).calibrate(ref)
+    rebased = FeatureShiftDetector(expected_run_time=10_000, paths=100).calibrate(ref).rebase(updated(ref))
+    stream = updated(features(1_000))
+    stale.update(stream[:200])
+    rebased.update(stream)
+    assert stale.alarms > 0 and rebased.alarms == 0
+    rebased.update(updated(features(300)) + 0.5)
+    assert rebased.alarms > 0
