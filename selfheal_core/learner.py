@@ -34,7 +34,7 @@ from selfheal_core.model_parts import ActivationBudget, FeatureTap, find_parts, 
 from selfheal_core.monitor import LABEL_FREE, ON_FEEDBACK, Monitor, ReferenceView
 from selfheal_core.plausible import PlausibleRange
 from selfheal_core.quarantine import Quarantine
-from selfheal_core.serving import (Published, check_inputs, model_device, reference_outputs,
+from selfheal_core.serving import (Published, check_inputs, model_device, rebase_values, reference_outputs,
                                    validate_reference)
 from selfheal_core.source_check import SourceCheck
 from selfheal_core.state import clone_state
@@ -150,12 +150,10 @@ class Learner:
         self._norm_layers = list(self.parts.batchnorms)
         self._norm_source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._norm_layers]
         self._reset()
-        self._rebase: tuple[ReferenceView, dict] | None = None  # rebase_values() and the view they were fitted on
         self._refit_reference()
         # label-free detectors as the workers' are, fitted on the source view (no thresholds): what
         # fits each version's reference statistics for them
-        self._rebaser = (Monitor(config.monitor, self.task, LABEL_FREE).fit_reference(self._view)
-                         if self.learns else None)
+        self._rebaser = Monitor(config.monitor, self.task, LABEL_FREE).fit_reference(self._view)
 
     def _reset(self) -> None:
         self.absorbed = 0  # sequence number of the last feedback-log row folded in
@@ -638,17 +636,7 @@ class Learner:
         detector's reference statistics (fitted here along the axes both calibrated on the source
         view) and the reference's confidences and predicted classes (its accuracy estimate's
         calibration). A few KB, where the view itself held every reference input's features."""
-        if self._rebase is None or self._rebase[0] is not self._view:
-            view, out = self._view, {}
-            if self._rebaser is not None:  # float32 in transit: workers keep them in float64
-                out["detectors"] = {name: {k: v.float() if v.is_floating_point() else v for k, v in values.items()}
-                                    for name, values in self._rebaser.fit_rebase(view).items()}
-            if view.probs is not None:
-                conf, pred = view.probs.max(1)
-                out.update(confidence=conf.float(),
-                           predicted=pred.to(torch.int16 if self.task.num_classes < 2 ** 15 else torch.int32))
-            self._rebase = (view, out)
-        return clone_state(self._rebase[1])
+        return rebase_values(self._rebaser, self._view)
 
     @property
     def dirty(self) -> bool:

@@ -113,6 +113,20 @@ class Published:
     reference: ReferenceView | None = None  # or the reference view itself (format 4): fitted here
 
 
+def rebase_values(monitor: Monitor, view: ReferenceView) -> dict:
+    """What a worker installs so that a version's weights do not read as drift, fitted on the
+    reference `view` through them: each detector's reference statistics (`monitor` calibrated on
+    the same source view: the feature chart's axes are its) and the reference's confidences and
+    predicted classes (the accuracy estimate's calibration). Float32 / int16: a few KB."""
+    out: dict = {"detectors": {name: {k: v.float() if v.is_floating_point() else v for k, v in values.items()}
+                               for name, values in monitor.fit_rebase(view).items()}}
+    if view.probs is not None:
+        conf, pred = view.probs.max(1)
+        out.update(confidence=conf.float(),
+                   predicted=pred.to(torch.int16 if view.probs.shape[1] < 2 ** 15 else torch.int32))
+    return out
+
+
 def _equal(a: Any, b: Any) -> bool:
     """Tensors, dicts and dataclass views compared by value."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -172,7 +186,8 @@ class ServingModel:
             view = self.view(reference, targets)
             self._targets = targets
             self.estimator = AccuracyEstimator()
-            self._calibrate_estimator(view)
+            if view.probs is not None:
+                self._calibrate_estimator(*view.probs.max(1))
             self.monitor = Monitor(config.monitor, self.task, LABEL_FREE).calibrate(view, calibration)
             if calibration and self.monitor.calibrated_from != "given thresholds":
                 log.info("the calibration given does not fit this model, reference or settings: not used")
@@ -203,11 +218,8 @@ class ServingModel:
         # response reads it (the estimate itself is a pass over the window)
         self._drift = self._drift_summary()
 
-    def _calibrate_estimator(self, view: ReferenceView) -> None:
-        """ATC's threshold from the reference through the current weights (classifiers)."""
-        if view.probs is None:
-            return
-        conf, pred = view.probs.max(1)
+    def _calibrate_estimator(self, conf: torch.Tensor, pred: torch.Tensor) -> None:
+        """ATC's threshold from the reference's confidences and classes through the current weights."""
         self.estimator.calibrate(conf, (pred == self._targets) if self._targets is not None else None, classes=pred)
 
     def _mode(self) -> str:
@@ -444,11 +456,9 @@ class ServingModel:
         # back (most are): weights and reference as installed already, nothing to re-read ...
         same = _same_version(self._installed, published)
         if not same and (published.rebase is not None or published.reference is not None):
-            if published.rebase is not None:
-                self._install_rebase(published)
-            else:
-                self.monitor.install_rebase(self.monitor.fit_rebase(published.reference))
-                self._calibrate_estimator(published.reference)
+            # a format-4 version carries the view itself: its statistics are fitted here
+            self._install_rebase(published.version, published.rebase if published.rebase is not None
+                                 else rebase_values(self.monitor, published.reference))
             self._trust = self._untrusted_because()  # against the new reference accuracy
         # ... or to copy, unless the version before it still waits for the serving thread
         waiting = self._pending
@@ -456,11 +466,11 @@ class ServingModel:
         self._installed = published
         self._pending = (published, same)
 
-    def _install_rebase(self, published: Published) -> None:
-        """A learner's reference statistics for `published` (checked by `check_published`). A
+    def _install_rebase(self, version: int, rebase: dict) -> None:
+        """A version's reference statistics (`rebase_values`, checked by `check_published`). A
         detector whose values were fitted along other axes than its own keeps its reference and
         says so: the version's weights are served all the same."""
-        values = published.rebase.get("detectors") or {}
+        values = rebase.get("detectors") or {}
         try:
             self.monitor.install_rebase(values)
         except ValueError:
@@ -469,11 +479,9 @@ class ServingModel:
                     self.monitor.install_rebase({name: state})
                 except ValueError as exc:
                     self.counters["rebase_refused"] += 1
-                    log.warning("version %d: %s keeps its reference statistics: %s", published.version, name, exc)
-        if "confidence" in published.rebase:
-            conf, pred = published.rebase["confidence"].double(), published.rebase["predicted"].long()
-            self.estimator.calibrate(conf, (pred == self._targets) if self._targets is not None else None,
-                                     classes=pred)
+                    log.warning("version %d: %s keeps its reference statistics: %s", version, name, exc)
+        if "confidence" in rebase:
+            self._calibrate_estimator(rebase["confidence"].double(), rebase["predicted"].long())
 
     def reset(self) -> None:
         """Back to the source weights; forget adaptation and drift state (weights at the next forward)."""

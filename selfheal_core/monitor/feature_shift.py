@@ -129,15 +129,16 @@ class FeatureShiftDetector(MewmaDetector):
         return len(held)
 
     def _probe(self, dim: int) -> np.ndarray:
-        """A seeded (D, k) Gaussian matrix: fixes the axes' signs and fingerprints them."""
-        return np.random.default_rng(self.seed + 7).standard_normal((dim, max(min(self.dims, dim), 1)))
+        """Two seeded Gaussian directions (D, 2): the first fixes the axes' signs, the second
+        fingerprints them."""
+        return np.random.default_rng(self.seed + 7).standard_normal((dim, 2))
 
     def axes_digest(self) -> torch.Tensor:
         """(k,) fingerprint of the axes, each one's projection on a seeded direction: equal (to
         float noise) in processes that calibrated on the same reference, different where an axis
         flipped or two swapped."""
         probe = self._probe(self._axes.shape[0])
-        return torch.from_numpy(self._axes.numpy().T @ probe[:, -1])
+        return torch.from_numpy(self._axes.numpy().T @ probe[:, 1])
 
     def reference_state(self) -> dict[str, torch.Tensor]:
         return {**super().reference_state(), "axes_digest": self.axes_digest()}
