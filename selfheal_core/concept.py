@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from selfheal_core.config import GuardConfig
+from selfheal_core.learn.compact import compact
 from selfheal_core.state import StateMixin
 
 HOLD, LEARN = "hold", "learn"
@@ -211,8 +212,9 @@ class ConceptWatch(StateMixin):
                 continue
             held[i] = True
             room = min(self.config.concept_hold_max, self.config.concept_hold_bytes // max(1, x[i].numel() * x.element_size()))
-            if len(self._held) < room:
-                self._held.append((seqs[i] if seqs else -1, x[i].detach().cpu().clone(), int(g),
+            if len(self._held) < room:  # counted at the dtype it came in, kept compact (half of it for images)
+                kept = compact(x[i:i + 1].detach().cpu())[0]
+                self._held.append((seqs[i] if seqs else -1, kept.clone() if kept.dtype == x.dtype else kept, int(g),
                                    times[i] if times else 0.0, int(m)))
             else:  # in the log only: an approval cannot learn it from memory
                 self.dropped += 1
@@ -392,7 +394,8 @@ class ConceptWatch(StateMixin):
     def _held_state(self) -> dict:
         if not self._held:
             return {"seq": [], "x": torch.empty(0), "label": [], "time": [], "source": []}
-        return {"seq": [h[0] for h in self._held], "x": torch.stack([h[1] for h in self._held]),
+        dtype = functools.reduce(torch.promote_types, {h[1].dtype for h in self._held})  # some kept exact
+        return {"seq": [h[0] for h in self._held], "x": torch.stack([h[1].to(dtype) for h in self._held]),
                 "label": [h[2] for h in self._held], "time": [h[3] for h in self._held],
                 "source": [h[4] for h in self._held]}
 
@@ -404,7 +407,7 @@ class ConceptWatch(StateMixin):
 
     @_held_state.setter
     def _held_state(self, value: dict) -> None:
-        self._held = [(s, x, lab, t, src) for s, x, lab, t, src in
+        self._held = [(s, compact(x.unsqueeze(0))[0], lab, t, src) for s, x, lab, t, src in
                       zip(value["seq"], list(value["x"]), value["label"], value["time"], value["source"])]
 
 

@@ -30,6 +30,7 @@ from selfheal_core.estimate import AccuracyEstimator, LabelledAccuracy
 from selfheal_core.config import HealConfig
 from selfheal_core.guard import Guard
 from selfheal_core.learn import BayesianLastLayer, GradientLearner
+from selfheal_core.learn.compact import compact, widen
 from selfheal_core.model_parts import ActivationBudget, FeatureTap, find_parts, pool_inputs
 from selfheal_core.monitor import LABEL_FREE, ON_FEEDBACK, Monitor, ReferenceView
 from selfheal_core.plausible import PlausibleRange
@@ -37,7 +38,6 @@ from selfheal_core.quarantine import Quarantine
 from selfheal_core.serving import (Published, check_inputs, model_device, rebase_values, reference_outputs,
                                    validate_reference)
 from selfheal_core.source_check import SourceCheck
-from selfheal_core.state import clone_state
 from selfheal_core.storage.base import DISCARDED, HELD, LEARNED, PAST, QUARANTINED, Entries, FeedbackLog, decode_targets
 from selfheal_core.task import Task
 
@@ -53,8 +53,10 @@ READABLE_FORMATS = (4, 5)
 
 
 def _input_key(x: torch.Tensor) -> int:
-    """An input's identity by its bytes (in this process: labels taken back are found by it)."""
-    return hash(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    """An input's identity by its bytes as replay keeps them (`compact`; in this process: labels
+    taken back are found by it)."""
+    kept = compact(x.detach().cpu().unsqueeze(0))[0]
+    return hash(kept.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def reference_of(*records: dict | None) -> ReferenceView | None:
@@ -107,13 +109,15 @@ class Learner:
         self.parts = find_parts(model, self.task.outputs)
         self.learns = config.adapt and not self.parts.scripted  # else: labels are logged and watched only
         targets = self.task.check_targets(reference_targets, len(reference)) if reference_targets is not None else None
-        self._reference = reference.to(self.device)
+        full = reference.to(self.device)
+        # large reference inputs are kept at half precision (learn/compact.py) and widened per
+        # forward; the source view, which workers fit their own detectors on too, is read from `full`
+        self._reference = compact(full)
         self._budget = ActivationBudget(model, config.learn.step_bytes)  # inputs per forward pass here
         self._range = (PlausibleRange(reference, config.input_range)
                        if reference.is_floating_point() and math.isfinite(config.input_range) else None)
         self._targets = targets
         self.input_shape, self.input_dtype = tuple(reference.shape[1:]), reference.dtype
-        self._source = clone_state(model.state_dict())
         self._tap = FeatureTap(self.parts.head) if self.learns and self.parts.head is not None else None
         self.gradient: GradientLearner | None = None
         self.bayes: BayesianLastLayer | None = None
@@ -133,6 +137,10 @@ class Learner:
         except BaseException:
             self.close()
             raise
+        # the source values of what learning can move (the chosen parameters, the output layer, the
+        # buffers); the rest of the model stays the source's, and a copy of it was the model's size
+        # again (45 MB of a 224x224 ResNet-18's learner, which learns its norms and last layer)
+        self._source = self._movable_state()
         self.guard = Guard(config.guard, self.task)
         share = (torch.bincount(targets, minlength=self.task.num_classes).double() / len(targets)
                  if targets is not None and self.task.is_classifier else None)
@@ -150,10 +158,19 @@ class Learner:
         self._norm_layers = list(self.parts.batchnorms)
         self._norm_source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._norm_layers]
         self._reset()
-        self._refit_reference()
+        self._refit_reference(inputs=full)
         # label-free detectors as the workers' are, fitted on the source view (no thresholds): what
         # fits each version's reference statistics for them
         self._rebaser = Monitor(config.monitor, self.task, LABEL_FREE).fit_reference(self._view)
+
+    def _movable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the tensors learning can move: the parameters the gradient learner trains,
+        the output layer's (the Bayesian last layer's) and every buffer."""
+        names = set(self.gradient.params) if self.gradient is not None else set()
+        if self.parts.head is not None:
+            names |= {f"{self.parts.head_name}.{p}" for p, _ in self.parts.head.named_parameters()}
+        names |= {k for k, _ in self.model.named_buffers()}
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in names}
 
     def _reset(self) -> None:
         self.absorbed = 0  # sequence number of the last feedback-log row folded in
@@ -183,16 +200,21 @@ class Learner:
         head = self.parts.head
         if head is None:
             return "no output nn.Linear layer"
+        x = self._reference[:64]
+        rows, outs = self._budget.rows(x), []  # before the hook: the budget's first call runs a forward
         seen: list[torch.Tensor] = []
         handle = head.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().cpu()))
         try:
-            out = self.model(self._reference[:64]).cpu()
+            for i in range(0, len(x), rows):
+                outs.append(self.model(widen(x[i:i + rows], self.input_dtype)).cpu())
         finally:
             handle.remove()
             if self._tap is not None:
                 self._tap.take()
-        if not seen or seen[-1].numel() != out.numel() or not torch.allclose(seen[-1].reshape(out.shape), out,
-                                                                              rtol=1e-4, atol=1e-5):
+        out = torch.cat(outs)
+        head_out = torch.cat(seen) if len(seen) == len(outs) else None
+        if head_out is None or head_out.numel() != out.numel() or not torch.allclose(head_out.reshape(out.shape), out,
+                                                                                    rtol=1e-4, atol=1e-5):
             return (f"the model transforms the output of its last Linear ({self.parts.head_name}) before returning "
                     "it, so that layer's outputs are not the model's: gradient steps only")
         return None
@@ -285,7 +307,9 @@ class Learner:
     @torch.no_grad()
     def served(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the current weights serve for x: (labels, confidence) or (values, None)."""
-        return self.task.served(self.model(x.to(self.device)).cpu())
+        rows = self._budget.rows(x)
+        return self.task.served(torch.cat([self.model(x[i:i + rows].to(self.device)).cpu()
+                                           for i in range(0, len(x), rows)]))
 
     def absorb(self, x: torch.Tensor, y: torch.Tensor, served: torch.Tensor | None = None,
                confidence: torch.Tensor | None = None, seqs: list[int] | None = None,
@@ -354,7 +378,8 @@ class Learner:
     def _check_against_source(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """New labels, before anything learns from them, judge the learned weights against the
         source weights under serving's statistics (source_check.py); worse, they go back."""
-        learned = {k: v for k, v in self.model.named_parameters() if not torch.equal(v, self._source[k])}
+        learned = {k: v for k, v in self.model.named_parameters()
+                   if k in self._source and not torch.equal(v, self._source[k])}
         if not learned:
             return
         source = {k: self._source[k] for k in learned}
@@ -491,20 +516,24 @@ class Learner:
         if not self.update_due:
             return UpdateResult()
         self.use_context(context)
-        before = self.guard.evaluate(self.model, self.as_served)
+        before = self.guard.evaluate(self.model, self.as_served, self._budget)
         saved = self.gradient.copy_params()
         bayes_saved = self.bayes.state_dict() if self.bayes else None
         if self.bayes:
             new_x, new_y = self.gradient.newest()
             new_x = self.as_served(new_x.to(self.device))
-            with torch.no_grad():
-                self.model(new_x.to(self.device))
-            self.bayes.update(self._tap.take(), new_y)
+            rows, feats = self._budget.rows(new_x), []
+            with torch.no_grad():  # in forwards within step_bytes: 64 224x224 images at once held ~600 MB
+                for i in range(0, len(new_x), rows):
+                    self.model(new_x[i:i + rows])
+                    feats.append(self._tap.take())
+            self.bayes.update(torch.cat(feats), new_y)
         recall_before = self._reference_recall()
         # the reference rows as their own forward only where serving's statistics are not the source's
         self.gradient.step(self.as_served, None if self._at_source_norms() else self._source_norms)
         harms_reference = self._reference_harmed(recall_before)
-        if not self.guard.judge(before, self.guard.evaluate(self.model, self.as_served)) or harms_reference:
+        if not self.guard.judge(before, self.guard.evaluate(self.model, self.as_served, self._budget)) \
+                or harms_reference:
             self.gradient.restore_params(saved)
             if self.bayes:
                 self.bayes.load_state_dict(bayes_saved)
@@ -524,22 +553,23 @@ class Learner:
         out = []
         rows = self._budget.rows(x)
         for i in range(0, len(x), rows):
-            xb = x[i:i + rows].to(self.device)
+            xb = widen(x[i:i + rows], self.input_dtype).to(self.device)
             self.model(xb)
             f = self._tap.take() if self._tap is not None else None
             out.append(f.to("cpu", torch.float64) if f is not None else pool_inputs(xb))
         return torch.cat(out)
 
     @torch.no_grad()
-    def _refit_reference(self, view: ReferenceView | None = None) -> None:
+    def _refit_reference(self, view: ReferenceView | None = None, inputs: torch.Tensor | None = None) -> None:
         """Read the labelled reference through the current weights, once per version: the view
         workers install, the concept watch and the accuracy estimate all come from that one pass.
 
         The view is kept with the version it was read for: later contexts (a rolled-back update
         normalises with newer serving statistics) must not change what a snapshot of the same
         weights publishes, or a restored healer's detectors would be rebased differently from the
-        original's. `view`: a restored version's, as it was read when the version was made."""
-        self._view = view if view is not None else self._read_reference()
+        original's. `view`: a restored version's, as it was read when the version was made;
+        `inputs`: the reference to read, when not the one kept (at construction: at full precision)."""
+        self._view = view if view is not None else self._read_reference(inputs)
         if self.concept is not None:
             feats = self._view.features if view is None and self._at_source_norms() else None
             if feats is None:
@@ -561,7 +591,7 @@ class Learner:
         # drifted traffic, and clean inputs read through them measure neither domain (a weight change
         # that cost clean inputs 80 points of a class's recall passed, another was refused on noise)
         with self._source_norms():
-            pred = torch.cat([self.model(self._reference[i:i + rows]).argmax(1).cpu()
+            pred = torch.cat([self.model(widen(self._reference[i:i + rows], self.input_dtype)).argmax(1).cpu()
                               for i in range(0, len(self._reference), rows)])
         hits = torch.bincount(labels[pred == labels], minlength=self.task.num_classes).double()
         total = torch.bincount(labels, minlength=self.task.num_classes).double()
@@ -593,7 +623,7 @@ class Learner:
         are kept in `_released` for the caller to mark learned."""
         self._released = [r[0] for r in released if r[0] >= 0]
         if released and self.learns:
-            x = torch.stack([r[1] for r in released]).to(self.device)
+            x = torch.stack([widen(r[1], self.input_dtype) for r in released]).to(self.device)  # kept compact
             y = torch.tensor([r[2] for r in released], dtype=torch.long)
             train_x, train_y = self.guard.admit(x, y)
             if len(train_y):
@@ -613,11 +643,12 @@ class Learner:
 
     # ------------------------------------------------------------------ versions out
     @torch.no_grad()
-    def _read_reference(self) -> ReferenceView:
+    def _read_reference(self, inputs: torch.Tensor | None = None) -> ReferenceView:
+        x = self._reference if inputs is None else inputs
         raws, feats = [], []
-        rows = self._budget.rows(self._reference)
-        for i in range(0, len(self._reference), rows):
-            xb = self._reference[i:i + rows]
+        rows = self._budget.rows(x)
+        for i in range(0, len(x), rows):
+            xb = widen(x[i:i + rows], self.input_dtype)
             raws.append(self.model(xb).cpu())
             f = self._tap.take() if self._tap is not None else (pool_inputs(xb) if xb.is_floating_point() else None)
             feats.append(None if f is None else f.to("cpu", torch.float64))
@@ -646,7 +677,7 @@ class Learner:
         """The parameters that differ from the source model's: all a worker needs besides the model
         it loaded (a learner that trains the last layer publishes the last layer, not the model)."""
         return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()
-                if not torch.equal(v.detach(), self._source[k].to(v.device))}
+                if k in self._source and not torch.equal(v.detach(), self._source[k].to(v.device))}
 
     def published(self, version: int) -> Published:
         """What a worker installs for `version` (the changed weights and their reference view)."""
@@ -696,7 +727,8 @@ class Learner:
     def state_dict(self) -> dict:
         """Everything a learner restarts from: weights, buffers, holdout, quarantine, log position."""
         return {
-            "model": clone_state(self.model.state_dict()),
+            # what learning can move; the rest is the source model's, which a learner starts from
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self._source},
             "gradient": self.gradient.state_dict() if self.gradient else None,
             "bayes": self.bayes.state_dict() if self.bayes else None,
             "guard": self.guard.state_dict(),
@@ -712,15 +744,27 @@ class Learner:
     def load_state_dict(self, state: dict, reference: ReferenceView | None = None) -> None:
         """Restore a state; on any error the learner is left exactly as it was. `reference`: the
         version's published view (`reference_of(snapshot)`); without it the reference is re-read."""
-        backup, view = self.state_dict(), self._view
+        backup, view, source = self.state_dict(), self._view, dict(self._source)
         try:
             self._apply(state, reference)
         except Exception:
+            self.model.load_state_dict({k: v for k, v in self._source.items() if k not in source}, strict=False)
+            self._source = source
             self._apply(backup, view)
             raise
 
     def _apply(self, state: dict, reference: ReferenceView | None = None) -> None:
-        self.model.load_state_dict(state["model"])
+        weights, current = state["model"], self.model.state_dict()
+        unknown = sorted(set(weights) - set(current))
+        if unknown:
+            raise ValueError(f"the learner state holds tensors this model lacks: {unknown[:5]}")
+        # a state saved whole (before only what learning moves was kept, or under other settings)
+        # may move tensors outside the source copy: their source values are kept from now on, so a
+        # reset and what is published still know them (untouched here, they are the source's)
+        for k, v in weights.items():
+            if k not in self._source and not torch.equal(v.to(current[k].device), current[k]):
+                self._source[k] = current[k].detach().clone()
+        self.model.load_state_dict(weights, strict=False)
         if self.gradient and state.get("gradient") is not None:
             self.gradient.load_state_dict(state["gradient"])
         if self.bayes and state.get("bayes") is not None:
@@ -768,7 +812,7 @@ class Learner:
 
     def reset(self) -> None:
         """Back to the source model; forget buffers, holdout, quarantine and the log position."""
-        self.model.load_state_dict(self._source)
+        self.model.load_state_dict(self._source, strict=False)
         if self.gradient:
             self.gradient.reset()
         self.guard.reset()

@@ -117,8 +117,11 @@ class ActivationBudget:
     def rows(self, x: torch.Tensor) -> int:
         """Inputs per forward for a batch like x (B, ...): at least 1, at most `cap` and len(x)."""
         if self.per_input is None and len(x):
-            device = next((p.device for p in self.model.parameters()), x.device)
-            self.per_input = activation_bytes(self.model, x[:1].to(device))
+            param = next(iter(self.model.parameters()), None)
+            x1 = x[:1].to(param.device if param is not None else x.device)
+            if x1.dtype == torch.float16 and param is not None and param.dtype != torch.float16:
+                x1 = x1.to(param.dtype)  # an input kept compact (learn/compact.py) is read widened
+            self.per_input = activation_bytes(self.model, x1)
         return max(1, min(self.cap, len(x), self.budget // max(1, self.per_input or 1)))
 
 

@@ -127,8 +127,10 @@ class GradientLearner:
             rx, ry = self._reference
             pick = torch.randint(0, len(ry) if allowed is None else len(allowed), (n_ref,), generator=self._gen)
             idx = pick if allowed is None else allowed[pick]
-            like_x, like_y = out[0][:2] if out else (rx, ry)
-            out.append((rx[idx].to(device, like_x.dtype), ry[idx].to(device, like_y.dtype), True))
+            # the reference may be kept at half precision (compact.py): read at the labelled inputs' dtype
+            x_dtype = out[0][0].dtype if out else (torch.float32 if rx.dtype == torch.float16 else rx.dtype)
+            y_dtype = out[0][1].dtype if out else ry.dtype
+            out.append((rx[idx].to(device, x_dtype), ry[idx].to(device, y_dtype), True))
         if not separate and len(out) > 1:
             out = [(torch.cat([x for x, _, _ in out]), torch.cat([y for _, y, _ in out]), False)]
         return out

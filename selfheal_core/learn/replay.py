@@ -6,13 +6,17 @@ from typing import Callable
 
 import torch
 
+from selfheal_core.learn.compact import compact, widen
+
 
 class ReplayBuffer:
     """`recent_size` newest (x, y) pairs; pairs pushed out of `recent` enter a uniform
     reservoir of `reservoir_size` (Vitter's algorithm R), so memory is fixed while
     old domains stay represented. Targets are class labels or value vectors alike.
     Both sizes shrink in proportion when their pairs' inputs would exceed `max_bytes`
-    (set by the first pair's size: a model's inputs are alike).
+    (set by the first pair's size at the dtype it came in: a model's inputs are alike).
+    Large inputs are kept at half precision (`compact`: a 224x224 image's replay takes half
+    of `max_bytes`) and given back at the dtype they came in.
     """
 
     def __init__(self, recent_size: int, reservoir_size: int, seed: int = 0, max_bytes: int | None = None) -> None:
@@ -22,6 +26,7 @@ class ReplayBuffer:
         self.reservoir_size = self.configured_reservoir = reservoir_size
         self.max_bytes = max_bytes
         self.seed = seed
+        self._dtype: torch.dtype | None = None  # the inputs' dtype as they came in: given back at it
         self._reset()
 
     def _fit_budget(self, pair_bytes: int) -> None:
@@ -48,8 +53,10 @@ class ReplayBuffer:
         """Append a batch x (B, ...) with targets y (B, ...)."""
         if not len(self) and len(x):
             self._fit_budget(x[0].numel() * x.element_size() + y[0].numel() * y.element_size())
+            self._dtype = x.dtype
         for xi, yi in zip(x.detach().cpu(), y.detach().cpu()):
-            self._recent.append((xi.clone(), yi.clone()))
+            kept = compact(xi.unsqueeze(0))[0]  # per pair: one out-of-range input keeps only itself exact
+            self._recent.append((kept.clone() if kept.dtype == xi.dtype else kept, yi.clone()))
             if len(self._recent) > self.recent_size:
                 self._to_reservoir(self._recent.popleft())
 
@@ -62,9 +69,10 @@ class ReplayBuffer:
             if j < self.reservoir_size:
                 self._reservoir[j] = item
 
-    @staticmethod
-    def _stack(items) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+    def _stack(self, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs as a batch, inputs at the dtype they came in."""
+        dtype = self._dtype if self._dtype is not None else items[0][0].dtype
+        return torch.stack([widen(x, dtype) for x, _ in items]), torch.stack([y for _, y in items])
 
     def sample(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k pairs drawn uniformly with replacement from recent and reservoir."""
@@ -106,24 +114,39 @@ class ReplayBuffer:
         self._recent.extend(kept)
 
     def state_dict(self) -> dict:
-        """Stacked tensors, so snapshots load with torch.load(weights_only=True)."""
+        """Stacked tensors, so snapshots load with torch.load(weights_only=True); inputs as kept
+        (half precision where they were compacted, unless some were kept exact)."""
 
         def stack(items):
-            return self._stack(items) if items else (torch.empty(0), torch.empty(0))
+            if not items:
+                return torch.empty(0), torch.empty(0)
+            if len({x.dtype for x, _ in items}) == 1:
+                return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+            return self._stack(items)
 
         (rx, ry), (sx, sy) = stack(self._recent), stack(self._reservoir)
         return {"recent_x": rx, "recent_y": ry, "reservoir_x": sx, "reservoir_y": sy,
-                "seen": self._seen, "rng_state": self._gen.get_state()}
+                "seen": self._seen, "rng_state": self._gen.get_state(),
+                "x_dtype": str(self._dtype).removeprefix("torch.") if self._dtype is not None else ""}
 
     def load_state_dict(self, state: dict) -> None:
         keys = {"recent_x", "recent_y", "reservoir_x", "reservoir_y", "seen", "rng_state"}
-        if set(state) != keys:
-            raise ValueError(f"ReplayBuffer state keys {sorted(state)} != {sorted(keys)}")
-        recent = list(zip(list(state["recent_x"]), list(state["recent_y"])))
-        reservoir = list(zip(list(state["reservoir_x"]), list(state["reservoir_y"])))
+        if set(state) - {"x_dtype"} != keys:  # states saved before inputs were compacted lack x_dtype
+            raise ValueError(f"ReplayBuffer state keys {sorted(state)} != {sorted(keys | {'x_dtype'})}")
+        name = state.get("x_dtype") or ""
+        dtype = getattr(torch, name, None) if name else (state["recent_x"].dtype if len(state["recent_y"]) else None)
+        if name and not isinstance(dtype, torch.dtype):
+            raise ValueError(f"ReplayBuffer state x_dtype {name!r} is not a torch dtype")
+
+        def pairs(xs, ys):
+            return [(compact(x.unsqueeze(0))[0], y) for x, y in zip(list(xs), list(ys))]
+
+        recent = pairs(state["recent_x"], state["recent_y"])
+        reservoir = pairs(state["reservoir_x"], state["reservoir_y"])
+        self._dtype = dtype
         if recent:
-            x0, y0 = recent[0]
-            self._fit_budget(x0.numel() * x0.element_size() + y0.numel() * y0.element_size())
+            x0, y0 = state["recent_x"][0], recent[0][1]
+            self._fit_budget(x0.numel() * dtype.itemsize + y0.numel() * y0.element_size())
         self._recent = deque(recent[-self.recent_size:])
         self._reservoir = reservoir[: self.reservoir_size]
         self._seen = int(state["seen"])

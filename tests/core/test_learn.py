@@ -178,6 +178,16 @@ def test_guard_holds_back_every_kth_and_judges():
     mine, theirs = guard.evaluate(bn_model()), other.evaluate(bn_model())
     assert mine[:2] == theirs[:2] and torch.equal(mine[2], theirs[2])
     assert not Guard(GuardConfig(min_holdout=20), CLS3).ready and Guard(GuardConfig(), CLS3).evaluate(bn_model()) is None
+    # issue 28: judged without gradients and in forwards within the learner's activation budget (20
+    # 224x224 images of holdout through a ResNet-18 with gradients held 1.3 GB); the same figures
+    from selfheal_core.model_parts import ActivationBudget
+
+    model, calls = bn_model(), []
+    model.register_forward_hook(lambda _m, inp, _o: calls.append((len(inp[0]), torch.is_grad_enabled())))
+    budget = ActivationBudget(model, 1)  # one input per forward
+    chunked = guard.evaluate(model, budget=budget)
+    assert all(n == 1 and not grad for n, grad in calls[1:]) and len(calls) == 1 + 3  # measured once, then 3
+    assert abs(chunked[0] - mine[0]) < 1e-6 and torch.allclose(chunked[2], mine[2])
 
 
 def screen_all(q, pairs, conf=0.99, drifted=False):
@@ -251,6 +261,49 @@ def test_replay_keeps_fewer_large_inputs_within_its_byte_budget():
     small = ReplayBuffer(256, 256, max_bytes=40 * pair)
     small.add(torch.zeros(600, 4), torch.zeros(600))
     assert small.recent_size == 256 and len(small) == 512  # small inputs: the configured sizes
+
+
+def test_replay_keeps_large_inputs_at_half_precision_and_gives_them_back_as_they_came():
+    """Issue 28: a 224x224 ResNet's learner held 128 MB of replayed images in float32. Large float
+    inputs are kept in float16 (half the bytes, the same pairs within the budget) and sampled at
+    float32 within float16's rounding; an input float16 cannot hold stays exact; small inputs stay
+    exact; a saved buffer keeps the compact inputs and restores the dtype they came in."""
+    from selfheal_core.learn.compact import HALF_FROM_BYTES
+    from selfheal_core.learn.replay import ReplayBuffer
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 96, 96, generator=gen)  # 110 kB a row
+    assert x[0].numel() * 4 >= HALF_FROM_BYTES
+    x[5, 0, 0, 0] = 1e6  # beyond float16: this pair stays float32
+    pair = x[0].numel() * 4 + 8
+    buf = ReplayBuffer(6, 2, max_bytes=8 * pair)
+    buf.add(x, torch.arange(6))
+    tight = ReplayBuffer(6, 2, max_bytes=6 * pair)
+    tight.add(x, torch.arange(6))
+    assert (tight.recent_size, tight.reservoir_size) == (4, 2)  # budgeted at float32: as many pairs as before
+    kept = [xi for xi, _ in list(buf._recent) + buf._reservoir]
+    assert sum(xi.dtype == torch.float16 for xi in kept) == 5 and sum(xi.dtype == torch.float32 for xi in kept) == 1
+    assert sum(xi.numel() * xi.element_size() for xi in kept) < 0.6 * 6 * x[0].numel() * 4
+    got, y = buf.newest(6)
+    assert got.dtype == torch.float32 and torch.equal(y, torch.arange(6))
+    assert torch.allclose(got[:5], x[:5], rtol=1e-3, atol=1e-4) and torch.equal(got[5], x[5])
+    state = buf.state_dict()
+    assert state["recent_x"].dtype == torch.float32 and state["x_dtype"] == "float32"  # mixed: stacked wide
+    again = ReplayBuffer(6, 2, max_bytes=8 * pair)
+    again.load_state_dict(state)
+    assert torch.equal(again.newest(6)[0], got) and again._recent[0][0].dtype == torch.float16
+    whole = ReplayBuffer(4, 4, max_bytes=6 * pair)
+    whole.add(x[:4], torch.arange(4))
+    saved = whole.state_dict()
+    assert saved["recent_x"].dtype == torch.float16  # all compact: saved compact
+    old = {k: v for k, v in saved.items() if k != "x_dtype"}
+    old["recent_x"] = x[:4].clone()  # saved before inputs were compacted: float32, no x_dtype
+    restored = ReplayBuffer(4, 4, max_bytes=6 * pair)
+    restored.load_state_dict(old)
+    assert restored.newest(4)[0].dtype == torch.float32 and restored._recent[0][0].dtype == torch.float16
+    small = ReplayBuffer(4, 4)
+    small.add(torch.randn(3, 20), torch.arange(3))
+    assert small._recent[0][0].dtype == torch.float32  # small inputs stay exact
 
 
 def test_a_minibatch_too_large_for_step_bytes_runs_in_chunks_to_the_same_step():

@@ -245,3 +245,79 @@ def test_learned_weights_that_serve_new_labels_worse_than_the_source_go_back(dem
     restored = Learner(copy.deepcopy(demo_model), x_ref, HealConfig(), reference_targets=y_ref)
     restored.load_state_dict(learner.state_dict())
     assert restored.status()["source_check"] == learner.status()["source_check"]
+
+
+def test_the_learner_copies_only_what_learning_moves_and_a_state_saved_whole_still_restores(demo_model, reference,
+                                                                                             digits):
+    """Issue 28: the learner's copy of the source is what it can move (the trained parameters,
+    the output layer, buffers), not the model again (45 MB of a ResNet-18's learner), and its
+    state saves only those. A state saved whole, with a tensor moved outside them, still loads:
+    that tensor is published as changed and a reset takes it back to the source."""
+    from dataclasses import replace
+
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    config = HealConfig()
+    config = replace(config, learn=replace(config.learn, params="norm_and_last"))
+    learner = Learner(copy.deepcopy(demo_model), x_ref, config, reference_targets=y_ref)
+    whole = {k: v.clone() for k, v in demo_model.state_dict().items()}
+    movable = set(learner.gradient.params) | {k for k, _ in demo_model.named_buffers()}
+    assert set(learner._source) == movable and len(movable) < len(whole)
+    assert set(learner.state_dict()["model"]) == movable
+    x, y = resample(x_te, y_te, 64, seed=6)
+    for i in range(0, 64, 16):
+        learner.absorb(corrupt(x[i:i + 16], "rotate", 4, seed=i), y[i:i + 16])
+        learner.update()
+    saved = learner.state_dict()
+    conv = next(k for k in whole if k not in movable and k.endswith("weight"))
+    old = {**saved, "model": {**whole, **saved["model"], conv: whole[conv] + 0.01}}  # saved whole, one more moved
+    again = Learner(copy.deepcopy(demo_model), x_ref, config, reference_targets=y_ref)
+    again.load_state_dict(old)
+    assert torch.equal(again.model.state_dict()[conv], whole[conv] + 0.01)
+    assert conv in again.published(2).weights and conv in again.state_dict()["model"]
+    for k, v in saved["model"].items():
+        assert torch.equal(again.model.state_dict()[k], v), k
+    bad = {**saved, "model": {**saved["model"], "no.such.weight": torch.zeros(1)}}
+    with pytest.raises(ValueError, match="lacks"):
+        again.load_state_dict(bad)
+    assert torch.equal(again.model.state_dict()[conv], whole[conv] + 0.01)  # a refused state changes nothing
+    again.reset()
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in whole.items())
+    assert not again.published(3).weights
+
+
+def test_a_large_reference_is_kept_at_half_precision_and_the_source_view_read_from_it_whole():
+    """Issue 28: a reference of 3x96x96 images (110 kB each) is kept in float16 by the learner
+    (half its bytes), widened for every forward; the source view the workers' detectors are fitted
+    on is read from the reference as given, so a worker accepts the learner's statistics; updates,
+    checks and publishing run on it."""
+    from torch import nn
+
+    from selfheal_core.serving import ServingModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3)).eval()
+    gen = torch.Generator().manual_seed(1)
+    x_ref = torch.randn(48, 3, 96, 96, generator=gen)
+    with torch.no_grad():
+        y_ref = model(x_ref).argmax(1)
+    learner = Learner(copy.deepcopy(model), x_ref, HealConfig(), reference_targets=y_ref)
+    assert learner._reference.dtype == torch.float16
+    assert learner.bayes is not None, learner.bayes_off  # its check reads the compact reference too
+    with torch.no_grad():
+        assert torch.allclose(learner.reference_view().probs.double(), model(x_ref).softmax(1).double(), atol=1e-6)
+    serving = ServingModel(copy.deepcopy(model), x_ref, HealConfig(), reference_targets=y_ref)
+    x = torch.randn(64, 3, 96, 96, generator=gen) * 1.5 + 0.3
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    results = []
+    for i in range(0, 64, 16):
+        learner.absorb(x[i:i + 16], y[i:i + 16])
+        results.append(learner.update())
+    assert any(r.updated or r.rolled_back for r in results)  # trained, judged (the reference replayed)
+    serving.install(learner.published(1))
+    serving.sync()
+    assert serving.version == 1 and serving.counters["rebase_refused"] == 0
+    state, _, private = learner.snapshot()
+    assert all(v.dtype != torch.float16 for v in state["weights"].values())
