@@ -178,8 +178,12 @@ def resnet(requests_n: int, work: Path) -> dict:
             if i == max(1, requests_n // 20):
                 rss["worker_start_mb"] = _rss_mb(worker)
             if i % 1000 == 0:
-                log.info("resnet: %d requests, worker RSS %.0f MB, %.1f req/s", i, _rss_mb(worker),
-                         (i + 1) / (time.time() - t0))
+                learner_pid = ts.feedback("resnet", method="get").json().get("pid")
+                learner_mb = _rss_mb(int(learner_pid)) if learner_pid else float("nan")
+                if i:  # the learner's RSS as it goes: the bar reads one moment, at the end
+                    rss["learner_max_sampled_mb"] = max(rss.get("learner_max_sampled_mb", 0.0), learner_mb)
+                log.info("resnet: %d requests, worker RSS %.0f MB, learner RSS %.0f MB, %.1f req/s", i,
+                         _rss_mb(worker), learner_mb, (i + 1) / (time.time() - t0))
         rss["worker_end_mb"] = _rss_mb(worker)
         status = ts.feedback("resnet", method="get").json()
         rss["learner_mb"] = _rss_mb(int(status["pid"]))

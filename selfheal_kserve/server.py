@@ -109,6 +109,7 @@ def learner(args) -> int:
     storage = open_model_storage(bundle.name, bundle.settings, Path(args.workdir).resolve())
     handle = start_learner(bundle.name, bundle.model, bundle.inputs, bundle.targets, bundle.settings, storage,
                            keys=(key,), host=args.host, port=args.port)
+    del bundle  # the learner keeps what it needs: the reference as loaded would stay beside its compact copy
     signal.signal(signal.SIGTERM, lambda *_a: handle.stop())
     signal.signal(signal.SIGINT, lambda *_a: handle.stop())
     try:

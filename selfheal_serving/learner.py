@@ -461,8 +461,11 @@ def start_learner(model_name: str, model: torch.nn.Module, inputs: torch.Tensor,
     if read_instance is None:
         from selfheal_serving.parsing import request_inputs
 
+        # the shape and dtype, not the reference: the learner keeps its own (large inputs compact)
+        shape, dtype = tuple(inputs.shape[1:]), inputs.dtype
+
         def read_instance(value: Any) -> torch.Tensor:
-            return request_inputs(value, tuple(inputs.shape[1:]), inputs.dtype, settings.max_instances)
+            return request_inputs(value, shape, dtype, settings.max_instances)
 
     def preprocess(items: list) -> torch.Tensor:
         xs = []
