@@ -114,17 +114,14 @@ class ReplayBuffer:
         self._recent.extend(kept)
 
     def state_dict(self) -> dict:
-        """Stacked tensors, so snapshots load with torch.load(weights_only=True); inputs as kept
-        (half precision where they were compacted, unless some were kept exact)."""
+        """Inputs as the list of tensors kept (half precision where compacted; stacking them was a
+        copy of the whole buffer at every publish), targets stacked: snapshots load with
+        torch.load(weights_only=True)."""
 
-        def stack(items):
-            if not items:
-                return torch.empty(0), torch.empty(0)
-            if len({x.dtype for x, _ in items}) == 1:
-                return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-            return self._stack(items)
+        def parts(items):
+            return [x for x, _ in items], (torch.stack([y for _, y in items]) if items else torch.empty(0))
 
-        (rx, ry), (sx, sy) = stack(self._recent), stack(self._reservoir)
+        (rx, ry), (sx, sy) = parts(self._recent), parts(self._reservoir)
         return {"recent_x": rx, "recent_y": ry, "reservoir_x": sx, "reservoir_y": sy,
                 "seen": self._seen, "rng_state": self._gen.get_state(),
                 "x_dtype": str(self._dtype).removeprefix("torch.") if self._dtype is not None else ""}
@@ -133,8 +130,8 @@ class ReplayBuffer:
         keys = {"recent_x", "recent_y", "reservoir_x", "reservoir_y", "seen", "rng_state"}
         if set(state) - {"x_dtype"} != keys:  # states saved before inputs were compacted lack x_dtype
             raise ValueError(f"ReplayBuffer state keys {sorted(state)} != {sorted(keys | {'x_dtype'})}")
-        name = state.get("x_dtype") or ""
-        dtype = getattr(torch, name, None) if name else (state["recent_x"].dtype if len(state["recent_y"]) else None)
+        name = state.get("x_dtype") or ""  # saved before inputs were compacted: none, stacked at their dtype
+        dtype = getattr(torch, name, None) if name else (state["recent_x"][0].dtype if len(state["recent_y"]) else None)
         if name and not isinstance(dtype, torch.dtype):
             raise ValueError(f"ReplayBuffer state x_dtype {name!r} is not a torch dtype")
 

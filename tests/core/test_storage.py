@@ -353,3 +353,19 @@ def test_a_record_that_cannot_write_drops_and_counts_within_its_byte_budget(tmp_
     ids = rec.add(torch.randn(2, 3, 32, 32), torch.zeros(2), None)
     rec.flush()
     assert set(rec.get(ids)) == set(ids) and rec._buffered_bytes == 0
+
+
+def test_a_learner_record_is_written_from_its_buffer_without_copies(tmp_path):
+    """Issue 28: a 224x224 learner's private record carries 64 MB of replayed images; written as
+    (checksum line, a view of torch.save's buffer), not copied out and joined (three copies at
+    every publish). The same bytes as one blob, and it loads."""
+    from selfheal_core.storage.files import pack, packed
+
+    record = {"learner": {"x": [torch.randn(3, 32, 32).half() for _ in range(4)], "n": 7}}
+    head, body = packed(record)
+    assert isinstance(body, memoryview) and pack(record)[len(head):] == bytes(body)
+    store = FileSnapshotStore(tmp_path)
+    version = store.save({"weights": {}}, {}, record)
+    loaded = store.load_private(version)
+    assert loaded["learner"]["n"] == 7
+    assert all(torch.equal(a, b) for a, b in zip(loaded["learner"]["x"], record["learner"]["x"]))
