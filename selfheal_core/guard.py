@@ -98,8 +98,7 @@ class Guard(StateMixin):
         x = torch.stack([x for x, _ in self._holdout]).to(device)
         y = torch.stack([y for _, y in self._holdout]).to(device)
         x = as_served(x) if as_served is not None else x
-        rows = budget.rows(x) if budget is not None else len(x)
-        raw = torch.cat([model(x[i:i + rows]) for i in range(0, len(x), rows)])
+        raw = torch.cat([model(xb) for xb in budget.batches(x)]) if budget is not None else model(x)
         per = self.task.loss(raw, y, reduction="none").detach().double().cpu()
         return float(per.mean()), float(self.task.errors(raw, y).mean()), per
 

@@ -113,7 +113,8 @@ class Learner:
         # large reference inputs are kept at half precision (learn/compact.py) and widened per
         # forward; the source view, which workers fit their own detectors on too, is read from `full`
         self._reference = compact(full)
-        self._budget = ActivationBudget(model, config.learn.step_bytes)  # inputs per forward pass here
+        # inputs per forward pass here, measured before the feature tap hooks the head
+        self._budget = ActivationBudget(model, config.learn.step_bytes, example=full[:1])
         self._range = (PlausibleRange(reference, config.input_range)
                        if reference.is_floating_point() and math.isfinite(config.input_range) else None)
         self._targets = targets
@@ -201,12 +202,12 @@ class Learner:
         if head is None:
             return "no output nn.Linear layer"
         x = self._reference[:64]
-        rows, outs = self._budget.rows(x), []  # before the hook: the budget's first call runs a forward
+        outs: list[torch.Tensor] = []
         seen: list[torch.Tensor] = []
         handle = head.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().cpu()))
         try:
-            for i in range(0, len(x), rows):
-                outs.append(self.model(widen(x[i:i + rows], self.input_dtype)).cpu())
+            for xb in self._budget.batches(x, self.input_dtype):
+                outs.append(self.model(xb).cpu())
         finally:
             handle.remove()
             if self._tap is not None:
@@ -293,9 +294,8 @@ class Learner:
         """The classes the source weights give x with confidence (-1 where unsure): a stand-in for
         the reference where it cannot speak, that learning, poisoned or not, never moves."""
         # the source state (weights and BatchNorm statistics) for this call only: nothing copied in or out
-        rows = self._budget.rows(x)
-        probs = torch.cat([torch.func.functional_call(self.model, self._source, (x[i:i + rows].to(self.device),))
-                           .softmax(1).cpu() for i in range(0, len(x), rows)])
+        probs = torch.cat([torch.func.functional_call(self.model, self._source, (xb,)).softmax(1).cpu()
+                           for xb in self._budget.batches(x, device=self.device)])
         conf, cls = probs.max(1)
         return torch.where(conf >= self.config.guard.quarantine_confidence, cls, torch.full_like(cls, -1))
 
@@ -307,9 +307,8 @@ class Learner:
     @torch.no_grad()
     def served(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the current weights serve for x: (labels, confidence) or (values, None)."""
-        rows = self._budget.rows(x)
-        return self.task.served(torch.cat([self.model(x[i:i + rows].to(self.device)).cpu()
-                                           for i in range(0, len(x), rows)]))
+        return self.task.served(torch.cat([self.model(xb).cpu()
+                                           for xb in self._budget.batches(x, device=self.device)]))
 
     def absorb(self, x: torch.Tensor, y: torch.Tensor, served: torch.Tensor | None = None,
                confidence: torch.Tensor | None = None, seqs: list[int] | None = None,
@@ -384,12 +383,11 @@ class Learner:
             return
         source = {k: self._source[k] for k in learned}
         xs = self.as_served(x.to(self.device))
-        rows = self._budget.rows(xs)
         losses = []
         for params in (None, source):
-            raw = torch.cat([(self.model(xs[i:i + rows]) if params is None else
-                              torch.func.functional_call(self.model, params, (xs[i:i + rows],))).cpu()
-                             for i in range(0, len(xs), rows)])
+            raw = torch.cat([(self.model(xb) if params is None else
+                              torch.func.functional_call(self.model, params, (xb,))).cpu()
+                             for xb in self._budget.batches(xs)])
             losses.append(self.task.loss(raw, y.to(raw.device), reduction="none").reshape(len(y), -1).mean(1))
         if self._tap is not None:
             self._tap.take()  # these forwards are no update's features
@@ -522,10 +520,10 @@ class Learner:
         if self.bayes:
             new_x, new_y = self.gradient.newest()
             new_x = self.as_served(new_x.to(self.device))
-            rows, feats = self._budget.rows(new_x), []
+            feats = []
             with torch.no_grad():  # in forwards within step_bytes: 64 224x224 images at once held ~600 MB
-                for i in range(0, len(new_x), rows):
-                    self.model(new_x[i:i + rows])
+                for xb in self._budget.batches(new_x):
+                    self.model(xb)
                     feats.append(self._tap.take())
             self.bayes.update(torch.cat(feats), new_y)
         recall_before = self._reference_recall()
@@ -551,9 +549,7 @@ class Learner:
     def _features_of(self, x: torch.Tensor) -> torch.Tensor:
         """Features (B, F) of x through the current weights: the head's input, or pooled inputs."""
         out = []
-        rows = self._budget.rows(x)
-        for i in range(0, len(x), rows):
-            xb = widen(x[i:i + rows], self.input_dtype).to(self.device)
+        for xb in self._budget.batches(x, self.input_dtype, self.device):
             self.model(xb)
             f = self._tap.take() if self._tap is not None else None
             out.append(f.to("cpu", torch.float64) if f is not None else pool_inputs(xb))
@@ -586,13 +582,12 @@ class Learner:
         if self.concept is None:
             return None
         labels = self.concept.reference_labels
-        rows = self._budget.rows(self._reference)
         # read with the statistics the reference was read with: serving's adapted ones describe the
         # drifted traffic, and clean inputs read through them measure neither domain (a weight change
         # that cost clean inputs 80 points of a class's recall passed, another was refused on noise)
         with self._source_norms():
-            pred = torch.cat([self.model(widen(self._reference[i:i + rows], self.input_dtype)).argmax(1).cpu()
-                              for i in range(0, len(self._reference), rows)])
+            pred = torch.cat([self.model(xb).argmax(1).cpu()
+                              for xb in self._budget.batches(self._reference, self.input_dtype)])
         hits = torch.bincount(labels[pred == labels], minlength=self.task.num_classes).double()
         total = torch.bincount(labels, minlength=self.task.num_classes).double()
         return torch.where(total >= 5, hits / total.clamp_min(1), torch.full_like(total, float("nan")))
@@ -646,9 +641,7 @@ class Learner:
     def _read_reference(self, inputs: torch.Tensor | None = None) -> ReferenceView:
         x = self._reference if inputs is None else inputs
         raws, feats = [], []
-        rows = self._budget.rows(x)
-        for i in range(0, len(x), rows):
-            xb = widen(x[i:i + rows], self.input_dtype)
+        for xb in self._budget.batches(x, self.input_dtype):
             raws.append(self.model(xb).cpu())
             f = self._tap.take() if self._tap is not None else (pool_inputs(xb) if xb.is_floating_point() else None)
             feats.append(None if f is None else f.to("cpu", torch.float64))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -108,21 +109,39 @@ class FeatureTap:
 class ActivationBudget:
     """How many inputs one forward of `model` may take within `budget` bytes of activations
     (at most `cap`): 256 224x224 images through a ResNet-18 at once held ~800 MB in its first
-    layer alone. The bytes of one input's activations are measured at the first call."""
+    layer alone. The bytes of one input's activations are measured on `example` (1, ...) at
+    construction, before anything hooks the model (a measuring forward later would fire the
+    owner's hooks), or else at the first call."""
 
-    def __init__(self, model: nn.Module, budget: int, cap: int = 256) -> None:
+    def __init__(self, model: nn.Module, budget: int, cap: int = 256, example: torch.Tensor | None = None) -> None:
         self.model, self.budget, self.cap = model, budget, cap
         self.per_input: int | None = None
+        if example is not None and len(example):
+            self._measure(example[:1])
+
+    def _measure(self, x1: torch.Tensor) -> None:
+        param = next(iter(self.model.parameters()), None)
+        x1 = x1.to(param.device if param is not None else x1.device)
+        if x1.dtype == torch.float16 and param is not None and param.dtype != torch.float16:
+            x1 = x1.to(param.dtype)  # an input kept compact (learn/compact.py) is read widened
+        self.per_input = activation_bytes(self.model, x1)
 
     def rows(self, x: torch.Tensor) -> int:
         """Inputs per forward for a batch like x (B, ...): at least 1, at most `cap` and len(x)."""
         if self.per_input is None and len(x):
-            param = next(iter(self.model.parameters()), None)
-            x1 = x[:1].to(param.device if param is not None else x.device)
-            if x1.dtype == torch.float16 and param is not None and param.dtype != torch.float16:
-                x1 = x1.to(param.dtype)  # an input kept compact (learn/compact.py) is read widened
-            self.per_input = activation_bytes(self.model, x1)
+            self._measure(x[:1])
         return max(1, min(self.cap, len(x), self.budget // max(1, self.per_input or 1)))
+
+    def batches(self, x: torch.Tensor, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+        """x (B, ...) in slices of `rows(x)` inputs, each at `dtype` (inputs kept compact are read
+        widened) and on `device` where given: one forward each stays within the budget."""
+        rows = self.rows(x)
+        for i in range(0, len(x), rows):
+            xb = x[i:i + rows]
+            if dtype is not None and xb.dtype != dtype:
+                xb = xb.to(dtype)
+            yield xb if device is None else xb.to(device)
 
 
 @torch.no_grad()

@@ -190,6 +190,25 @@ def test_guard_holds_back_every_kth_and_judges():
     assert abs(chunked[0] - mine[0]) < 1e-6 and torch.allclose(chunked[2], mine[2])
 
 
+def test_activation_budget_measures_before_hooks_and_gives_widened_slices():
+    """Measured on an example at construction, a budget's forwards fire no hook its owner adds
+    later (a measuring forward inside the Bayesian check once switched that layer off), and its
+    slices come at the dtype asked for, none larger than the budget allows."""
+    from selfheal_core.model_parts import ActivationBudget, activation_bytes
+
+    model = bn_model()
+    x = torch.randn(10, 1, 4, 4)
+    per_input = activation_bytes(model, x[:1])
+    budget = ActivationBudget(model, 3 * per_input, example=x[:1].half())
+    assert budget.per_input == per_input  # measured at construction, widened to the weights' dtype
+    calls = []
+    model.register_forward_hook(lambda _m, inp, _o: calls.append(len(inp[0])))
+    slices = list(budget.batches(x.half(), torch.float32))
+    assert [len(b) for b in slices] == [3, 3, 3, 1] and all(b.dtype == torch.float32 for b in slices)
+    assert torch.equal(torch.cat(slices), x.half().float()) and not calls, "slicing runs no forward"
+    assert [len(b) for b in ActivationBudget(model, 10 ** 12, cap=4).batches(x)] == [4, 4, 2]
+
+
 def screen_all(q, pairs, conf=0.99, drifted=False):
     served = torch.tensor([s for s, _ in pairs])
     given = torch.tensor([g for _, g in pairs])
