@@ -26,8 +26,11 @@ demo: setup
 	$(BIN)/python scripts/train_demo.py --out build/model
 	$(BIN)/python scripts/demo.py
 
+# Two processes, a file's tests in one of them (its module fixtures are built once): a test
+# spends most of its time waiting on servers it starts, and one process kept 2 cores 55% busy.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/core selfheal_core
