@@ -8,6 +8,7 @@ import torch
 from selfheal_bench.data import corrupt, load_digits_split, resample
 from selfheal_core import FileSnapshotStore, SelfHealer
 from selfheal_serving.header import parse_header
+from tests.conftest import wait_until
 
 
 def stream(name, severity, n, seed):
@@ -16,15 +17,20 @@ def stream(name, severity, n, seed):
     return (corrupt(x, name, severity, seed=seed) if name else x), y
 
 
-def replay(server, x, y, batch=16, feedback_every=0):
-    """Predict in requests of `batch`; feedback by id for every k-th prediction, one request late."""
-    labels, pending = [], []
+def replay(server, x, y, batch=16, feedback_every=0, paced=False):
+    """Predict in requests of `batch`; feedback by id for every k-th prediction, one request late.
+    `paced`: each request's labels only once the learner absorbed the ones before (see below)."""
+    labels, pending, sent = [], [], 0
     for i in range(0, len(y), batch):
         r = server.predict({"instances": x[i:i + batch].tolist()})
         assert r.status_code == 200, r.text
         labels += [p["label"] for p in r.json()["predictions"]]
         if pending:
+            if paced:
+                wait_until(server.feedback_status, lambda st: st.get("absorbed", 0) >= sent, 120,
+                           f"the learner absorbs the {sent} labels sent so far")
             assert server.feedback({"feedback": pending}).status_code == 200
+            sent += len(pending)
         pending = [{"id": pid, "label": int(y[i + j])} for j, pid in enumerate(server.ids(r))
                    if feedback_every and (i + j) % feedback_every == 0]
     if pending:
@@ -46,16 +52,21 @@ def test_drift_detected_on_corrupted_not_on_clean(start_server):
 def test_feedback_improves_accuracy_on_corrupted_stream(start_server, demo_model):
     """Labels for every 5th prediction of a rotated stream, by id; once the learner has absorbed and
     published them (waited for, not assumed: the learner runs at nice 19 beside the worker), the
-    rest of the stream is served better than by the static model."""
+    rest of the stream is served better than by the static model.
+
+    The labels are paced at the rate the learner absorbs them: beside two CPU hogs the nice-19
+    learner fell behind, folded the 260 labels into a few updates of up to `max_labels_per_update`
+    (delay bounded, fewer steps per label) and served 0.391 against the static 0.390. What labels
+    teach is tested here; how a learner that falls behind trades steps for delay is that setting's."""
     x, y = stream("rotate", 4, 2000, seed=3)
     with torch.no_grad():
         static = (demo_model(x).argmax(1) == y).float()
     with start_server() as server:
-        replay(server, x[:1300], y[:1300], feedback_every=5)
+        replay(server, x[:1300], y[:1300], feedback_every=5, paced=True)
         status = server.settled(timeout=120)
         server.serving_version(x[:4].tolist(), at_least=status["version"])
         served = (replay(server, x[1300:], y[1300:]) == y[1300:]).float()
-    assert served.mean() > static[1300:].mean() + 0.05, (served.mean(), static[1300:].mean())
+    assert served.mean() > static[1300:].mean() + 0.05, (served.mean(), static[1300:].mean(), status["counters"])
     assert status["counters"]["feedback"] == 260 and status["guard"]["accepted"] > 0
 
 
