@@ -89,25 +89,31 @@ def run_after_archive(archived, tmp_path, heading: str, prefix: list[str] = (), 
     import signal
 
     script = readme_block(heading)
-    for old, new in zip(ports, free_ports(len(ports))):
-        script = script.replace(old, str(new))
+    # in one pass: swapped one at a time, a free port that contains a later README port (48087 for
+    # 8085, then 8087 -> 50933) became 450933 and the script waited on a port that cannot exist
+    swap = dict(zip(ports, map(str, free_ports(len(ports)))))
+    if swap:
+        script = re.sub(r"(?<!\d)(" + "|".join(map(re.escape, swap)) + r")(?!\d)", lambda m: swap[m.group(1)], script)
     for name in (".venv", "selfheal_bench"):
         (tmp_path / name).symlink_to(REPO / name)
     shutil.copytree(archived / "build", tmp_path / "build", symlinks=True)
     shutil.copytree(archived / "model_store", tmp_path / "model_store")
     env = {k: v for k, v in os.environ.items() if k not in ("SELFHEAL_SNAPSHOT_DIR", "SELFHEAL_LOG_URL")}
     env.update(env_extra)
-    proc = subprocess.Popen([*prefix, "bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
+    # output to files, not pipes: the servers the script left in the background hold a pipe open, so
+    # a script that failed early would be reported only after the whole timeout
+    with open(tmp_path / "stdout.txt", "w") as out_file, open(tmp_path / "stderr.txt", "w") as err_file:
+        proc = subprocess.Popen([*prefix, "bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                                stdout=out_file, stderr=err_file, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    (tmp_path / "stdout.txt").write_text(out)
-    (tmp_path / "stderr.txt").write_text(err)
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    out = (tmp_path / "stdout.txt").read_text()
+    err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
     assert '"accepted": 1' in out, f"{out[-2000:]}\n{err[-1000:]}"
     return out
