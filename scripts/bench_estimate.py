@@ -112,7 +112,7 @@ def real_table(samples: int, severities: list[int], corruptions: tuple[str, ...]
     if tiny:  # untrained: the plumbing, not the figures
         torch.manual_seed(0)
         _, _, xr, yr = real.split()
-        model, x_ref, y_ref = ResNet20().eval(), real.as_tensor(xr[:200]), torch.tensor(yr[:200])
+        model, x_ref, y_ref = ResNet20(width=8).eval(), real.as_tensor(xr[:200]), torch.tensor(yr[:200])
     else:
         model, x_ref, y_ref, _ = real.trained("batch")
     cbpe = reference_cbpe(model, x_ref, y_ref)

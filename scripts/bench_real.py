@@ -29,7 +29,7 @@ Writes bench/results/real.json: `rows` (model, batch, stream, method, error, per
 `labels`, `weather`, and `bars` keyed as issue 27 names them.
 
     python scripts/bench_real.py           # ~35 min on 2 cores (the first run also trains ~25 min)
-    python scripts/bench_real.py --tiny    # a smoke test (untrained networks, 8 images a domain)
+    python scripts/bench_real.py --tiny    # a smoke test (untrained networks of width 8, 8 images a domain)
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def weather(tiny: bool) -> dict:
     x, y, names = real.load_rainfall()
     pre, cut = WEATHER_PRETRAIN, WEATHER_DRIFT - WEATHER_PRETRAIN
     if tiny:
-        x, y, pre, cut = x[:1_400], y[:1_400], 800, 300
+        x, y, pre, cut = x[:1_100], y[:1_100], 800, 150
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     fit_rows, ref_rows = slice(0, pre - 500), slice(pre - 500, pre)
     xs, ys = x[pre:], y[pre:].astype(np.float32)
@@ -190,7 +190,7 @@ def main() -> None:
         if args.tiny:  # untrained: the smoke test checks the plumbing, not the figures
             torch.manual_seed(0)
             _, _, x_ref, y_ref = real.split()
-            models[key] = (ResNet20(norm=norm).eval(), real.as_tensor(x_ref[:200]), torch.tensor(y_ref[:200]),
+            models[key] = (ResNet20(norm=norm, width=8).eval(), real.as_tensor(x_ref[:200]), torch.tensor(y_ref[:200]),
                            {"norm": norm, "trained": False})
         else:
             model, x_ref, y_ref, info = real.trained(norm)

@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--streams", default="sea,hyperplane,friedman")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    pre, n, epochs = (800, 1_000, 3) if args.tiny else (5_000, 20_000, 30)
+    pre, n, epochs = (800, 500, 3) if args.tiny else (5_000, 20_000, 30)
     t0 = time.time()
     streams = {name: run_stream(name, pre, n, epochs) for name in args.streams.split(",")}
     bars, targets = {}, {}
