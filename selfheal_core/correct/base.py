@@ -11,7 +11,9 @@ and no lock is shared between the two threads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from selfheal_core.state import StateMixin
@@ -28,11 +30,32 @@ class Observation:
     fired: list[str] = field(default_factory=list)  # detectors that alarmed on this batch, in order
 
 
-def ema_weights(n: int, momentum: float, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+# The few array functions the per-channel moment arithmetic needs, for torch tensors and for NumPy
+# arrays. A served forward folds its BatchNorm inputs layer by layer (norm_stats.py): some forty
+# elementwise operations on vectors of tens of channels per layer, where each call's overhead is the
+# cost. On the CPU they run on NumPy views of the same memory, whose calls cost about a third of
+# torch's: a forward with folding at batch 1, digits CNN 0.80 -> 0.62 ms (plain forward 0.19),
+# ResNet-20 10.3 -> 8.0 ms (plain 3.5); on an accelerator they stay tensors on the device.
+_TORCH = SimpleNamespace(clamp_min=torch.clamp_min, log=torch.log, exp=torch.exp, stack=torch.stack,
+                         tensordot=torch.tensordot, tiny=lambda a: torch.finfo(a.dtype).tiny)
+_NUMPY = SimpleNamespace(clamp_min=np.maximum, log=np.log, exp=np.exp, stack=np.stack,
+                         tensordot=np.tensordot, tiny=lambda a: np.finfo(a.dtype).tiny)
+
+
+def array_ops(like) -> SimpleNamespace:
+    """The functions of `like`'s kind: a NumPy array's or a torch tensor's."""
+    return _NUMPY if isinstance(like, np.ndarray) else _TORCH
+
+
+def ema_weights(n: int, momentum: float, like: torch.Tensor | np.ndarray) -> tuple[torch.Tensor | np.ndarray, float]:
     """A per-sample EMA over n samples in one step: (weights of samples 0..n-1, oldest first, as
-    m (1-m)^(n-1-k); the old estimate's weight (1-m)^n), in `like`'s dtype and device."""
+    m (1-m)^(n-1-k); the old estimate's weight (1-m)^n), of `like`'s kind, dtype and device."""
     keep = 1.0 - momentum
-    return momentum * keep ** torch.arange(n - 1, -1, -1, dtype=like.dtype, device=like.device), keep ** n
+    if isinstance(like, np.ndarray):
+        steps = np.arange(n - 1, -1, -1, dtype=like.dtype)
+    else:
+        steps = torch.arange(n - 1, -1, -1, dtype=like.dtype, device=like.device)
+    return momentum * keep ** steps, keep ** n
 
 
 def shrink_to_source(mean: torch.Tensor, var: torch.Tensor, src_mean: torch.Tensor, src_var: torch.Tensor,
@@ -62,15 +85,16 @@ def shrink_to_source(mean: torch.Tensor, var: torch.Tensor, src_mean: torch.Tens
     """
     if noise_se <= 0:
         return mean, var
+    xp = array_ops(mean)  # tensors, or NumPy arrays (the served forward's folds on the CPU)
     c = momentum / (2.0 - momentum)
-    tiny = torch.finfo(mean.dtype).tiny
+    tiny = xp.tiny(mean)
     d = mean - src_mean
     src = 1.0 / src_count if src_count else 0.0
     noise = c * (var if spread is None else spread) + src * src_var
-    keep = (1.0 - (noise_se ** 2 * noise / (d * d).clamp_min(tiny)) ** 2).clamp_min(0.0)
-    r = (var / src_var).log()
-    keep_r = (1.0 - (noise_se ** 2 * (c * var_spread + 2.0 * src) / (r * r).clamp_min(tiny)) ** 2).clamp_min(0.0)
-    return src_mean + d * keep, src_var * (r * keep_r).exp()
+    keep = xp.clamp_min(1.0 - (noise_se ** 2 * noise / xp.clamp_min(d * d, tiny)) ** 2, 0.0)
+    r = xp.log(var / src_var)
+    keep_r = xp.clamp_min(1.0 - (noise_se ** 2 * (c * var_spread + 2.0 * src) / xp.clamp_min(r * r, tiny)) ** 2, 0.0)
+    return src_mean + d * keep, src_var * xp.exp(r * keep_r)
 
 
 class SampleBuffer:

@@ -27,12 +27,12 @@ the next `apply`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from selfheal_core.correct.base import Corrector, Observation, ema_weights, shrink_to_source
+from selfheal_core.correct.base import Corrector, Observation, array_ops, ema_weights, shrink_to_source
 
 
 class NormStatsAdapter(Corrector):
@@ -87,27 +87,32 @@ class NormStatsAdapter(Corrector):
 
     def _fold(self, i: int, layer: nn.Module, x: torch.Tensor) -> None:
         """Serving thread, inside the forward: fold the batch's per-sample moments into layer i's EMA
-        and normalise the batch with the result."""
+        and normalise the batch with the result. The per-channel arithmetic runs on NumPy views
+        on the CPU (base.array_ops: a call's overhead is the cost here) and on tensors elsewhere;
+        the moments are new arrays each time, never changed in place."""
         dims = list(range(2, x.dim()))
         mean = x.mean(dims) if dims else x  # per-sample moments (N, C)
         sq = (x * x).mean(dims) if dims else x * x
         n = len(x)
+        as_array, as_tensor = _arithmetic(mean)
+        mean, sq = as_array(mean), as_array(sq)
         if n == 1:  # batch 1, the common serving case: no weight vector to build
             w, old = None, 1.0 - self.momentum
         else:
             w, old = ema_weights(n, self.momentum, mean)
+        xp = array_ops(mean)
 
-        def fold(prev: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # values (N, ...) -> prev's shape
-            prev = prev.to(values.device, values.dtype)
-            return prev * old + (self.momentum * values[0] if w is None else torch.tensordot(w, values, 1))
+        def fold(prev: torch.Tensor, values) -> torch.Tensor:  # values (N, ...) -> prev's shape
+            return as_array(prev) * old + (self.momentum * values[0] if w is None else xp.tensordot(w, values, 1))
 
-        src = self._source[i][0].to(mean.device, mean.dtype)
-        z = mean - src  # about a fixed centre, so folding a batch at once equals one sample at a time
-        q = sq - 2 * src * mean + src * src
-        self._mean[i] = fold(self._mean[i], mean)
-        self._sq[i] = fold(self._sq[i], sq)
-        self._noise[i] = fold(self._noise[i], torch.stack([z * z, q * q, z * q], 1))
-        mu, var = self._adapted_layer(i)
+        src_mu, src_var = (as_array(t) for t in self._source[i])
+        z = mean - src_mu  # about a fixed centre, so folding a batch at once equals one sample at a time
+        q = sq - 2 * src_mu * mean + src_mu * src_mu
+        moments = (fold(self._mean[i], mean), fold(self._sq[i], sq),
+                   fold(self._noise[i], xp.stack([z * z, q * q, z * q], 1)))
+        mu, var = self._adapted_moments(*moments, src_mu, src_var, layer.eps)
+        self._mean[i], self._sq[i], self._noise[i] = (as_tensor(m) for m in moments)
+        mu, var = as_tensor(mu), as_tensor(var)
         layer.running_mean.copy_(mu)
         layer.running_var.copy_(var)
         self._folding[i] = (mu, var)
@@ -157,16 +162,25 @@ class NormStatsAdapter(Corrector):
         return [self._adapted_layer(i) for i in range(len(self._layers))]
 
     def _adapted_layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self._layers[i]
-        mu, src_mu, src_var = self._mean[i], *(t.to(self._mean[i].device) for t in self._source[i])
-        var = (self._sq[i] - mu ** 2).clamp_min(layer.eps)
-        zz, qq, zq = self._noise[i]
+        """Layer i's (mean, var) from its EMAs, computed as the served forward computes them (a
+        restored state normalises exactly as the one saved)."""
+        as_array, as_tensor = _arithmetic(self._mean[i])
+        src_mu, src_var = (as_array(t) for t in self._source[i])
+        mu, var = self._adapted_moments(as_array(self._mean[i]), as_array(self._sq[i]), as_array(self._noise[i]),
+                                        src_mu, src_var, self._layers[i].eps)
+        return as_tensor(mu), as_tensor(var)
+
+    def _adapted_moments(self, mu, sq, noise, src_mu, src_var, eps: float):
+        """(mean, var) to normalise with from one layer's EMAs (tensors or NumPy arrays, base.array_ops)."""
+        xp = array_ops(mu)
+        var = xp.clamp_min(sq - mu ** 2, eps)
+        zz, qq, zq = noise
         ez = mu - src_mu
         eq = var + ez ** 2
-        spread = (zz - ez ** 2).clamp_min(0.0)  # variance of one sample's mean
+        spread = xp.clamp_min(zz - ez ** 2, 0.0)  # variance of one sample's mean
         # variance of one sample's contribution to var = E q - (E z)^2 (delta method), relative
-        var_spread = ((qq - eq ** 2) - 4 * ez * (zq - ez * eq) + 4 * ez ** 2 * spread).clamp_min(0.0) / var ** 2
-        return shrink_to_source(mu, var, src_mu, src_var.clamp_min(layer.eps), self.momentum, self.noise_se,
+        var_spread = xp.clamp_min((qq - eq ** 2) - 4 * ez * (zq - ez * eq) + 4 * ez ** 2 * spread, 0.0) / var ** 2
+        return shrink_to_source(mu, var, src_mu, xp.clamp_min(src_var, eps), self.momentum, self.noise_se,
                                 spread, var_spread)
 
     @torch.no_grad()
@@ -216,3 +230,11 @@ class NormStatsAdapter(Corrector):
 
     def status(self) -> dict:
         return {"layers": len(self._layers), "active": self._active, "samples": self._samples}
+
+
+def _arithmetic(like: torch.Tensor) -> tuple[Callable, Callable]:
+    """(to arrays, back to tensors) for the per-channel arithmetic on `like`'s moments: NumPy views
+    of the same memory for float tensors on the CPU, tensors on `like`'s device and dtype otherwise."""
+    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64):
+        return (lambda t: (t if t.dtype == like.dtype else t.to(like.dtype)).numpy()), torch.from_numpy
+    return (lambda t: t.to(like.device, like.dtype)), (lambda a: a)

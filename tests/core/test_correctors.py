@@ -501,3 +501,30 @@ def test_norm_stats_of_a_deep_network_settle_within_a_few_batches_of_a_shift():
     assert float(err.max()) < 0.5, f"deepest layer's mean is {float(err.max()):.2f} standard deviations off"
     ratio = deepest.running_var / target.running_var
     assert float(ratio.min()) > 0.6 and float(ratio.max()) < 1.6, ratio
+
+
+def test_norm_stats_folds_on_numpy_views_as_with_tensors(monkeypatch):
+    """On the CPU a served forward's per-channel moment arithmetic runs on NumPy views (cheaper
+    calls); an accelerator's runs on tensors: the same statistics either way, batch 1 and 8."""
+    from selfheal_core.correct import norm_stats
+
+    assert norm_stats._arithmetic(torch.zeros(3))[1] is torch.from_numpy  # the CPU path is NumPy's
+    torch.manual_seed(0)
+    layer = nn.BatchNorm2d(6).eval()
+    layer.running_mean.normal_()
+    layer.running_var.uniform_(0.5, 2.0)
+    host, on_device = NormStatsAdapter([layer]), NormStatsAdapter([copy.deepcopy(layer)])
+    numpy_arithmetic = norm_stats._arithmetic
+    tensor_arithmetic = lambda like: ((lambda t: t.to(like.dtype)), (lambda a: a))  # noqa: E731
+    for x in (torch.randn(1, 6, 5, 5) * 2 + 1, torch.randn(8, 6, 5, 5) * 3 - 1):
+        with torch.inference_mode():
+            host._fold(0, host._layers[0], x)
+            monkeypatch.setattr(norm_stats, "_arithmetic", tensor_arithmetic)
+            on_device._fold(0, on_device._layers[0], x)
+            expected = on_device._adapted_layer(0)
+            monkeypatch.setattr(norm_stats, "_arithmetic", numpy_arithmetic)
+        assert host._mean[0].dtype == torch.float32
+        for a, b in ((host._mean[0], on_device._mean[0]), (host._sq[0], on_device._sq[0]),
+                     (host._noise[0], on_device._noise[0]), (host._layers[0].running_mean, expected[0]),
+                     (host._layers[0].running_var, expected[1]), (host._adapted_layer(0)[1], expected[1])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
