@@ -35,9 +35,9 @@ test: setup
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/core selfheal_core
 
-# The core without servers, databases or benchmarks: a couple of minutes on 2 cores.
+# The core without servers, databases or benchmarks, in the same processes as `make test`.
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q tests/core selfheal_core -k "not postgres and not pg_"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/core selfheal_core -k "not postgres and not pg_"
 
 clean:
 	rm -rf $(VENV) build demo_out model_store/*.mar model_store/snapshots/*/

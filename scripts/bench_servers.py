@@ -291,7 +291,8 @@ def run_ray(work: Path, mar: Path, stream: dict, args) -> dict:
         serve.delete("plain")
         deploy(str(mar), replicas=2, workdir=str(work / "ray"), key=KEY)
         client = RoundRobinClient([f"{base}/predictions/{MODEL}"], f"{base}/feedback/{MODEL}")
-        wait_http(f"{base}/predictions/{MODEL}", None, work / "ray.log")
+        # a replica's status (GET) needs the management key: without it 401, never up
+        wait_http(f"{base}/predictions/{MODEL}", None, work / "ray.log", headers={"Authorization": f"Bearer {KEY}"})
         out["selfheal"] = drive(client, stream, True, args.label_rate, args.lag_rounds, 2)
     finally:
         serve.shutdown()
