@@ -51,6 +51,8 @@ class NormStatsAdapter(Corrector):
         self._reset_pending = False  # a reset asked for off the serving thread, done at the next apply()
         self._layers = list(layers)
         self._source = [(m.running_mean.clone(), m.running_var.clone()) for m in self._layers]
+        # the source variances as the layers floor them: fixed, so floored once, not in every forward
+        self._source_var = [var.clamp_min(m.eps) for (_, var), m in zip(self._source, self._layers)]
         self._recording = False
         self._keep: torch.Tensor | None = None  # rows of the forward being recorded that may be folded
         self._hooks: list = []  # registered only while adapting: an idle hook still costs every forward
@@ -105,7 +107,7 @@ class NormStatsAdapter(Corrector):
         def fold(prev: torch.Tensor, values) -> torch.Tensor:  # values (N, ...) -> prev's shape
             return as_array(prev) * old + (self.momentum * values[0] if w is None else xp.tensordot(w, values, 1))
 
-        src_mu, src_var = (as_array(t) for t in self._source[i])
+        src_mu, src_var = as_array(self._source[i][0]), as_array(self._source_var[i])
         z = mean - src_mu  # about a fixed centre, so folding a batch at once equals one sample at a time
         q = sq - 2 * src_mu * mean + src_mu * src_mu
         moments = (fold(self._mean[i], mean), fold(self._sq[i], sq),
@@ -165,13 +167,14 @@ class NormStatsAdapter(Corrector):
         """Layer i's (mean, var) from its EMAs, computed as the served forward computes them (a
         restored state normalises exactly as the one saved)."""
         as_array, as_tensor = _arithmetic(self._mean[i])
-        src_mu, src_var = (as_array(t) for t in self._source[i])
+        src_mu, src_var = as_array(self._source[i][0]), as_array(self._source_var[i])
         mu, var = self._adapted_moments(as_array(self._mean[i]), as_array(self._sq[i]), as_array(self._noise[i]),
                                         src_mu, src_var, self._layers[i].eps)
         return as_tensor(mu), as_tensor(var)
 
     def _adapted_moments(self, mu, sq, noise, src_mu, src_var, eps: float):
-        """(mean, var) to normalise with from one layer's EMAs (tensors or NumPy arrays, base.array_ops)."""
+        """(mean, var) to normalise with from one layer's EMAs (tensors or NumPy arrays, base.array_ops);
+        `src_var`: the source's, floored at `eps` (`_source_var`)."""
         xp = array_ops(mu)
         var = xp.clamp_min(sq - mu ** 2, eps)
         zz, qq, zq = noise
@@ -180,7 +183,7 @@ class NormStatsAdapter(Corrector):
         spread = xp.clamp_min(zz - ez ** 2, 0.0)  # variance of one sample's mean
         # variance of one sample's contribution to var = E q - (E z)^2 (delta method), relative
         var_spread = xp.clamp_min((qq - eq ** 2) - 4 * ez * (zq - ez * eq) + 4 * ez ** 2 * spread, 0.0) / var ** 2
-        return shrink_to_source(mu, var, src_mu, xp.clamp_min(src_var, eps), self.momentum, self.noise_se,
+        return shrink_to_source(mu, var, src_mu, src_var, self.momentum, self.noise_se,
                                 spread, var_spread)
 
     @torch.no_grad()
@@ -232,9 +235,17 @@ class NormStatsAdapter(Corrector):
         return {"layers": len(self._layers), "active": self._active, "samples": self._samples}
 
 
+def _to_host(dtype: torch.dtype) -> Callable:
+    return lambda t: (t if t.dtype == dtype else t.to(dtype)).numpy()
+
+
+# per dtype, built once: the served forward asks for them in every layer
+_HOST = {dtype: (_to_host(dtype), torch.from_numpy) for dtype in (torch.float32, torch.float64)}
+
+
 def _arithmetic(like: torch.Tensor) -> tuple[Callable, Callable]:
     """(to arrays, back to tensors) for the per-channel arithmetic on `like`'s moments: NumPy views
     of the same memory for float tensors on the CPU, tensors on `like`'s device and dtype otherwise."""
-    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64):
-        return (lambda t: (t if t.dtype == like.dtype else t.to(like.dtype)).numpy()), torch.from_numpy
+    if like.device.type == "cpu" and like.dtype in _HOST:
+        return _HOST[like.dtype]
     return (lambda t: t.to(like.device, like.dtype)), (lambda a: a)
