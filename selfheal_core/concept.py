@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 
 from selfheal_core.config import GuardConfig
-from selfheal_core.learn.compact import compact
+from selfheal_core.learn.compact import compact, widen
 from selfheal_core.state import StateMixin
 
 HOLD, LEARN = "hold", "learn"
@@ -92,6 +92,7 @@ class ConceptWatch(StateMixin):
     def _reset(self) -> None:
         self._pairs: dict[tuple[int, int], Pair] = {}
         self._held: list[tuple[int, torch.Tensor, int, float, int]] = []  # (seq, x, label, time, source)
+        self._held_dtype: torch.dtype | None = None  # the held inputs' dtype as they came in (kept compact)
         self.dropped = 0  # held labels not kept in memory: the hold was full (count or bytes)
         self._seen = 0  # labels screened
         self._recent_x = torch.zeros(0, 0)  # (<= RECENT, F) features of the newest labels the reference spoke for
@@ -212,8 +213,9 @@ class ConceptWatch(StateMixin):
                 continue
             held[i] = True
             room = min(self.config.concept_hold_max, self.config.concept_hold_bytes // max(1, x[i].numel() * x.element_size()))
-            if len(self._held) < room:  # counted at the dtype it came in, kept compact (half of it for images)
+            if len(self._held) < room:  # counted at the dtype it came in, kept compact (a quarter for images)
                 kept = compact(x[i:i + 1].detach().cpu())[0]
+                self._held_dtype = x.dtype
                 self._held.append((seqs[i] if seqs else -1, kept.clone() if kept.dtype == x.dtype else kept, int(g),
                                    times[i] if times else 0.0, int(m)))
             else:  # in the log only: an approval cannot learn it from memory
@@ -394,8 +396,9 @@ class ConceptWatch(StateMixin):
     def _held_state(self) -> dict:
         if not self._held:
             return {"seq": [], "x": torch.empty(0), "label": [], "time": [], "source": []}
-        dtype = functools.reduce(torch.promote_types, {h[1].dtype for h in self._held})  # some kept exact
-        return {"seq": [h[0] for h in self._held], "x": torch.stack([h[1].to(dtype) for h in self._held]),
+        # at the dtype they came in (some are kept compact, some exact)
+        dtype = self._held_dtype if self._held_dtype is not None else self._held[0][1].dtype
+        return {"seq": [h[0] for h in self._held], "x": torch.stack([widen(h[1], dtype) for h in self._held]),
                 "label": [h[2] for h in self._held], "time": [h[3] for h in self._held],
                 "source": [h[4] for h in self._held]}
 
@@ -407,6 +410,7 @@ class ConceptWatch(StateMixin):
 
     @_held_state.setter
     def _held_state(self, value: dict) -> None:
+        self._held_dtype = value["x"].dtype if len(value["seq"]) else None
         self._held = [(s, compact(x.unsqueeze(0))[0], lab, t, src) for s, x, lab, t, src in
                       zip(value["seq"], list(value["x"]), value["label"], value["time"], value["source"])]
 

@@ -7,7 +7,8 @@ model; the loss moves with every step.
 
 Every `holdout_every`-th label is withheld from training and kept (bounded) as
 a validation set of recent ground truth; labels pushed out of the holdout are
-handed back for training, so no label is wasted.
+handed back for training, so no label is wasted. Large inputs are held compact
+(`compact`: 20 224x224 images were 12 MB of the learner at float32).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from selfheal_core.config import GuardConfig
+from selfheal_core.learn.compact import compact, widen
 from selfheal_core.model_parts import ActivationBudget
 from selfheal_core.state import StateMixin
 from selfheal_core.task import Task
@@ -35,6 +37,7 @@ class Guard(StateMixin):
 
     def _reset(self) -> None:
         self._holdout: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=self.config.holdout_size)
+        self._dtype: torch.dtype | None = None  # the inputs' dtype as they came in: given back at it
         self._count = 0  # labels offered to the guard
         self.accepted = 0
         self.rolled_back = 0
@@ -60,21 +63,29 @@ class Guard(StateMixin):
         """
         train_x, train_y = [], []
         skip_list = skip.tolist() if skip is not None else [False] * len(y)
+        if len(x):
+            self._dtype = x.dtype
         for xi, yi, skipped in zip(x.detach().cpu(), y.detach().cpu(), skip_list):
             self._count += 1
             if skipped:
                 continue
             if self._count % self.config.holdout_every == 0:
                 if len(self._holdout) == self._holdout.maxlen:
-                    train_x.append(self._holdout[0][0])  # the oldest held-back label goes to training
+                    train_x.append(self._input(0))  # the oldest held-back label goes to training
                     train_y.append(self._holdout[0][1])
-                self._holdout.append((xi.clone(), yi.clone()))
+                kept = compact(xi.unsqueeze(0))[0]
+                self._holdout.append((kept.clone() if kept.dtype == xi.dtype else kept, yi.clone()))
                 continue
             train_x.append(xi)
             train_y.append(yi)
         if not train_x:
             return x[:0].cpu(), y[:0].cpu()
         return torch.stack(train_x), torch.stack(train_y)
+
+    def _input(self, i: int) -> torch.Tensor:
+        """The i-th held-back input at the dtype it came in."""
+        x = self._holdout[i][0]
+        return widen(x, self._dtype) if self._dtype is not None else x
 
     @property
     def holdout_size(self) -> int:
@@ -95,7 +106,7 @@ class Guard(StateMixin):
         if not self._holdout:
             return None
         device = next(model.parameters()).device
-        x = torch.stack([x for x, _ in self._holdout]).to(device)
+        x = torch.stack([self._input(i) for i in range(len(self._holdout))]).to(device)
         y = torch.stack([y for _, y in self._holdout]).to(device)
         x = as_served(x) if as_served is not None else x
         raw = torch.cat([model(xb) for xb in budget.batches(x)]) if budget is not None else model(x)
@@ -126,11 +137,16 @@ class Guard(StateMixin):
     def _holdout_state(self) -> dict:
         if not self._holdout:
             return {"x": torch.empty(0), "y": torch.empty(0)}
-        return {"x": torch.stack([x for x, _ in self._holdout]), "y": torch.stack([y for _, y in self._holdout])}
+        # at the dtype they came in: the saved record is the same whatever is kept compact
+        return {"x": torch.stack([self._input(i) for i in range(len(self._holdout))]),
+                "y": torch.stack([y for _, y in self._holdout])}
 
     @_holdout_state.setter
     def _holdout_state(self, value: dict) -> None:
-        self._holdout = deque(zip(list(value["x"]), list(value["y"])), maxlen=self.config.holdout_size)
+        x = value["x"]
+        self._dtype = x.dtype if len(x) else None
+        self._holdout = deque(((compact(xi.unsqueeze(0))[0], yi) for xi, yi in zip(list(x), list(value["y"]))),
+                              maxlen=self.config.holdout_size)
 
     def status(self) -> dict:
         return {"holdout": len(self._holdout), "accepted": self.accepted, "rolled_back": self.rolled_back,

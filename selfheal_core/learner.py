@@ -129,7 +129,8 @@ class Learner:
             if self.learns:
                 labelled = (self._reference, targets.to(self.device)) if targets is not None else None
                 self.gradient = GradientLearner(model, config.learn, self.task, self.parts.head_name, labelled,
-                                                seed=config.monitor.seed, budget=self._budget)
+                                                seed=config.monitor.seed, budget=self._budget,
+                                                input_dtype=self.input_dtype)
                 noise = float(ref_errors.mean()) if ref_errors is not None and not self.task.is_classifier else 1.0
                 self.bayes_off = self._bayes_unsupported(raw)
                 if config.learn.bayes and self.bayes_off is None:

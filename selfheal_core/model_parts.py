@@ -22,6 +22,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from selfheal_core.learn.compact import widen
+
 log = logging.getLogger(__name__)
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -139,8 +141,8 @@ class ActivationBudget:
         rows = self.rows(x)
         for i in range(0, len(x), rows):
             xb = x[i:i + rows]
-            if dtype is not None and xb.dtype != dtype:
-                xb = xb.to(dtype)
+            if dtype is not None:
+                xb = widen(xb, dtype)
             yield xb if device is None else xb.to(device)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from selfheal_core.config import LearnConfig, ParamSet
+from selfheal_core.learn.compact import widen
 from selfheal_core.learn.replay import ReplayBuffer
 from selfheal_core.model_parts import ActivationBudget
 from selfheal_core.task import Task
@@ -50,7 +51,9 @@ class GradientLearner:
 
     def __init__(self, model: nn.Module, config: LearnConfig, task: Task, head_name: str | None,
                  reference: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
-                 budget: ActivationBudget | None = None) -> None:
+                 budget: ActivationBudget | None = None, input_dtype: torch.dtype | None = None) -> None:
+        """`reference`: labelled inputs replayed beside the labels, possibly kept compact
+        (`compact`), read back at `input_dtype` (default: the dtype they are kept at)."""
         self.config = config
         self.model = model
         self.task = task
@@ -63,6 +66,8 @@ class GradientLearner:
         self.lr = config.lr if len(self.params) == len(list(model.parameters())) else config.partial_lr
         self._source = {k: p.detach().clone() for k, p in self.params.items()}
         self._reference = reference
+        self._input_dtype = input_dtype if input_dtype is not None else (
+            reference[0].dtype if reference is not None else None)
         self._moved: frozenset[int] = frozenset()  # reference classes whose meaning changed: not replayed
         self.buffer = ReplayBuffer(config.recent_size, config.reservoir_size, seed, config.replay_bytes)
         self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
@@ -127,10 +132,9 @@ class GradientLearner:
             rx, ry = self._reference
             pick = torch.randint(0, len(ry) if allowed is None else len(allowed), (n_ref,), generator=self._gen)
             idx = pick if allowed is None else allowed[pick]
-            # the reference may be kept at half precision (compact.py): read at the labelled inputs' dtype
-            x_dtype = out[0][0].dtype if out else (torch.float32 if rx.dtype == torch.float16 else rx.dtype)
+            # the reference may be kept compact (compact.py): read at the dtype the inputs came in
             y_dtype = out[0][1].dtype if out else ry.dtype
-            out.append((rx[idx].to(device, x_dtype), ry[idx].to(device, y_dtype), True))
+            out.append((widen(rx[idx], self._input_dtype).to(device), ry[idx].to(device, y_dtype), True))
         if not separate and len(out) > 1:
             out = [(torch.cat([x for x, _, _ in out]), torch.cat([y for _, y, _ in out]), False)]
         return out

@@ -15,8 +15,8 @@ class ReplayBuffer:
     old domains stay represented. Targets are class labels or value vectors alike.
     Both sizes shrink in proportion when their pairs' inputs would exceed `max_bytes`
     (set by the first pair's size at the dtype it came in: a model's inputs are alike).
-    Large inputs are kept at half precision (`compact`: a 224x224 image's replay takes half
-    of `max_bytes`) and given back at the dtype they came in.
+    Large inputs are kept compact (`compact`: a 224x224 image decoded from 8 bits takes a
+    quarter of its float32 bytes, any other a half) and given back at the dtype they came in.
     """
 
     def __init__(self, recent_size: int, reservoir_size: int, seed: int = 0, max_bytes: int | None = None) -> None:

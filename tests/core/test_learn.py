@@ -326,6 +326,50 @@ def test_replay_keeps_large_inputs_at_half_precision_and_gives_them_back_as_they
     assert small._recent[0][0].dtype == torch.float32  # small inputs stay exact
 
 
+def test_images_decoded_from_8_bits_are_kept_as_their_bytes_and_read_back_bit_for_bit():
+    """Issue 28: a 224x224 learner's replay, holdout and reference are images decoded from 8 bits
+    (k / 255, as PIL or ToTensor give them). Kept as their bytes (a quarter of float32, half of
+    float16) they read back exactly; one value off the 255 levels keeps float16."""
+    import numpy as np
+
+    from selfheal_core.config import GuardConfig
+    from selfheal_core.guard import Guard
+    from selfheal_core.learn.compact import compact, widen
+    from selfheal_core.learn.replay import ReplayBuffer
+    from selfheal_core.task import Task
+
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 256, (5, 3, 96, 96))
+    x = torch.from_numpy(levels.astype(np.float32) / 255)  # as a handler decodes
+    kept = compact(x)
+    assert kept.dtype == torch.uint8 and torch.equal(widen(kept, torch.float32).view(torch.int32), x.view(torch.int32))
+    x64 = torch.from_numpy(levels / 255)
+    assert torch.equal(widen(compact(x64), torch.float64), x64) and compact(x64).dtype == torch.uint8
+    assert compact(x.double()).dtype == torch.float16  # float32's k / 255 widened is no float64 level
+    off = x.clone()
+    off[0, 0, 0, 0] = 0.5  # not k / 255
+    assert compact(off).dtype == torch.float16 and compact(x[1:]).dtype == torch.uint8
+    assert compact(-x).dtype == torch.float16  # negative: not an 8-bit image's levels
+
+    buf = ReplayBuffer(5, 0, max_bytes=10 * 2 ** 20)
+    buf.add(x, torch.arange(5))
+    assert all(xi.dtype == torch.uint8 for xi, _ in buf._recent)
+    assert torch.equal(buf.newest(5)[0], x)
+    again = ReplayBuffer(5, 0, max_bytes=10 * 2 ** 20)
+    again.load_state_dict(buf.state_dict())
+    assert torch.equal(again.newest(5)[0], x) and again._recent[0][0].dtype == torch.uint8
+
+    guard = Guard(GuardConfig(holdout_every=1, holdout_size=2, min_holdout=1), Task.from_outputs("classification", torch.zeros(1, 10)))
+    train_x, _ = guard.admit(torch.cat([x[:3], off[:1]]), torch.arange(4))
+    assert torch.equal(train_x, x[:2])  # pushed out of the holdout: back at float32, exact
+    assert [h[0].dtype for h in guard._holdout] == [torch.uint8, torch.float16]
+    state = guard.state_dict()
+    assert state["_holdout_state"]["x"].dtype == torch.float32 and torch.equal(state["_holdout_state"]["x"][0], x[2])
+    restored = Guard(GuardConfig(holdout_every=1, holdout_size=2, min_holdout=1), Task.from_outputs("classification", torch.zeros(1, 10)))
+    restored.load_state_dict(state)
+    assert restored._holdout[0][0].dtype == torch.uint8 and torch.equal(restored._input(0), x[2])
+
+
 def test_a_minibatch_too_large_for_step_bytes_runs_in_chunks_to_the_same_step():
     """Issue 28: a ResNet-18 at 224x224 keeps ~40 MB of activations per input for its backward
     (1.7 GB of learner at 32 per minibatch). Within `step_bytes` the minibatch runs in chunks with
