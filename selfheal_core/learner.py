@@ -110,7 +110,7 @@ class Learner:
         self.learns = config.adapt and not self.parts.scripted  # else: labels are logged and watched only
         targets = self.task.check_targets(reference_targets, len(reference)) if reference_targets is not None else None
         full = reference.to(self.device)
-        # large reference inputs are kept at half precision (learn/compact.py) and widened per
+        # large reference inputs are kept compact (learn/compact.py: 8-bit images as their bytes) and widened per
         # forward; the source view, which workers fit their own detectors on too, is read from `full`
         self._reference = compact(full)
         # inputs per forward pass here, measured before the feature tap hooks the head

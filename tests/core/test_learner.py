@@ -286,11 +286,13 @@ def test_the_learner_copies_only_what_learning_moves_and_a_state_saved_whole_sti
     assert not again.published(3).weights
 
 
-def test_a_large_reference_is_kept_at_half_precision_and_the_source_view_read_from_it_whole():
-    """Issue 28: a reference of 3x96x96 images (110 kB each) is kept in float16 by the learner
-    (half its bytes), widened for every forward; the source view the workers' detectors are fitted
-    on is read from the reference as given, so a worker accepts the learner's statistics; updates,
-    checks and publishing run on it."""
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["float16", "bytes"])
+def test_a_large_reference_is_kept_compact_and_the_source_view_read_from_it_whole(eight_bit):
+    """Issue 28: a reference of 3x96x96 images (110 kB each) is kept compact by the learner
+    (float16, half its bytes; images decoded from 8 bits as their bytes, a quarter), widened for
+    every forward; the source view the workers' detectors are fitted on is read from the
+    reference as given, so a worker accepts the learner's statistics; updates, checks and
+    publishing run on it."""
     from torch import nn
 
     from selfheal_core.serving import ServingModel
@@ -299,16 +301,22 @@ def test_a_large_reference_is_kept_at_half_precision_and_the_source_view_read_fr
     model = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(8, 3)).eval()
     gen = torch.Generator().manual_seed(1)
-    x_ref = torch.randn(48, 3, 96, 96, generator=gen)
+    if eight_bit:  # as a handler decodes an image: levels k / 255
+        x_ref = torch.randint(0, 256, (48, 3, 96, 96), generator=gen).float() / 255
+    else:
+        x_ref = torch.randn(48, 3, 96, 96, generator=gen)
     with torch.no_grad():
         y_ref = model(x_ref).argmax(1)
     learner = Learner(copy.deepcopy(model), x_ref, HealConfig(), reference_targets=y_ref)
-    assert learner._reference.dtype == torch.float16
+    assert learner._reference.dtype == (torch.uint8 if eight_bit else torch.float16)
     assert learner.bayes is not None, learner.bayes_off  # its check reads the compact reference too
     with torch.no_grad():
         assert torch.allclose(learner.reference_view().probs.double(), model(x_ref).softmax(1).double(), atol=1e-6)
     serving = ServingModel(copy.deepcopy(model), x_ref, HealConfig(), reference_targets=y_ref)
-    x = torch.randn(64, 3, 96, 96, generator=gen) * 1.5 + 0.3
+    if eight_bit:  # brighter, lower contrast: still 8-bit levels
+        x = (torch.randint(0, 256, (64, 3, 96, 96), generator=gen) // 2 + 100).float() / 255
+    else:
+        x = torch.randn(64, 3, 96, 96, generator=gen) * 1.5 + 0.3
     with torch.no_grad():
         y = model(x).argmax(1)
     results = []
@@ -321,3 +329,10 @@ def test_a_large_reference_is_kept_at_half_precision_and_the_source_view_read_fr
     assert serving.version == 1 and serving.counters["rebase_refused"] == 0
     state, _, private = learner.snapshot()
     assert all(v.dtype != torch.float16 for v in state["weights"].values())
+    kept = torch.uint8 if eight_bit else torch.float16
+    assert learner.gradient.buffer._recent[-1][0].dtype == kept and learner.guard._holdout[0][0].dtype == kept
+    again = Learner(copy.deepcopy(model), x_ref, HealConfig(), reference_targets=y_ref)
+    again.load_state_dict(private["learner"])  # a restart resumes the same pairs, read back as before
+    assert torch.equal(again.gradient.buffer.newest(8)[0], learner.gradient.buffer.newest(8)[0])
+    if eight_bit:  # bit for bit: each replayed input is one of those labelled
+        assert all(any(torch.equal(r, xi) for xi in x) for r in again.gradient.buffer.newest(8)[0])
