@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 
 from selfheal_core.config import GuardConfig
-from selfheal_core.learn.compact import compact, widen
+from selfheal_core.learn.compact import compact, keep, widen
 from selfheal_core.state import StateMixin
 
 HOLD, LEARN = "hold", "learn"
@@ -214,9 +214,8 @@ class ConceptWatch(StateMixin):
             held[i] = True
             room = min(self.config.concept_hold_max, self.config.concept_hold_bytes // max(1, x[i].numel() * x.element_size()))
             if len(self._held) < room:  # counted at the dtype it came in, kept compact (a quarter for images)
-                kept = compact(x[i:i + 1].detach().cpu())[0]
                 self._held_dtype = x.dtype
-                self._held.append((seqs[i] if seqs else -1, kept.clone() if kept.dtype == x.dtype else kept, int(g),
+                self._held.append((seqs[i] if seqs else -1, keep(x[i].detach().cpu()), int(g),
                                    times[i] if times else 0.0, int(m)))
             else:  # in the log only: an approval cannot learn it from memory
                 self.dropped += 1

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from selfheal_core.config import GuardConfig
-from selfheal_core.learn.compact import compact, widen
+from selfheal_core.learn.compact import compact, keep, widen
 from selfheal_core.model_parts import ActivationBudget
 from selfheal_core.state import StateMixin
 from selfheal_core.task import Task
@@ -73,8 +73,7 @@ class Guard(StateMixin):
                 if len(self._holdout) == self._holdout.maxlen:
                     train_x.append(self._input(0))  # the oldest held-back label goes to training
                     train_y.append(self._holdout[0][1])
-                kept = compact(xi.unsqueeze(0))[0]
-                self._holdout.append((kept.clone() if kept.dtype == xi.dtype else kept, yi.clone()))
+                self._holdout.append((keep(xi), yi.clone()))
                 continue
             train_x.append(xi)
             train_y.append(yi)
@@ -86,6 +85,10 @@ class Guard(StateMixin):
         """The i-th held-back input at the dtype it came in."""
         x = self._holdout[i][0]
         return widen(x, self._dtype) if self._dtype is not None else x
+
+    def _inputs(self) -> torch.Tensor:
+        """The held-back inputs (B, ...) at the dtype they came in."""
+        return torch.stack([self._input(i) for i in range(len(self._holdout))])
 
     @property
     def holdout_size(self) -> int:
@@ -106,7 +109,7 @@ class Guard(StateMixin):
         if not self._holdout:
             return None
         device = next(model.parameters()).device
-        x = torch.stack([self._input(i) for i in range(len(self._holdout))]).to(device)
+        x = self._inputs().to(device)
         y = torch.stack([y for _, y in self._holdout]).to(device)
         x = as_served(x) if as_served is not None else x
         raw = torch.cat([model(xb) for xb in budget.batches(x)]) if budget is not None else model(x)
@@ -138,8 +141,7 @@ class Guard(StateMixin):
         if not self._holdout:
             return {"x": torch.empty(0), "y": torch.empty(0)}
         # at the dtype they came in: the saved record is the same whatever is kept compact
-        return {"x": torch.stack([self._input(i) for i in range(len(self._holdout))]),
-                "y": torch.stack([y for _, y in self._holdout])}
+        return {"x": self._inputs(), "y": torch.stack([y for _, y in self._holdout])}
 
     @_holdout_state.setter
     def _holdout_state(self, value: dict) -> None:

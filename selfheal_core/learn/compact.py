@@ -37,6 +37,13 @@ def compact(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16)
 
 
+def keep(x: torch.Tensor) -> torch.Tensor:
+    """One input (...) as a buffer holds it: `compact`, and never a view into the batch it came in
+    (copied where `compact` left it as it was)."""
+    kept = compact(x.unsqueeze(0))[0]
+    return kept.clone() if kept.dtype == x.dtype else kept
+
+
 def _as_levels(x: torch.Tensor) -> torch.Tensor | None:
     """x as uint8 levels k with k / 255 == x exactly (at x's dtype), else None."""
     out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from selfheal_core.learn.compact import compact, widen
+from selfheal_core.learn.compact import compact, keep, widen
 
 
 class ReplayBuffer:
@@ -55,8 +55,7 @@ class ReplayBuffer:
             self._fit_budget(x[0].numel() * x.element_size() + y[0].numel() * y.element_size())
             self._dtype = x.dtype
         for xi, yi in zip(x.detach().cpu(), y.detach().cpu()):
-            kept = compact(xi.unsqueeze(0))[0]  # per pair: one out-of-range input keeps only itself exact
-            self._recent.append((kept.clone() if kept.dtype == xi.dtype else kept, yi.clone()))
+            self._recent.append((keep(xi), yi.clone()))  # per pair: one out-of-range input keeps only itself exact
             if len(self._recent) > self.recent_size:
                 self._to_reservoir(self._recent.popleft())
 
