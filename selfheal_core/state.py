@@ -33,12 +33,18 @@ class StateMixin:
     def state_dict(self) -> dict[str, Any]:
         return {key: clone_state(getattr(self, key)) for key in self._state_keys}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = set(self._state_keys) - set(state)
+    def check_state_keys(self, state: dict[str, Any], optional: tuple[str, ...] = ()) -> None:
+        """ValueError unless `state` holds exactly `_state_keys` (those in `optional` may be missing)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"{type(self).__name__} state is {type(state).__name__}, not a mapping")
+        missing = set(self._state_keys) - set(state) - set(optional)
         unknown = set(state) - set(self._state_keys)
         if missing or unknown:
             raise ValueError(
                 f"{type(self).__name__} state mismatch: missing {sorted(missing)}, unknown {sorted(unknown)}"
             )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_keys(state)
         for key in self._state_keys:
             setattr(self, key, clone_state(state[key]))

@@ -12,6 +12,7 @@ from torch import nn
 from selfheal_core.config import CorrectConfig
 from selfheal_core.correct import (AffineNormAdapter, Corrector, EntropyAdapter, InputStatsAdapter,
                                    LabelFreeCorrector, NormStatsAdapter, Observation, PriorCorrector)
+from selfheal_core.correct.norm_stats import SHRINK_EVERY
 from selfheal_core.model_parts import find_parts
 from selfheal_core.task import Task, TaskKind
 
@@ -262,11 +263,16 @@ def test_norm_stats_folding_a_batch_at_once_equals_one_sample_at_a_time():
             c.apply()
             with c.recording():
                 single(x[i:i + 1])
-    for ad in (a, c):
-        ad.apply()
     assert a.status()["samples"] == c.status()["samples"] == 30
-    assert torch.allclose(batched[1].running_mean, single[1].running_mean, atol=1e-5)
-    assert torch.allclose(batched[1].running_var, single[1].running_var, atol=1e-5)
+    for i in range(len(a._ema)):  # means, mean squares and their noise
+        torch.testing.assert_close(a._ema[i], c._ema[i], rtol=1e-5, atol=1e-5)
+    # served alike once both computed their shrink factors from those moments
+    for ad, model in ((a, batched), (c, single)):
+        ad._since_shrink = SHRINK_EVERY
+        with torch.no_grad(), ad.recording():
+            model(x[:1])
+    torch.testing.assert_close(batched[1].running_mean, single[1].running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[1].running_var, single[1].running_var, rtol=1e-5, atol=1e-5)
 
 
 def test_norm_stats_reset_off_the_serving_thread_waits_for_its_apply():
@@ -459,6 +465,50 @@ def test_norm_stats_load_a_state_saved_before_the_noise_was_tracked():
     other = NormStatsAdapter(find_parts(bn_model(), 4).batchnorms, momentum=0.05)
     other.load_state_dict(old)
     assert all(torch.equal(a, b) for a, b in zip(other._mean, ad._mean)) and other.active
+
+
+def test_norm_stats_compute_their_shrink_factors_every_few_samples_and_resume_exactly():
+    """The factors that shrink the live moments to the source's are computed in one forward every
+    SHRINK_EVERY samples (most of a fold's cost at batch 1), served in between, and saved: a
+    restored state serves exactly what the saved one would, also between two computations."""
+    torch.manual_seed(7)
+    model = bn_model()
+    twin_model = copy.deepcopy(model)  # the same source statistics, and none of the hooks to come
+    ad = NormStatsAdapter(find_parts(model, 4).batchnorms, momentum=0.05)
+    ad.activate()
+    ad.apply()
+    batches = [torch.randn(3, 1, 4, 4) * 2 + 1 for _ in range(12)]
+    computed = []
+    for xb in batches[:7]:
+        before = list(ad._shrink)
+        ad.apply()
+        with torch.no_grad(), ad.recording():
+            model(xb)
+        computed.append(all(a is not b for a, b in zip(before, ad._shrink)))
+    # the first forward computes them; then every forward after SHRINK_EVERY more samples
+    assert computed == [True] + [(k * 3) % 18 == 0 for k in range(1, 7)], computed
+    assert 0 < ad._since_shrink < SHRINK_EVERY
+    saved = ad.state_dict()
+    twin = NormStatsAdapter(find_parts(twin_model, 4).batchnorms, momentum=0.05)
+    twin.load_state_dict(saved)
+    for xb in batches[7:]:
+        for a, m in ((ad, model), (twin, twin_model)):
+            a.apply()
+            with torch.no_grad(), a.recording():
+                m(xb)
+        assert torch.equal(model[1].running_mean, twin_model[1].running_mean)
+        assert torch.equal(model[1].running_var, twin_model[1].running_var)
+    # a state saved when every forward computed them: computed from its moments at load
+    old = {k: v for k, v in saved.items() if k not in ("_shrink", "_since_shrink")}
+    twin.load_state_dict(old)
+    assert all(torch.allclose(a, b) for a, b in zip(twin._shrink, [ad._factors(i, e) for i, e in
+                                                                   enumerate(twin._ema)]))
+    # another model's moments: refused whole, nothing changed
+    before = [e.clone() for e in twin._ema]
+    for bad in ({**saved, "_shrink": [torch.zeros(2, 3)]}, {**saved, "_mean": [torch.zeros(5)]}):
+        with pytest.raises(ValueError, match="layer 0"):
+            twin.load_state_dict(bad)
+        assert all(torch.equal(a, b) for a, b in zip(before, twin._ema))
 
 
 def test_norm_stats_of_a_deep_network_settle_within_a_few_batches_of_a_shift():

@@ -65,7 +65,7 @@ def test_statistics_that_go_nonfinite_are_reset_at_once_and_counted():
     serving = ServingModel(bn_cnn(), reference(), config())
     serving.predict(clean(16, 0))
     norm = serving.corrector.norm_stats()
-    norm._mean = [torch.full_like(m, float("inf")) for m in norm._mean]  # however it got there
+    norm._ema = [torch.full_like(e, float("inf")) for e in norm._ema]  # however it got there
     serving.predict(clean(200, 1))  # drains: observe finds the statistics non-finite
     status = serving.status()["label_free"]
     assert status["nonfinite_resets"] == 1 and norm.finite() and norm.active
