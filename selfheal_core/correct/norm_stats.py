@@ -25,10 +25,10 @@ microseconds each on vectors of tens of channels, several times that when the
 worker wakes for a request). So each layer keeps its five moment EMAs in one
 array that a batch is folded into with one product, a sample's channel means
 and mean squares are two reductions, and the factors that shrink the live
-moments to the source's (half the calls) are computed every `SHRINK_EVERY`
-samples and served in between. A forward with folding at batch 1 (one thread,
-measured interleaved): digits CNN 0.62 -> 0.50 ms (plain 0.21), ResNet-20
-8.65 -> 7.26 ms (plain 3.65).
+moments to the source's are computed every `SHRINK_EVERY` samples and served
+in between. A forward with folding (one thread, measured interleaved with the
+code before): digits CNN at batch 1 0.66 -> 0.56 ms (plain 0.21); ResNet-20 at
+batch 1 8.7 -> 7.5 ms (plain 3.7), at batch 8 21.0 -> 19.0 ms (plain 13.5).
 
 The serving thread owns the moments: only the hooks (inside its forward) and
 `apply` (before it) change them; `reset` from another thread is carried out at
@@ -45,10 +45,12 @@ from torch import nn
 from selfheal_core.correct.base import Corrector, Observation, array_ops, ema_weights, shrink_factors, shrunk
 
 # samples folded in between two computations of the factors that shrink the live moments to the
-# source's (see _fold): at the default momentum (1% a sample) the EMA moves 15% of the way to new
-# inputs in 16 samples. Computed in every forward they were some forty of a fold's eighty-odd array
-# calls; from a batch of 16 on, every forward still computes them
-SHRINK_EVERY = 16
+# source's (see _fold). Computed in every forward they were some forty of a fold's eighty-odd array
+# calls. Served late, they lag a shift: Fashion-MNIST-C continual, ResNet-20 at batch 1, served error
+# against computing them every forward: every 16 samples +0.5 points (500 images a domain) and +1.7
+# (100 a domain), every 8 +0.0 and +1.0, every 4 -0.2 and +0.0 (correlated -0.9, long +0.1). From a
+# batch of 4 on, every forward computes them as before
+SHRINK_EVERY = 4
 
 
 class NormStatsAdapter(Corrector):
