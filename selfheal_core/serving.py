@@ -32,7 +32,7 @@ from torch import nn
 
 from selfheal_core.config import HealConfig
 from selfheal_core.correct import LabelFreeCorrector, Observation
-from selfheal_core.estimate import AccuracyEstimator
+from selfheal_core.estimate import ATYPICAL_GATE, AccuracyEstimator
 from selfheal_core.model_parts import FeatureTap, ModelParts, detached_copy, find_parts, pool_inputs
 from selfheal_core.monitor import INPUT_SHIFT, LABEL_FREE, Monitor, ReferenceView
 from selfheal_core.plausible import PlausibleRange
@@ -46,8 +46,9 @@ MIN_REFERENCE = 30  # the feature chart needs 30 vectors; fewer cannot calibrate
 UNTRUSTED_SHARE = 0.01  # recent inputs outside the reference's range beyond this share: no estimate
 TRUST_MARGIN = 0.02  # an estimate this far above the reference accuracy while the inputs shifted is not trusted
 # An estimate this far above what the predicted classes allow (estimator.class_bound) while the inputs
-# shifted is not trusted. The bound's own sampling noise (500 recent against 300 reference
-# predictions, 10 classes) is about 0.1; a changed class mix alone lowers it too, hence "inputs shifted".
+# shifted and many are unlike the reference is not trusted (it is then capped at the bound, an upper
+# bound). The bound is shrunk for its own sampling noise; a changed class mix of typical inputs lowers
+# it too, and is the traffic's, not the model's errors.
 CLASS_SLACK = 0.15
 
 
@@ -117,13 +118,17 @@ def rebase_values(monitor: Monitor, view: ReferenceView) -> dict:
     """What a worker installs so that a version's weights do not read as drift, fitted on the
     reference `view` through them: each detector's reference statistics (`monitor` calibrated on
     the same source view: the feature chart's axes are its) and the reference's confidences and
-    predicted classes (the accuracy estimate's calibration). Float32 / int16: a few KB."""
+    predicted classes and features on the chart's axes (the accuracy estimate's calibration).
+    Float32 / int16: a few KB."""
     out: dict = {"detectors": {name: {k: v.float() if v.is_floating_point() else v for k, v in values.items()}
                                for name, values in monitor.fit_rebase(view).items()}}
     if view.probs is not None:
         conf, pred = view.probs.max(1)
         out.update(confidence=conf.float(),
                    predicted=pred.to(torch.int16 if view.probs.shape[1] < 2 ** 15 else torch.int32))
+        points = monitor.project_features(view.features)
+        if points is not None:
+            out["points"] = points.float()
     return out
 
 
@@ -185,12 +190,12 @@ class ServingModel:
                 self._tap = FeatureTap(self.parts.head)
             view = self.view(reference, targets)
             self._targets = targets
-            self.estimator = AccuracyEstimator()
-            if view.probs is not None:
-                self._calibrate_estimator(*view.probs.max(1))
             self.monitor = Monitor(config.monitor, self.task, LABEL_FREE).calibrate(view, calibration)
             if calibration and self.monitor.calibrated_from != "given thresholds":
                 log.info("the calibration given does not fit this model, reference or settings: not used")
+            self.estimator = AccuracyEstimator()
+            if view.probs is not None:
+                self._calibrate_estimator(*view.probs.max(1), self.monitor.project_features(view.features))
             if self.mode == "heal":
                 self.corrector = LabelFreeCorrector(model, self.parts, self.task, view.probs, config.correct, trainee,
                                                     reference)
@@ -218,9 +223,11 @@ class ServingModel:
         # response reads it (the estimate itself is a pass over the window)
         self._drift = self._drift_summary()
 
-    def _calibrate_estimator(self, conf: torch.Tensor, pred: torch.Tensor) -> None:
-        """ATC's threshold from the reference's confidences and classes through the current weights."""
-        self.estimator.calibrate(conf, (pred == self._targets) if self._targets is not None else None, classes=pred)
+    def _calibrate_estimator(self, conf: torch.Tensor, pred: torch.Tensor, points: torch.Tensor | None) -> None:
+        """ATC's threshold from the reference's confidences and classes through the current weights,
+        and its features on the feature chart's axes (which inputs are unlike it)."""
+        self.estimator.calibrate(conf, (pred == self._targets) if self._targets is not None else None, classes=pred,
+                                 points=points)
 
     def _mode(self) -> str:
         if not self.config.adapt:
@@ -372,7 +379,7 @@ class ServingModel:
         fired = self.monitor.observe_predictions(probs, features, values)
         if probs is not None:
             conf, classes = probs.max(1)
-            self.estimator.observe(conf, classes)
+            self.estimator.observe(conf, classes, self.monitor.project_features(features))
         if self.corrector is not None:
             obs = Observation(raw=raw, probs=probs, features=features, fired=fired, inputs=inputs)
             started = self.corrector.observe(obs)
@@ -406,15 +413,18 @@ class ServingModel:
             return "recent inputs lie outside the reference's range"
         if not set(self._drift["firing"]) & {n.value for n in INPUT_SHIFT}:
             return None  # the checks below are passes over the estimate window: only after a shift
-        est, ref = self.estimator.estimate, self.estimator.reference_accuracy
-        if est is None:
+        atc, ref = self.estimator.atc, self.estimator.reference_accuracy
+        if atc is None:
             return None
-        if ref is not None and est > ref + TRUST_MARGIN:
+        if ref is not None and atc > ref + TRUST_MARGIN:
             return "inputs shifted and the model is surer than on its reference: confidence cannot see its errors"
-        bound = self.estimator.class_bound()
-        if bound is not None and est > bound + CLASS_SLACK:
-            return (f"inputs shifted and the predicted classes moved more than an accuracy of {est:.2f} allows "
-                    f"(at most {bound:.2f} if the classes sent did not change): the model errs where it is sure")
+        bound, share = self.estimator.class_bound(), self.estimator.atypical_share()
+        # typical inputs in another class mix are the traffic's label shift: ATC holds there
+        if bound is not None and atc > bound + CLASS_SLACK and (share is None or share >= ATYPICAL_GATE):
+            unlike = "" if share is None else f", {share:.0%} of them unlike the reference,"
+            return (f"inputs shifted{unlike} and the predicted classes moved more than an accuracy of {atc:.2f} "
+                    f"allows (at most {bound:.2f} if the classes sent did not change): the model errs where it is "
+                    f"sure, and the estimate is that upper bound")
         return None
 
     def check_published(self, published: Published) -> None:
@@ -446,6 +456,11 @@ class ServingModel:
                 raise ValueError(f"version {v}: its reference confidences do not fit this model's reference")
             if not bool(torch.isfinite(conf).all()) or pred.is_floating_point():
                 raise ValueError(f"version {v}: its reference confidences are not finite or its classes not whole")
+            points = rebase.get("points")
+            if points is not None and not (isinstance(points, torch.Tensor) and points.dim() == 2
+                                           and len(points) == len(conf) and points.is_floating_point()
+                                           and bool(torch.isfinite(points).all())):
+                raise ValueError(f"version {v}: its reference points are not one finite row per reference input")
 
     def install(self, published: Published) -> None:
         """Prepare a published version: the monitor re-reads its reference now, the weights are
@@ -480,8 +495,8 @@ class ServingModel:
                 except ValueError as exc:
                     self.counters["rebase_refused"] += 1
                     log.warning("version %d: %s keeps its reference statistics: %s", version, name, exc)
-        if "confidence" in rebase:
-            self._calibrate_estimator(rebase["confidence"].double(), rebase["predicted"].long())
+        if "confidence" in rebase:  # a version without points (an older learner's): no atypical check
+            self._calibrate_estimator(rebase["confidence"].double(), rebase["predicted"].long(), rebase.get("points"))
 
     def reset(self) -> None:
         """Back to the source weights; forget adaptation and drift state (weights at the next forward)."""

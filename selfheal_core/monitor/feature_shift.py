@@ -133,6 +133,11 @@ class FeatureShiftDetector(MewmaDetector):
         fingerprints them."""
         return np.random.default_rng(self.seed + 7).standard_normal((dim, 2))
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (n, D) on the fixed axes (n, k), neither centred nor whitened: the same in every
+        process that calibrated on the same reference, whatever versions each installed since."""
+        return features.detach().to("cpu", torch.float64) @ self._axes
+
     def axes_digest(self) -> torch.Tensor:
         """(k,) fingerprint of the axes, each one's projection on a seeded direction: equal (to
         float noise) in processes that calibrated on the same reference, different where an axis

@@ -197,6 +197,13 @@ class Monitor(StateMixin):
         del self.detectors[name]
         self.missing[name.value] = why
 
+    def project_features(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        """Features (n, D) on the feature chart's principal axes (n, k); None without that chart."""
+        det = self.detectors.get(DetectorName.FEATURE_SHIFT)
+        if features is None or det is None or not det.calibrated:
+            return None
+        return det.project(features)
+
     def fit_rebase(self, ref: ReferenceView) -> dict[str, dict[str, torch.Tensor]]:
         """After a labelled update: the reference statistics seen through the new weights,
         fitted on copies (the slow part: an eigendecomposition), as {detector: reference_state}.

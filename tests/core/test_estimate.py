@@ -7,7 +7,7 @@ import torch
 
 from selfheal_bench.data import corrupt, resample
 from selfheal_core import FileSnapshotStore, HealConfig, SelfHealer
-from selfheal_core.estimate import AccuracyEstimator
+from selfheal_core.estimate import ATYPICAL_GATE, AccuracyEstimator
 
 MONITOR_ONLY = HealConfig.from_dict({"adapt": False, "snapshot_interval_s": 0.0})
 
@@ -69,9 +69,67 @@ def test_class_bound_is_one_minus_the_predicted_class_shift():
     est = AccuracyEstimator(window=100).calibrate(torch.full((200,), 0.9), torch.ones(200, dtype=torch.bool),
                                                   classes=ref_classes)
     est.observe(torch.full((100,), 0.9), torch.cat([torch.zeros(70), torch.arange(1, 4).repeat(10)]).long())
-    assert abs(est.class_bound() - (1 - 0.5 * (0.45 + 3 * 0.15))) < 1e-9  # 70% class 0 against 25%
+    # 70% class 0 against 25%, 10% each of the others: each difference shrunk by its sampling variance
+    noise = [0.7 * 0.3 / 100 + 0.25 * 0.75 / 200] + 3 * [0.1 * 0.9 / 100 + 0.25 * 0.75 / 200]
+    diffs = [0.45] + 3 * [0.15]
+    expected = 1 - 0.5 * sum(max(d * d - v, 0.0) ** 0.5 for d, v in zip(diffs, noise))
+    assert abs(est.class_bound() - expected) < 1e-9 and est.class_bound() > 1 - 0.5 * sum(diffs)
     est.observe(torch.full((100,), 0.9), torch.full((100,), 6))  # a class the reference never predicted
-    assert est.class_bound() == 0.0
+    assert est.class_bound() < 0.01, "all moved out of the reference's classes (less their sampling noise)"
+
+
+def test_the_class_bound_reads_near_one_on_traffic_in_the_reference_proportions():
+    """Sampling noise alone (500 recent against 300 reference predictions, ten classes) moved the
+    undebiased bound to 0.87-0.90; shrunk by it, it stays near 1."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randint(0, 10, (300,), generator=g)
+    bounds = []
+    for _ in range(20):
+        est = AccuracyEstimator().calibrate(torch.full((300,), 0.9), torch.ones(300, dtype=torch.bool), classes=ref)
+        est.observe(torch.full((500,), 0.9), torch.randint(0, 10, (500,), generator=g))
+        bounds.append(est.class_bound())
+    assert sum(bounds) / len(bounds) > 0.95 and min(bounds) > 0.9, bounds
+
+
+def _points_estimator():
+    g = torch.Generator().manual_seed(0)
+    ref_points = torch.randn(300, 4, generator=g)
+    ref_classes = torch.arange(10).repeat(30)
+    est = AccuracyEstimator(window=200).calibrate(torch.rand(300, generator=g) * 0.2 + 0.8,
+                                                  torch.ones(300, dtype=torch.bool), classes=ref_classes,
+                                                  points=ref_points)
+    return est, g
+
+
+def test_the_class_bound_caps_the_estimate_only_where_inputs_are_unlike_the_reference():
+    """A sure model sending every input to one class: 10% right if the classes sent are the
+    reference's. Typical inputs in that class mix are label shift (ATC stands); atypical ones are
+    the model's errors (the estimate is capped at the bound)."""
+    est, g = _points_estimator()
+    sure = torch.full((200,), 0.99)
+    est.observe(sure, torch.zeros(200, dtype=torch.long), torch.randn(200, 4, generator=g))
+    assert est.atypical_share() < 0.05 and est.class_bound() < 0.15
+    assert est.estimate == est.atc == 1.0, "label shift: the reference's own kind of inputs, ATC stands"
+    est.observe(sure, torch.zeros(200, dtype=torch.long), torch.randn(200, 4, generator=g) + 6)
+    assert est.atypical_share() == 1.0
+    assert est.atc == 1.0 and est.estimate == est.class_bound() < 0.15
+    assert est.corrected({"n": 100, "observed": 0.5, "estimated": 1.0}) == est.class_bound(), "labels are capped too"
+    status = est.status()
+    assert status["atypical_share"] == 1.0 and status["class_bound"] == round(est.class_bound(), 4)
+    est.observe(sure[:150], torch.arange(10).repeat(15), torch.randn(150, 4, generator=g))
+    assert 0.2 < est.atypical_share() < 0.3 and est.estimate > 0.6, "a quarter atypical: the bound is loose again"
+
+
+def test_the_window_marks_round_trip_and_older_states_load():
+    est, g = _points_estimator()
+    est.observe(torch.full((200,), 0.99), torch.zeros(200, dtype=torch.long), torch.randn(200, 4, generator=g) + 6)
+    other, _ = _points_estimator()
+    other.load_state_dict(est.state_dict())
+    assert other.estimate == est.estimate < 0.15
+    old = {k: v for k, v in est.state_dict().items() if k not in ("_classes_state", "_atypical_state")}
+    other, _ = _points_estimator()
+    other.load_state_dict(old)
+    assert other.estimate == other.atc == est.atc, "no marks: no cap until the window refills"
 
 
 def test_rotated_digits_a_sure_model_gets_wrong_are_not_trusted(demo_model, reference, digits):
@@ -93,3 +151,25 @@ def test_rotated_digits_a_sure_model_gets_wrong_are_not_trusted(demo_model, refe
         assert accuracy["trusted"] is trusted, accuracy
         if not trusted:
             assert "predicted classes moved" in accuracy["untrusted_reason"]
+            assert accuracy["atypical_share"] > 0.1 and accuracy["estimate"] == accuracy["class_bound"] < 0.7, \
+                "most rotated digits are unlike the reference: the estimate is capped at the bound"
+
+
+def test_digits_sent_one_class_at_a_time_keep_a_trusted_uncapped_estimate(demo_model, reference, digits):
+    """Label shift: clean digits in runs of one class. The predicted classes move as far as on the
+    rotated digits above, but the inputs are the reference's kind: ATC stands and is trusted."""
+    from selfheal_core import ServingModel
+
+    x_ref, y_ref = reference
+    _, _, x_te, y_te = digits
+    first = y_te < 3
+    x, y = resample(x_te[first], y_te[first], 500, seed=5)  # classes 0 to 2 only
+    serving = ServingModel(demo_model, x_ref, HealConfig.from_dict({"adapt": False}), reference_targets=y_ref)
+    right = []
+    for i in range(0, len(x), 16):
+        right.append(serving.predict(x[i:i + 16]).argmax(1) == y[i:i + 16])
+        serving.drain()
+    accuracy = serving.status()["accuracy"]
+    assert accuracy["class_bound"] < 0.5 and accuracy["atypical_share"] < ATYPICAL_GATE, accuracy
+    assert accuracy["trusted"] is True, accuracy
+    assert abs(accuracy["estimate"] - float(torch.cat(right).float().mean())) < 0.05

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import pytest
@@ -69,6 +70,7 @@ def test_a_published_snapshot_resumes_the_learner_and_feeds_workers(demo_model, 
     rebase = published.rebase
     assert published.reference is None and rebase["confidence"].shape == rebase["predicted"].shape == (len(x_ref),)
     assert set(rebase["detectors"]) == {"confidence", "feature_shift"}
+    assert rebase["points"].shape == (len(x_ref), HealConfig().monitor.feature_dims)  # the estimate's atypical check
     assert "reference" not in loaded_state and store.load_private(version)["reference"]["features"] is not None
 
 
@@ -101,6 +103,11 @@ def test_a_worker_installs_the_learners_reference_statistics_as_it_would_fit_the
             assert torch.allclose(got, value, atol=1e-8), (name, key)
     conf, pred = learner.reference_view().probs.max(1)
     assert abs(serving.estimator.reference_accuracy - float((pred == y_ref).double().mean())) < 1e-9
+    # the reference's features through the new weights on the worker's own axes: what decides
+    # which live inputs are unlike the reference (a version without them: no such check; a version
+    # whose points do not fit the reference: refused whole)
+    points = serving.monitor.project_features(learner.reference_view().features)
+    assert torch.allclose(published.rebase["points"].double(), points, atol=1e-4)
     # another reference, other axes: the detector keeps its statistics, the weights are served
     other = Learner(copy.deepcopy(demo_model), x_te[:300], HealConfig(), reference_targets=y_te[:300])
     before = serving.monitor.detectors[next(d for d in serving.monitor.detectors if d.value == "feature_shift")]
@@ -116,6 +123,18 @@ def test_a_worker_installs_the_learners_reference_statistics_as_it_would_fit_the
     assert torch.equal(serving.model(x_ref[:5]), other.model(x_ref[:5]))
     bad = Published(version=5, weights={}, rebase={"confidence": torch.rand(7), "predicted": torch.zeros(7, dtype=torch.int32)})
     with pytest.raises(ValueError, match="reference"):  # confidences of another reference's size
+        serving.install(bad)
+    # a version's points decide which live inputs are unlike the reference; without them no such
+    # check, and points that do not fit the reference refuse the version whole
+    for _ in range(2):  # half a window
+        serving.predict(x)
+    serving.drain()
+    assert serving.estimator.atypical_share() is not None
+    bare = dataclasses.replace(published, version=6, rebase={k: v for k, v in published.rebase.items() if k != "points"})
+    serving.install(bare)
+    assert serving.estimator.atypical_share() is None
+    bad = dataclasses.replace(published, version=7, rebase={**published.rebase, "points": points[:10].float()})
+    with pytest.raises(ValueError, match="reference points"):
         serving.install(bad)
 
 
