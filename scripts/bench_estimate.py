@@ -15,7 +15,7 @@ model-config.yaml settings, 20 seeds, 10% labels one request late as the demo se
 Writes bench/results/estimate.json: mae_points, mae_points_avg_confidence, rows (per stream
 and mode), clean_phase_false_alarm_share, clean_phase_flagged_sample_share.
 
-    python scripts/bench_estimate.py          # ~6 min on 2 cores
+    python scripts/bench_estimate.py          # ~17 min on 2 cores
     python scripts/bench_estimate.py --tiny   # a smoke test
 """
 from __future__ import annotations
