@@ -16,6 +16,7 @@ class RayMetrics:
                             ("drift", "1 while a drift episode lasts", ()),
                             ("model_version", "the published version served", ()),
                             ("accuracy_estimated", "live accuracy estimate without labels (-1: untrusted)", ()),
+                            ("inputs_atypical", "share of recent inputs unlike the reference", ()),
                             ("error_open", "1 while a component's failure lasts", ("component",)),
                             ("dropped", "what a full buffer dropped", ("buffer",)))}
 
@@ -28,6 +29,9 @@ class RayMetrics:
         self._set("model_version", status.get("version", 0))
         if estimate is not None:
             self._set("accuracy_estimated", -1.0 if isinstance(estimate, str) else estimate)
+        atypical = (status.get("accuracy") or {}).get("atypical_share")
+        if atypical is not None:
+            self._set("inputs_atypical", atypical)
         for component, fault in faults.items():
             self._set("error_open", bool(fault.get("error")), component=component)
         for buffer, count in dropped.items():

@@ -22,10 +22,11 @@ GAUGES = ("selfheal_drift", "selfheal_drift_score", "selfheal_drift_episodes", "
           "selfheal_updates_accepted", "selfheal_updates_rolled_back", "selfheal_learner_lag",
           "selfheal_label_delay_p50", "selfheal_label_delay_p99", "selfheal_snapshot_age",
           "selfheal_concept_suspected", "selfheal_accuracy_trusted", "selfheal_errors", "selfheal_error_open",
-          "selfheal_implausible_inputs", "selfheal_dropped")
+          "selfheal_implausible_inputs", "selfheal_dropped", "selfheal_inputs_atypical")
 DIMENSIONS = {"selfheal_drift_score": ["Detector"], "selfheal_errors": ["Component"], "selfheal_error_open": ["Component"],
               "selfheal_dropped": ["Buffer"]}
 UNITS = {"selfheal_accuracy_estimated": "percent", "selfheal_accuracy_observed": "percent",
+         "selfheal_inputs_atypical": "percent",
          "selfheal_label_delay_p50": "s", "selfheal_label_delay_p99": "s", "selfheal_snapshot_age": "s"}
 
 
@@ -63,6 +64,8 @@ class MetricsEmitter:
         estimated = estimated if trusted else None
         self._set("selfheal_accuracy_trusted", int(trusted))
         self._set("selfheal_implausible_inputs", serving["counters"].get("implausible", 0))
+        atypical = (serving.get("accuracy") or {}).get("atypical_share")
+        self._set("selfheal_inputs_atypical", None if atypical is None else 100 * atypical)
         for buffer, count in (dropped or {}).items():
             self._set("selfheal_dropped", count, buffer)
         for source in (faults or {}, (learner or {}).get("faults") or {}):
