@@ -36,7 +36,7 @@ from collections import deque
 
 import torch
 
-from selfheal_core.state import StateMixin
+from selfheal_core.state import DequeState, StateMixin
 
 PRIOR_LABELS = 50  # labels before the observed difference counts as much as ATC itself
 NEIGHBOURS = 5  # an input's distance to the reference: the mean over its nearest reference points
@@ -60,6 +60,9 @@ class AccuracyEstimator(StateMixin):
     """
 
     _state_keys = ("threshold", "reference_accuracy", "_window_state", "_classes_state", "_atypical_state")
+    _window_state = DequeState("_scores", torch.float64)
+    _classes_state = DequeState("_classes", torch.long)
+    _atypical_state = DequeState("_atypical", torch.bool)
 
     def __init__(self, window: int = 500) -> None:
         if window < 1:
@@ -156,12 +159,11 @@ class AccuracyEstimator(StateMixin):
         return 1.0 - 0.5 * float(((shares - ref) ** 2 - noise).clamp_min(0).sqrt().sum())
 
     def _capped(self, value: float) -> float:
-        """`value` capped by the class bound where many recent inputs are atypical."""
+        """`value` capped by the class bound where many recent inputs are atypical (the bound, a
+        pass over the window, only then)."""
         share = self.atypical_share()
-        if share is None or share < ATYPICAL_GATE:
-            return value
-        bound = self.class_bound()
-        return value if bound is None else min(value, max(bound, 0.0))
+        gated = share is not None and share >= ATYPICAL_GATE
+        return _cap(value, share, self.class_bound() if gated else None)
 
     def predicts_correct(self, confidence: torch.Tensor) -> torch.Tensor:
         """ATC's per-prediction view (B,): above the threshold counts as right."""
@@ -193,30 +195,6 @@ class AccuracyEstimator(StateMixin):
         shift = (labelled["observed"] - labelled["estimated"]) * n / (n + PRIOR_LABELS)
         return self._capped(min(max(atc + shift, 0.0), 1.0))
 
-    @property
-    def _window_state(self) -> torch.Tensor:
-        return torch.tensor(list(self._scores), dtype=torch.float64)
-
-    @_window_state.setter
-    def _window_state(self, value: torch.Tensor) -> None:
-        self._scores = deque(value.tolist(), maxlen=self.window)
-
-    @property
-    def _classes_state(self) -> torch.Tensor:
-        return torch.tensor(list(self._classes), dtype=torch.long)
-
-    @_classes_state.setter
-    def _classes_state(self, value: torch.Tensor) -> None:
-        self._classes = deque(value.long().tolist(), maxlen=self.window)
-
-    @property
-    def _atypical_state(self) -> torch.Tensor:
-        return torch.tensor(list(self._atypical), dtype=torch.bool)
-
-    @_atypical_state.setter
-    def _atypical_state(self, value: torch.Tensor) -> None:
-        self._atypical = deque(value.bool().tolist(), maxlen=self.window)
-
     def load_state_dict(self, state: dict) -> None:
         """As `StateMixin`'s; a state saved before the classes and atypical marks were kept has none
         (its bound and cap come back as the window refills)."""
@@ -225,13 +203,20 @@ class AccuracyEstimator(StateMixin):
         super().load_state_dict({**empty, **state})
 
     def status(self) -> dict:
-        est = self.estimate
-        share, bound = self.atypical_share(), self.class_bound()
+        atc, share, bound = self.atc, self.atypical_share(), self.class_bound()
+        est = None if atc is None else _cap(atc, share, bound)
         return {"method": "atc" if self.threshold is not None else "average confidence (no reference labels)",
                 "estimate": None if est is None else round(est, 4), "threshold": self.threshold,
                 "reference_accuracy": self.reference_accuracy, "window": len(self._scores),
                 "atypical_share": None if share is None else round(share, 4),
                 "class_bound": None if bound is None else round(bound, 4)}
+
+
+def _cap(value: float, share: float | None, bound: float | None) -> float:
+    """`value` capped by `bound` where the atypical `share` reaches the gate."""
+    if share is None or share < ATYPICAL_GATE or bound is None:
+        return value
+    return min(value, max(bound, 0.0))
 
 
 class LabelledAccuracy(StateMixin):

@@ -21,13 +21,14 @@ from collections import deque
 
 import torch
 
-from selfheal_core.state import StateMixin
+from selfheal_core.state import DequeState, StateMixin
 
 
 class SourceCheck(StateMixin):
     """Paired per-label losses (learned minus source) over a sliding window of labels."""
 
     _state_keys = ("_diffs_state", "fallbacks")
+    _diffs_state = DequeState("_diffs", torch.float64)
 
     def __init__(self, window: int, significance: float, min_labels: int) -> None:
         self.window = window
@@ -56,14 +57,6 @@ class SourceCheck(StateMixin):
         d = torch.tensor(list(self._diffs), dtype=torch.float64)
         mean = float(d.mean())
         return mean > 0 and mean > self.significance * float(d.std()) / n ** 0.5
-
-    @property
-    def _diffs_state(self) -> torch.Tensor:
-        return torch.tensor(list(self._diffs), dtype=torch.float64)
-
-    @_diffs_state.setter
-    def _diffs_state(self, value: torch.Tensor) -> None:
-        self._diffs = deque(value.tolist(), maxlen=self.window)
 
     def status(self) -> dict:
         d = list(self._diffs)

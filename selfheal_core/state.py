@@ -9,6 +9,7 @@ bools, None, and lists/dicts of those.
 from __future__ import annotations
 
 import copy
+from collections import deque
 from typing import Any
 
 import torch
@@ -23,6 +24,32 @@ def clone_state(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [clone_state(v) for v in value]
     return copy.copy(value)
+
+
+class DequeState:
+    """A bounded deque attribute saved as a 1-D tensor of `dtype`, read back into a deque of the
+    owner's `window` (declare it in the owner's `_state_keys`).
+
+    >>> from collections import deque
+    >>> class Window(StateMixin):
+    ...     _state_keys = ("_values_state",)
+    ...     _values_state = DequeState("_values", torch.float64)
+    ...     def __init__(self): self.window, self._values = 3, deque(maxlen=3)
+    >>> w = Window(); w._values.extend([1.0, 2.0, 3.0, 4.0])
+    >>> other = Window(); other.load_state_dict(w.state_dict()); list(other._values)
+    [2.0, 3.0, 4.0]
+    """
+
+    def __init__(self, attr: str, dtype: torch.dtype) -> None:
+        self.attr, self.dtype = attr, dtype
+
+    def __get__(self, owner: Any, cls: type | None = None) -> Any:
+        if owner is None:
+            return self
+        return torch.tensor(list(getattr(owner, self.attr)), dtype=self.dtype)
+
+    def __set__(self, owner: Any, value: torch.Tensor) -> None:
+        setattr(owner, self.attr, deque(value.to(self.dtype).tolist(), maxlen=owner.window))
 
 
 class StateMixin:
