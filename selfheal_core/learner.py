@@ -329,7 +329,8 @@ class Learner:
             self.errors.observe_errors(self.task.errors(served[known], y[known], served=True))
             seen = known & ~confidence.isnan()
             if seen.any():
-                self.labelled.add(served[seen] == y[seen], self.estimator.predicts_correct(confidence[seen]))
+                self.labelled.add(served[seen] == y[seen], self.estimator.predicts_correct(confidence[seen]),
+                                  self.estimator.calibrated_correct(confidence[seen]))
         else:
             self.errors.observe_errors(self.task.errors(served, y, served=True))
         held = torch.zeros(len(y), dtype=torch.bool)

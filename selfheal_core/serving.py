@@ -418,11 +418,11 @@ class ServingModel:
             return None
         if ref is not None and atc > ref + TRUST_MARGIN:
             return "inputs shifted and the model is surer than on its reference: confidence cannot see its errors"
-        bound, share = self.estimator.class_bound(), self.estimator.atypical_share()
-        # typical inputs in another class mix are the traffic's label shift: ATC holds there
-        if bound is not None and atc > bound + CLASS_SLACK and (share is None or share >= ATYPICAL_GATE):
+        bound, share, value = self.estimator.class_bound(), self.estimator.atypical_share(), self.estimator.uncapped
+        # typical inputs in another class mix are the traffic's label shift: the estimate holds there
+        if bound is not None and value > bound + CLASS_SLACK and (share is None or share >= ATYPICAL_GATE):
             unlike = "" if share is None else f", {share:.0%} of them unlike the reference,"
-            return (f"inputs shifted{unlike} and the predicted classes moved more than an accuracy of {atc:.2f} "
+            return (f"inputs shifted{unlike} and the predicted classes moved more than an accuracy of {value:.2f} "
                     f"allows (at most {bound:.2f} if the classes sent did not change): the model errs where it is "
                     f"sure, and the estimate is that upper bound")
         return None

@@ -7,7 +7,7 @@ import torch
 
 from selfheal_bench.data import corrupt, resample
 from selfheal_core import FileSnapshotStore, HealConfig, SelfHealer
-from selfheal_core.estimate import ATYPICAL_GATE, AccuracyEstimator
+from selfheal_core.estimate import ATYPICAL_GATE, AccuracyEstimator, LabelledAccuracy, interpolate, isotonic
 
 MONITOR_ONLY = HealConfig.from_dict({"adapt": False, "snapshot_interval_s": 0.0})
 
@@ -173,3 +173,61 @@ def test_digits_sent_one_class_at_a_time_keep_a_trusted_uncapped_estimate(demo_m
     assert accuracy["class_bound"] < 0.5 and accuracy["atypical_share"] < ATYPICAL_GATE, accuracy
     assert accuracy["trusted"] is True, accuracy
     assert abs(accuracy["estimate"] - float(torch.cat(right).float().mean())) < 0.05
+
+
+def test_isotonic_pools_violators_and_interpolates_flat_beyond_the_ends():
+    knots = isotonic(torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert torch.allclose(knots, torch.tensor([[0.1, 0.25, 0.4], [0.0, 0.5, 1.0]], dtype=torch.float64))
+    at = interpolate(torch.tensor([0.0, 0.175, 0.25, 0.9], dtype=torch.float64), knots)
+    assert torch.allclose(at, torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(500, generator=g)
+    fitted = isotonic(x, (torch.rand(500, generator=g) < x).double())
+    assert (fitted.diff(dim=1) >= 0).all(), "confidence and fitted accuracy both non-decreasing"
+    assert isotonic(torch.tensor([0.3, 0.3, 0.3]), torch.tensor([1.0, 0.0, 1.0])).shape == (2, 1), "ties pool"
+
+
+def _overconfident_estimator():
+    """A reference where the model is right 80% of the time at any confidence from 0.5 to 1."""
+    g = torch.Generator().manual_seed(2)
+    conf = torch.rand(1000, generator=g) * 0.5 + 0.5
+    return AccuracyEstimator(window=400).calibrate(conf, torch.rand(1000, generator=g) < 0.8), g
+
+
+def test_the_estimate_is_the_calibrated_confidence_where_the_reference_says_atc_is_too_sure():
+    """ATC counts every prediction above its threshold as right; a reference that is wrong at every
+    confidence says confident windows are right about 80% of the time (ATC: 1.0)."""
+    est, _ = _overconfident_estimator()
+    est.observe(torch.full((400,), 0.95))
+    assert est.atc == 1.0 and abs(est.calibrated - 0.8) < 0.06 and est.estimate == est.calibrated
+    status = est.status()
+    assert status["atc"] == 1.0 and status["calibrated"] == round(est.calibrated, 4)
+    assert status["method"] == "lower of atc and calibrated confidence"
+    est.observe(torch.full((400,), 0.51))
+    assert est.estimate == est.atc < 0.1, "below the threshold ATC is the lower"
+    old = {k: v for k, v in est.state_dict().items() if k != "_calibration"}
+    other = AccuracyEstimator(window=400)
+    other.load_state_dict(old)
+    assert other.calibrated is None and other.estimate == est.atc, "a state saved without the map: ATC alone"
+    other.load_state_dict(est.state_dict())
+    assert other.calibrated == est.calibrated
+
+
+def test_labels_move_each_view_by_what_they_observed_of_it():
+    est, _ = _overconfident_estimator()
+    est.observe(torch.full((400,), 0.95))
+    conf = torch.full((200,), 0.95)
+    labelled = LabelledAccuracy()
+    labelled.add(torch.rand(200, generator=torch.Generator().manual_seed(3)) < 0.6, est.predicts_correct(conf),
+                 est.calibrated_correct(conf))
+    summary = labelled.summary()
+    assert summary["estimated"] == 1.0 and abs(summary["calibrated"] - est.calibrated) < 1e-3
+    corrected = est.corrected(summary)
+    shift = (summary["observed"] - summary["calibrated"]) * 200 / 250
+    assert abs(corrected - (est.calibrated + shift)) < 1e-3 and corrected < est.estimate - 0.1
+    other = LabelledAccuracy()
+    other.load_state_dict(labelled.state_dict())
+    assert other.summary() == summary
+    other.load_state_dict({"_items_state": labelled.state_dict()["_items_state"][:, :2]})
+    assert other.summary()["calibrated"] is None, "saved before the calibrated view: ATC's alone"
+    assert est.corrected(other.summary()) == min(max(1.0 + (summary["observed"] - 1.0) * 0.8, 0.0), 1.0)
