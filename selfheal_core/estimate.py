@@ -192,7 +192,7 @@ class AccuracyEstimator(StateMixin):
         """ATC itself over the recent predictions (None before any): the estimate before any cap."""
         if not self._scores:
             return None
-        scores = torch.tensor(list(self._scores), dtype=torch.float64)
+        scores = self._window_state
         return float((scores > self.threshold).double().mean()) if self.threshold is not None else float(scores.mean())
 
     def calibrated_correct(self, confidence: torch.Tensor) -> torch.Tensor | None:
@@ -208,13 +208,12 @@ class AccuracyEstimator(StateMixin):
         without reference labels)."""
         if not self._scores or self._calibration is None:
             return None
-        return float(self.calibrated_correct(torch.tensor(list(self._scores), dtype=torch.float64)).mean())
+        return float(self.calibrated_correct(self._window_state).mean())
 
     @property
     def uncapped(self) -> float | None:
         """The lower of ATC and the calibrated confidence (None before any prediction)."""
-        atc, cal = self.atc, self.calibrated
-        return atc if cal is None or atc is None else min(atc, cal)
+        return _lower(self.atc, self.calibrated)
 
     @property
     def estimate(self) -> float | None:
@@ -228,7 +227,7 @@ class AccuracyEstimator(StateMixin):
         labelled) n / (n + prior)), the lower of the two, then capped as `estimate` is."""
         atc, cal = self.atc, self.calibrated
         if atc is None or not labelled or not labelled.get("n"):
-            return None if atc is None else self._capped(self.uncapped)
+            return None if atc is None else self._capped(_lower(atc, cal))
         n = labelled["n"]
         weight = n / (n + PRIOR_LABELS)
         value = atc + (labelled["observed"] - labelled["estimated"]) * weight
@@ -247,7 +246,7 @@ class AccuracyEstimator(StateMixin):
 
     def status(self) -> dict:
         atc, cal, share, bound = self.atc, self.calibrated, self.atypical_share(), self.class_bound()
-        est = None if atc is None else _cap(atc if cal is None else min(atc, cal), share, bound)
+        est = None if atc is None else _cap(_lower(atc, cal), share, bound)
         method = ("average confidence (no reference labels)" if self.threshold is None else
                   "atc" if self._calibration is None else "lower of atc and calibrated confidence")
         return {"method": method, "estimate": None if est is None else round(est, 4),
@@ -283,6 +282,11 @@ def interpolate(x: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
     x0, x1, y0, y1 = kx[i - 1], kx[i], ky[i - 1], ky[i]
     w = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
     return y0 + w * (y1 - y0)
+
+
+def _lower(atc: float | None, calibrated: float | None) -> float | None:
+    """The lower of ATC and the calibrated confidence (ATC where there is no calibrated view)."""
+    return atc if calibrated is None or atc is None else min(atc, calibrated)
 
 
 def _cap(value: float, share: float | None, bound: float | None) -> float:
