@@ -12,11 +12,12 @@ import logging
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from selfheal_bench.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,12 @@ def available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     """`with PostgresServer() as pg: pg.url` -> postgresql://selfheal@127.0.0.1:PORT/postgres"""
 
     def __init__(self, fsync: bool = True) -> None:
         self.fsync = fsync
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://selfheal@127.0.0.1:{self.port}/postgres"
         self.base = Path(tempfile.mkdtemp(prefix="selfheal-pg-"))
         self.data = self.base / "data"

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,23 +18,12 @@ from pathlib import Path
 
 import requests
 
+from selfheal_bench.ports import free_ports
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "build" / "plugins"  # selfheal-feedback.jar, built by `make setup` (plugins/build.sh)
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def build_archive(model_dir: Path, export_dir: Path, name: str = "digits",
@@ -66,6 +54,7 @@ class TorchServe:
         self.models = models
         self.env = dict(env or {})
         self.ports = ports or free_ports(5)
+        self._own_ports = ports is None  # ports we drew may be drawn again if another process took one
         self.extra_config = dict(extra_config or {})
         self.token_auth = token_auth
         self.proc: subprocess.Popen | None = None
@@ -113,15 +102,29 @@ class TorchServe:
                "--ts-config", str(self._write_config()), "--model-store", str(self.model_store)]
         if not self.token_auth:
             cmd.append("--disable-token-auth")
-        self._log = open(self.workdir / "torchserve.out", "ab")
-        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        try:
-            self.wait_ready(timeout)
-        except BaseException:  # a server that did not come up is still running: end it before failing
-            self.stop()
-            raise
-        return self
+        out = self.workdir / "torchserve.out"
+        for attempt in range(3):
+            seen = out.stat().st_size if out.exists() else 0
+            self._log = open(out, "ab")
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self._log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                self.wait_ready(timeout)
+                return self
+            except RuntimeError:
+                self.stop()
+                with open(out, "rb") as f:
+                    f.seek(seen)
+                    lost_a_port = b"Address already in use" in f.read()
+                if not (self._own_ports and lost_a_port and attempt < 2):
+                    raise
+                log.warning("TorchServe in %s lost a port to another process; starting it on new ports", self.workdir)
+                self.ports = free_ports(5)
+                cmd[cmd.index("--ts-config") + 1] = str(self._write_config())
+            except BaseException:  # a server that did not come up is still running: end it before failing
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def wait_ready(self, timeout: float, workers: int = 1) -> None:
         """Until the model has `workers` READY workers; raises with the log tail on failure."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import requests
 
+from selfheal_bench.ports import free_port
 from tests.conftest import wait_until
 from tests.integration.conftest import archive
 
@@ -20,12 +20,6 @@ pytest.importorskip("kserve", reason="KServe is not installed: pip install -e '.
 
 KEY = "test-management-key"
 MODEL = "digits"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: list[str], work: Path, log_name: str) -> subprocess.Popen:
