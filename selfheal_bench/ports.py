@@ -34,6 +34,8 @@ def _bindable(port: int) -> bool:
 
 def free_ports(n: int) -> list[int]:
     """n distinct ports on 127.0.0.1 that nothing listens on now, outside the ephemeral range."""
+    if n <= 0:
+        return []
     top = _ephemeral_start()
     if top - _LOWEST < 1000:  # an unusual range setting: fall back to the kernel's choice
         return _kernel_ports(n)

@@ -10,6 +10,7 @@ from selfheal_bench.torchserve import TorchServe
 
 
 def test_drawn_ports_are_distinct_free_and_outside_the_ephemeral_range():
+    assert free_ports(0) == []
     ports = free_ports(20)
     assert len(set(ports)) == 20
     assert all(10000 <= p < _ephemeral_start() for p in ports)
