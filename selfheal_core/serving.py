@@ -354,8 +354,9 @@ class ServingModel:
             features = torch.cat(feats).to("cpu", torch.float64) if all(f is not None for f in feats) else None
             inputs = [i for _, _, i, _ in items]
             inputs_all = torch.cat(inputs) if all(i is not None for i in inputs) else None
-            plausible = torch.cat([torch.ones(len(r), dtype=torch.bool) if k is None else k.cpu()
-                                   for r, _, _, k in items])
+            keeps = [k for _, _, _, k in items]  # None: every row of that batch was plausible
+            plausible = torch.ones(n, dtype=torch.bool) if all(k is None for k in keeps) else torch.cat(
+                [torch.ones(len(item[0]), dtype=torch.bool) if k is None else k.cpu() for item, k in zip(items, keeps)])
             finite = torch.isfinite(raw.reshape(n, -1)).all(1)
             if features is not None:
                 finite &= torch.isfinite(features).all(1)

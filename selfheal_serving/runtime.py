@@ -33,7 +33,7 @@ from selfheal_core.faults import Faults
 from selfheal_core.learner import published_from_snapshot
 from selfheal_core.monitor import merge_drift
 from selfheal_core.errors import ClientError
-from selfheal_core.storage import StorageError, open_storage
+from selfheal_core.storage import Deferred, StorageError, open_storage
 from selfheal_serving.header import UNTRUSTED, header_value
 from selfheal_serving.settings import HandlerSettings
 
@@ -188,8 +188,7 @@ class ReplicaRuntime:
     def record(self, x: torch.Tensor, outputs: torch.Tensor) -> list[str]:
         """Prediction ids, one per input, resolvable by feedback once the record is flushed (what was
         served is worked out from the outputs at the flush)."""
-        outputs, task = outputs.detach(), self.serving.task
-        return self.storage.predictions.add(x, lambda: task.served(outputs))
+        return self.storage.predictions.add(x, Deferred(self.serving.task.served, outputs.detach()))
 
     @property
     def version(self) -> int:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from selfheal_core.storage.base import (DISCARDED, HELD, LEARNED, NEW, PAST, QUARANTINED, DuplicateFeedback, Entries,
-                                        FeedbackLog, Lease, PredictionRecord, Recorded, SnapshotStore, StatusBoard,
-                                        StorageError, StorageFull, StorageUnavailable, ascii_safe, decode_targets,
-                                        encode_target, parse_pid)
+from selfheal_core.storage.base import (DISCARDED, HELD, LEARNED, NEW, PAST, QUARANTINED, Deferred, DuplicateFeedback,
+                                        Entries, FeedbackLog, Lease, PredictionRecord, Recorded, SnapshotStore,
+                                        StatusBoard, StorageError, StorageFull, StorageUnavailable, ascii_safe,
+                                        decode_targets, encode_target, parse_pid)
 from selfheal_core.storage.files import FileLease, FileSnapshotStore, FileStatusBoard
 from selfheal_core.storage.sqlite import SQLiteFeedbackLog, SQLitePredictionRecord
 
 __all__ = ["open_storage", "Storage", "FeedbackLog", "PredictionRecord", "SnapshotStore", "Lease", "StatusBoard",
-           "Entries", "DuplicateFeedback", "StorageError", "StorageUnavailable", "StorageFull", "ascii_safe",
+           "Entries", "Deferred", "DuplicateFeedback",
+           "StorageError", "StorageUnavailable", "StorageFull", "ascii_safe",
            "encode_target", "decode_targets", "parse_pid", "SQLiteFeedbackLog", "SQLitePredictionRecord",
            "FileSnapshotStore", "FileLease", "FileStatusBoard", "NEW", "LEARNED", "HELD", "QUARANTINED", "DISCARDED",
            "PAST", "Recorded"]

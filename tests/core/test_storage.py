@@ -125,6 +125,33 @@ def test_disk_full_is_507_naming_the_path_and_loses_nothing_written(tmp_path):
 
 
 # ---------------------------------------------------------------------- prediction record
+def test_what_was_served_is_worked_out_once_per_flush_for_every_request_buffered(tmp_path):
+    """The serving path buffers each request's outputs with how to read them (Deferred); the flush
+    reads every buffered request's together, in one call, and records what each was served."""
+    from selfheal_core.storage import Deferred
+    from selfheal_core.task import Task
+
+    task, calls = Task.from_outputs("classification", torch.zeros(1, 4)), []
+
+    def served(outputs):
+        calls.append(len(outputs))
+        return task.served(outputs)
+
+    rec = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=100)
+    x, outputs = torch.randn(7, 3), torch.randn(7, 4)
+    ids = [pid for i, n in ((0, 1), (1, 2), (3, 1), (4, 3))
+           for pid in rec.add(x[i:i + n], Deferred(served, outputs[i:i + n]))]
+    # another input shape, its served labels given as they are
+    ids += rec.add(torch.randn(2, 5), torch.tensor([1, 2]), torch.tensor([0.25, 0.75]))
+    assert rec.flush() == 9 and calls == [7]
+    got = rec.get(ids)
+    conf, labels = torch.softmax(outputs, 1).max(1)
+    for i, pid in enumerate(ids[:7]):
+        assert torch.equal(got[pid].x, x[i]) and int(got[pid].served) == int(labels[i])
+        assert got[pid].confidence == pytest.approx(float(conf[i]))
+    assert [int(got[p].served) for p in ids[7:]] == [1, 2] and got[ids[8]].confidence == 0.75
+
+
 def test_prediction_record_is_bounded_in_bytes_and_durable(tmp_path):
     row = 2 * 3 * 4 + 4 + ROW_OVERHEAD  # input, served label, the row's own cost
     rec = SQLitePredictionRecord(tmp_path / "p.sqlite", capacity=100, max_bytes=300 * row)
