@@ -4,35 +4,35 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from typing import Any
 
+import numpy as np
 import torch
 
 from selfheal_core.errors import ClientError as RequestError, echo
 from selfheal_serving.settings import JsonLimits
 
 
+# a JSON string (escapes included), and everything that is not a bracket
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = np.zeros(256, np.int8)
+_STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
+
+
 def _check_depth(text: str, limit: int) -> None:
     """Refuse nesting deeper than `limit` before the parser recurses into it (a 1,000-deep array
-    would raise RecursionError inside json.loads, or worse, in the code that walks the result)."""
-    depth = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                raise RequestError(400, f"JSON nested deeper than {limit} levels")
-        elif ch in "]}":
-            depth -= 1
+    would raise RecursionError inside json.loads, or worse, in the code that walks the result).
+    Strings are cut out and the brackets left are summed in C: a walk over the text in Python
+    cost more than json.loads itself (about 140 us of a digit's 1 kB body). An unterminated string
+    stays in, so its brackets count: such a body is refused either way."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    if len(brackets) <= limit:
+        return
+    depth = np.cumsum(_STEP[np.frombuffer(brackets.encode("ascii"), np.uint8)], dtype=np.int64)
+    if int(depth.max()) > limit:
+        raise RequestError(400, f"JSON nested deeper than {limit} levels")
 
 
 def parse_json(raw: bytes | bytearray | str, limits: JsonLimits, max_bytes: int) -> Any:
