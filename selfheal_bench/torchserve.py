@@ -111,20 +111,22 @@ class TorchServe:
             try:
                 self.wait_ready(timeout)
                 return self
-            except RuntimeError:
+            except BaseException as exc:  # a server that did not come up is still running: end it first
                 self.stop()
-                with open(out, "rb") as f:
-                    f.seek(seen)
-                    lost_a_port = b"Address already in use" in f.read()
-                if not (self._own_ports and lost_a_port and attempt < 2):
+                if not (attempt < 2 and isinstance(exc, RuntimeError) and self._own_ports
+                        and self._lost_a_port(out, seen)):
                     raise
-                log.warning("TorchServe in %s lost a port to another process; starting it on new ports", self.workdir)
-                self.ports = free_ports(5)
-                cmd[cmd.index("--ts-config") + 1] = str(self._write_config())
-            except BaseException:  # a server that did not come up is still running: end it before failing
-                self.stop()
-                raise
-        raise AssertionError("unreachable")
+            log.warning("TorchServe in %s lost a port to another process; starting it on new ports", self.workdir)
+            self.ports = free_ports(5)
+            cmd[cmd.index("--ts-config") + 1] = str(self._write_config())
+        return self  # not reached: the last attempt returns or raises
+
+    @staticmethod
+    def _lost_a_port(out: Path, seen: int) -> bool:
+        """Whether the server's output since byte `seen` says another process held one of its ports."""
+        with open(out, "rb") as f:
+            f.seek(seen)
+            return b"Address already in use" in f.read()
 
     def wait_ready(self, timeout: float, workers: int = 1) -> None:
         """Until the model has `workers` READY workers; raises with the log tail on failure."""
