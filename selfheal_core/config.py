@@ -261,7 +261,8 @@ class HealConfig:
     # end of that range are answered but never adapted on, monitored or learned from: one request of pixels
     # at 1e18 once turned the shared BatchNorm statistics into inf (issue 26, case A); gain x1.6, contrast,
     # brightness and noise corruptions all stay well within 3 (inf: no check)
-    observe_every: int = 128  # predict() without defer monitors and adapts once this many samples are
+    observe_every: int = 128  # predict() without defer (a server's background thread: also after its
+    # drain_interval_s) monitors and adapts once this many samples are
     # queued: one vectorised pass instead of one per request (a detector or statistics update has a
     # fixed cost of ~1 ms); adaptation lags by at most this many samples (Digits-C continual, batch 64:
     # 64 -> error 0.474 and 2.0x a plain forward, 128 -> 0.480 and 1.8x, 256 -> 0.488)

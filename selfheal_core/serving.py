@@ -534,6 +534,11 @@ class ServingModel:
         return pending[0].version if pending is not None else self._version
 
     @property
+    def queued(self) -> int:
+        """Samples served and not yet drained (any thread: a read of the queue's total)."""
+        return self._queue.samples
+
+    @property
     def drift(self) -> dict:
         """The drift state after the last drain (an immutable snapshot: safe from any thread)."""
         return self._drift

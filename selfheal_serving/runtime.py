@@ -9,9 +9,10 @@ its response (the `X-Selfheal` header, v2 `parameters`).
 Request threads serve; `predict` and `sync` hold one lock, so a server that
 calls from a thread pool (Ray) or its event loop (KServe) gets one forward at
 a time on the shared model, as TorchServe's single serving thread does. One
-background thread does the rest, every `drain_interval_s`: monitoring and
-label-free correction on what was served (`ServingModel.drain`), writing
-prediction ids to the shared record, and every `sync_interval_s` applying a
+background thread does the rest: monitoring and label-free correction on what
+was served (`ServingModel.drain`) once `observe_every` predictions are queued
+or `drain_interval_s` passed, writing prediction ids to the shared record every
+`record_interval_s`, and every `sync_interval_s` applying a
 newer published version (an idle replica serves it at once), writing this
 replica's status record, and what the adapter adds (`on_status`: e.g. keeping
 the model's learner process alive). Replicas never train.
@@ -232,21 +233,31 @@ class ReplicaRuntime:
 
     # ------------------------------------------------------------------ background thread
     def _loop(self) -> None:
-        next_sync = next_status = 0.0
-        while not self._stop.wait(self.settings.drain_interval_s):
-            self.step(next_sync, next_status)
+        s = self.settings
+        next_drain = next_sync = next_status = 0.0
+        while not self._stop.wait(min(s.record_interval_s, s.drain_interval_s)):
             now = time.monotonic()
+            drain = self.drain_due(now, next_drain)
+            self.step(next_sync, next_status, drain)
+            if drain:
+                next_drain = now + s.drain_interval_s
             if now >= next_sync:
-                next_sync = now + self.settings.sync_interval_s
+                next_sync = now + s.sync_interval_s
             if now >= next_status:
-                next_status = now + self.settings.status_interval_s
+                next_status = now + s.status_interval_s
 
-    def step(self, sync_due_at: float = 0.0, status_due_at: float = 0.0) -> None:
+    def drain_due(self, now: float, next_drain: float) -> bool:
+        """Whether the background round at `now` drains: a drain's cost is mostly fixed, so it waits
+        for `observe_every` queued predictions (one vectorised pass) unless `next_drain` is reached."""
+        return now >= next_drain or self.serving.queued >= self.serving.config.observe_every
+
+    def step(self, sync_due_at: float = 0.0, status_due_at: float = 0.0, drain: bool = True) -> None:
         """One round of the background jobs, each on its own: one that fails is kept in `faults`
         (status, metrics; a failing monitor makes answers say drift unknown) until it next
-        succeeds, and the others still run."""
+        succeeds, and the others still run. `drain`: monitor what is queued in this round (the
+        ids answered are written to the record every round)."""
         now = time.monotonic()
-        drained = self._job("monitor", self.serving.drain)
+        drained = self._job("monitor", self.serving.drain) if drain else 0
         self._job("record", self._flush)
         if now >= sync_due_at:
             self.sync()

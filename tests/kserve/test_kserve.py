@@ -157,7 +157,7 @@ def test_labels_by_id_from_one_server_publish_a_version_both_servers_serve(kserv
         ids += parse_header(r.headers["X-Selfheal"])["ids"]
     feedback = {"feedback": [{"id": i, "label": int(t)} for i, t in zip(ids, y)]}
     auth = {"Authorization": f"Bearer {KEY}"}
-    # ids are resolvable once the servers' background threads wrote them (drain_interval_s)
+    # ids are resolvable once the servers' background threads wrote them (record_interval_s)
     r = wait_until(lambda: requests.post(f"{kserve['learner']}/feedback/{MODEL}", json=feedback, headers=auth,
                                          timeout=60),
                    lambda r: r.status_code == 200, 60, "feedback by id accepted")

@@ -186,3 +186,20 @@ def test_a_base_handler_s_own_model_loader_is_kept():
 
     assert _own_loader(Mine) is MyBase and _own_loader(Stock) is None
     assert Mine()._load_pickled_model("d", "f", "p") == "mine"
+
+
+def test_the_background_round_drains_a_batch_worth_a_pass_or_when_its_interval_is_up(serve, trained, reference):
+    """A drain's cost is mostly fixed: the round writes ids every time, but monitors only once
+    observe_every predictions are queued or drain_interval_s has passed."""
+    s = serve("digits", digits_args(trained), {"heal": {"observe_every": 8}})
+    rt, x = s.handler.selfheal, reference[0]
+    _, fields = rt.serve(x[:3])
+    assert not rt.drain_due(100.0, 101.0), "3 queued of 8, interval not up: no drain"
+    assert rt.drain_due(101.0, 101.0), "the interval is up"
+    rt.step(drain=False)
+    assert rt.serving.queued == 3 and rt.serving.counters["drains"] == 0
+    assert rt.storage.predictions.stats()["predictions"] == 3, "ids are written every round"
+    rt.serve(x[3:8])
+    assert rt.drain_due(100.0, 101.0), "observe_every queued"
+    rt.step(drain=rt.drain_due(100.0, 101.0))
+    assert rt.serving.queued == 0 and rt.serving.counters["drains"] == 1
