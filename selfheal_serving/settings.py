@@ -88,9 +88,9 @@ class HandlerSettings:
     # counted in selfheal_dropped{Buffer="record"}: only while the record cannot be written)
     # Queued predictions are monitored (drift, label-free correction, the live estimate) off the request
     # path once heal.observe_every of them are queued, and at least this often. A drain has a fixed cost
-    # (about 2 ms for the digits CNN, over twice its 128 samples' own): drained every 0.2 s at 150 req/s,
-    # the monitor cost a worker 14-18% more CPU per request than serving alone. The drift header lags
-    # by at most this.
+    # (in process, digits CNN: about 2 ms, as much as its 128 samples' own): drained every 0.2 s at 80
+    # req/s, 16 samples a drain, that fixed part alone was about 0.1 ms a request. The drift header and
+    # the estimate lag by at most this.
     drain_interval_s: float = 1.0
     record_interval_s: float = 0.2  # how often answered ids are written to the prediction record:
     # feedback by id for an answer resolves at most this long after it (and waits feedback_wait_s for it)
