@@ -88,10 +88,11 @@ class HandlerSettings:
     # counted in selfheal_dropped{Buffer="record"}: only while the record cannot be written)
     # Queued predictions are monitored (drift, label-free correction, the live estimate) off the request
     # path once heal.observe_every of them are queued, and at least this often. A drain has a fixed cost
-    # (in process, digits CNN: about 2 ms, as much as its 128 samples' own): drained every 0.2 s at 80
-    # req/s, 16 samples a drain, that fixed part alone was about 0.1 ms a request. The drift header and
-    # the estimate lag by at most this.
-    drain_interval_s: float = 1.0
+    # (in process, digits CNN: about 2 ms, as much as its 128 samples' own), yet 1 s instead of 0.2 cost
+    # the 224x224 ResNet more worker CPU per request in bench_serve (1.12-1.13x plain against
+    # 1.04-1.05, two runs each), and gained the digits CNN less than the machine's noise (1.13-1.22
+    # against 1.23 at 1x1). The drift header and the estimate lag by at most this.
+    drain_interval_s: float = 0.2
     record_interval_s: float = 0.2  # how often answered ids are written to the prediction record:
     # feedback by id for an answer resolves at most this long after it (and waits feedback_wait_s for it)
     sync_interval_s: float = 0.5  # how often a worker looks for a newer published version (a listing)
