@@ -10,10 +10,9 @@ PLUGIN := build/plugins/selfheal-feedback.jar
 
 .PHONY: setup demo test test-unit test-quick clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt scripts/setup_venv.sh
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17: install a JRE (e.g. apt-get install openjdk-17-jre-headless)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	bash scripts/setup_venv.sh $(PYTHON) $(VENV)
 	touch $@
 
 # The feedback endpoint plugin, compiled with javac against the SDK inside the torchserve wheel.
