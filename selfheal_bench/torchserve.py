@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "build" / "plugins"  # selfheal-feedback.jar, built by `make setup` (plugins/build.sh)
+# JVM flags for the frontends this harness starts (TorchServe's `vmargs`), when set: the test suite
+# sets a quick-starting JVM (tests/conftest.py); benchmarks and deployments leave the JVM as it ships.
+VMARGS_ENV = "SELFHEAL_TS_VMARGS"
 
 
 def build_archive(model_dir: Path, export_dir: Path, name: str = "digits",
@@ -87,6 +90,9 @@ class TorchServe:
                   f"grpc_management_port={p[4]}", f"model_store={self.model_store}", f"load_models={self.models}",
                   f"plugins_path={PLUGINS}", f"metrics_config={REPO / 'selfheal_torchserve' / 'metrics.yaml'}"]
         lines += [f"{k}={v}" for k, v in self.extra_config.items()]
+        vmargs = os.environ.get(VMARGS_ENV)
+        if vmargs and "vmargs" not in self.extra_config:
+            lines.append(f"vmargs={vmargs}")
         path = self.workdir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -19,6 +19,13 @@ T = TypeVar("T")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# The TorchServe frontends the suite starts (through selfheal_bench.torchserve) run a JVM that
+# starts cheaply: C1 compilation only, one GC thread. A frontend then took 2.5 CPU-s to come up
+# instead of 5.3 (one digits model, 4 starts), a server's whole tree 10-11 CPU-s instead of 14-15;
+# the suite starts dozens. Servers live for seconds here, never long enough for C2 to pay.
+# Benchmarks and deployments keep the JVM as TorchServe ships it.
+os.environ.setdefault("SELFHEAL_TS_VMARGS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
+
 # Ray starts its workers (every Serve replica) at nice 15 so that its own daemons stay responsive;
 # beside two busy processes at nice 0 on 2 cores a replica then took 110-190 s to start, and Ray
 # Serve's HTTP proxy, given 5 s to report ready three times, was killed and `serve.start` failed.
