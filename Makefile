@@ -29,7 +29,7 @@ demo: setup
 # spends most of its time waiting on servers it starts, and one process kept 2 cores 55% busy.
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/core selfheal_core

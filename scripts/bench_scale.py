@@ -231,7 +231,7 @@ def main() -> None:
     _, _, x_te, y_te = load_digits_split(seed=0)
     sizes = {"total": 200_000, "old": 10_000, "labels": 2_000}
     if args.tiny:
-        sizes = {"total": 4_000, "old": 1_000, "labels": 200}
+        sizes = {"total": 2_000, "old": 500, "labels": 100}
     rows = []
     for label, config in (("selfheal", HealConfig()),
                           ("past judgement off (past_alpha 0)", replace(HealConfig(), learn=replace(

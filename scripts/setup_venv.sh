@@ -5,8 +5,8 @@
 # where pip takes about 5 minutes on 2 cores: it links wheels from its cache and installs in
 # parallel. pip stays the fallback where uv cannot be installed or fails. Both leave bytecode
 # compiled (uv only when asked): where PYTHONDONTWRITEBYTECODE is set, as on this machine, a venv
-# without it compiles torch's 2,285 modules again in every process that imports it (6.7 CPU-s
-# for `import torch` against 2.9), and the suite starts a hundred such processes.
+# without it compiles every torch module it imports again in every process (6.7 CPU-s for
+# `import torch` against 2.9), and the suite starts a hundred such processes.
 set -euo pipefail
 python=${1:-python3}
 venv=${2:-.venv}

@@ -35,6 +35,22 @@ RAY_PATIENCE = {"RAY_worker_niceness": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT
                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
+# The files that take longest, longest first (from `--durations`): `make test` runs with
+# `--dist loadfile --no-loadscope-reorder`, so its two processes take files in this order, the
+# longest while the other process has plenty left, and the many short files even out the end.
+# xdist's own order (most tests first) left the few-test, server-heavy files for last, where one
+# process ran them while the other had finished.
+SLOWEST_FILES = ("integration/test_byom.py", "bench/test_benchmarks.py", "bench/test_bench_servers.py",
+                 "integration/test_workers.py", "integration/test_readme.py", "ray/test_ray.py",
+                 "integration/test_healing.py", "core/test_healer.py", "core/test_concept.py",
+                 "torchserve/test_learner_service.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {f"tests/{name}": i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep theirs
+
+
 def wait_until(fetch: Callable[[], T], done: Callable[[T], bool], timeout: float, what: str,
                interval: float = 0.1) -> T:
     """Poll `fetch()` until `done(value)`; fail the test naming `what` and the last value at the deadline."""
