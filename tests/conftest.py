@@ -35,13 +35,16 @@ RAY_PATIENCE = {"RAY_worker_niceness": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT
                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
-# The files that take longest, longest first (from `--durations`): `make test` runs with
-# `--dist loadfile --no-loadscope-reorder`, so its two processes take files in this order, the
-# longest while the other process has plenty left, and the many short files even out the end.
-# xdist's own order (most tests first) left the few-test, server-heavy files for last, where one
-# process ran them while the other had finished.
-SLOWEST_FILES = ("integration/test_byom.py", "bench/test_benchmarks.py", "bench/test_bench_servers.py",
-                 "integration/test_workers.py", "integration/test_readme.py", "ray/test_ray.py",
+# The files that take longest first (from `--durations`): `make test` runs with `--dist loadfile
+# --no-loadscope-reorder`, so its two processes take files in this order, the longest while the
+# other process has plenty left, and the many short files even out the end. xdist's own order
+# (most tests first) left the few-test, server-heavy files for last, where one process ran them
+# while the other had finished. The two files that start Ray clusters come first and third: xdist
+# hands each process two files at the start (the 1st and 3rd to one, the 2nd and 4th to the
+# other), so they run one after the other. Side by side, two clusters on 2 cores left a killed
+# learner replica unrestarted past its test's minute.
+SLOWEST_FILES = ("ray/test_ray.py", "integration/test_byom.py", "integration/test_readme.py",
+                 "bench/test_benchmarks.py", "bench/test_bench_servers.py", "integration/test_workers.py",
                  "integration/test_healing.py", "core/test_healer.py", "core/test_concept.py",
                  "torchserve/test_learner_service.py")
 
