@@ -70,10 +70,7 @@ class GradientLearner:
             reference[0].dtype if reference is not None else None)
         self._moved: frozenset[int] = frozenset()  # reference classes whose meaning changed: not replayed
         self.buffer = ReplayBuffer(config.recent_size, config.reservoir_size, seed, config.replay_bytes)
-        # made at the first step (`_optimizer`), as after `fall_back` or `reset`: Adam holds nothing
-        # before it steps, and making one imports torch._dynamo (2.2 CPU-s), which a learner that is
-        # given no labels, or not yet, never needs
-        self._opt: torch.optim.Adam | None = None
+        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
         self._gen = torch.Generator().manual_seed(seed)
         self._pending = 0  # labels added since the last update
         # inputs per forward/backward within `step_bytes` of activations (the learner's, shared)
@@ -158,14 +155,13 @@ class GradientLearner:
         # fewer steps for a large update, each longer in proportion: it moves about as far as `steps`
         # would. At the fixed step size a concept switch fed every label was learned too slowly
         # (bench_tabular, every label: SEA 0.968 -> 0.974, hyperplane 0.904 -> 0.910 after drift)
-        opt = self._optimizer()
-        for group in opt.param_groups:
+        for group in self._opt.param_groups:
             group["lr"] = self.lr * self.config.steps / steps
         for _ in range(steps):
             # one forward for the whole minibatch unless the reference is read with other statistics
             parts = self._minibatch(device, as_served, separate=reference_norms is not None)
             total = sum(len(y) for _, y, _ in parts)
-            opt.zero_grad(set_to_none=True)
+            self._opt.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
             for x, y, is_reference in parts:
                 with reference_norms() if is_reference and reference_norms is not None else nullcontext():
@@ -174,7 +170,7 @@ class GradientLearner:
                 pull = self.config.anchor * sum(((p - self._source[k]) ** 2).sum() for k, p in self.params.items())
                 pull.backward()
                 loss = loss + pull.detach()
-            opt.step()
+            self._opt.step()
         return float(loss.detach())
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor, total: int) -> torch.Tensor:
@@ -201,16 +197,11 @@ class GradientLearner:
         c = self.config
         return max(min(c.min_steps, c.steps), min(c.steps, c.steps * c.update_every // max(labels, 1)))
 
-    def _optimizer(self) -> torch.optim.Adam:
-        if self._opt is None:
-            self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
-        return self._opt
-
     def fall_back(self, keep_newest: int) -> None:
         """Source values for the chosen parameters and a fresh optimizer; of the buffer only the
         newest `keep_newest` labels stay (the current domain's: older ones taught what failed)."""
         self.restore_params(self._source)
-        self._opt = None
+        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
         self.buffer.keep_newest(keep_newest)
 
     def reset(self) -> None:
@@ -218,7 +209,7 @@ class GradientLearner:
         self.restore_params(self._source)
         self._moved = frozenset()
         self.buffer.clear()
-        self._opt = None
+        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
         self._pending = 0
 
     def state_dict(self) -> dict:

@@ -123,7 +123,7 @@ def test_a_part_of_the_weights_steps_at_partial_lr():
     assert GradientLearner(bn_model(), replace(config, params="last_layer"), CLS3, "4").lr == 1e-4
     assert GradientLearner(bn_model(), replace(config, params="all"), CLS3, "4").lr == 1e-3
     learner = GradientLearner(bn_model(), replace(config, params="auto", auto_max_params=10), CLS3, "4")
-    assert learner.lr == 1e-4 and learner._optimizer().param_groups[0]["lr"] == 1e-4
+    assert learner.lr == 1e-4 and learner._opt.param_groups[0]["lr"] == 1e-4
 
 
 @pytest.mark.parametrize("kind, targets", [
