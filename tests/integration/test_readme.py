@@ -21,6 +21,15 @@ from tests.conftest import RAY_PATIENCE
 PORTS = ("8080", "8081", "8082", "7070", "7071")
 
 
+STEP_3 = "# 3. serve it"  # where "Serve your own model" starts serving what steps 1-2 built
+
+
+def copy_archived(archived, dest) -> None:
+    """What steps 1-2 left (build/, model_store/), copied into `dest` for a test of its own."""
+    shutil.copytree(archived / "build", dest / "build", symlinks=True)
+    shutil.copytree(archived / "model_store", dest / "model_store")
+
+
 def readme_block(heading: str) -> str:
     text = (REPO / "README.md").read_text()
     section = text[text.index(f"## {heading}"):]
@@ -31,7 +40,7 @@ def test_serve_your_own_model_commands_run_as_written(archived, tmp_path):
     """Steps 3-5 as written, in a copy of the folder steps 1-2 (the `archived` fixture, as written too)
     left: training, the reference and the archive cost half a minute of CPU, once for the file."""
     own = readme_block("Serve your own model")
-    script = own[own.index("# 3. serve it"):]
+    script = own[own.index(STEP_3):]
     ports = [str(p) for p in free_ports(5)]
     config = (REPO / "config.properties").read_text()
     for old, new in zip(PORTS, ports):
@@ -41,8 +50,7 @@ def test_serve_your_own_model_commands_run_as_written(archived, tmp_path):
                                                                f"plugins_path={PLUGINS}"))
     for name in (".venv", "selfheal_bench", "selfheal_torchserve"):  # config.properties names metrics.yaml in it
         (tmp_path / name).symlink_to(REPO / name)
-    shutil.copytree(archived / "build", tmp_path / "build", symlinks=True)
-    shutil.copytree(archived / "model_store", tmp_path / "model_store")
+    copy_archived(archived, tmp_path)
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TEMP": str(tmp_path / "tmp"),
            "LOG_LOCATION": str(tmp_path / "logs"), "METRICS_LOCATION": str(tmp_path / "logs")}
@@ -78,7 +86,7 @@ def archived(tmp_path_factory):
         (work / name).symlink_to(REPO / name)
     (work / "model-config.yaml").write_text((REPO / "model-config.yaml").read_text())
     (work / "model_store").mkdir()
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", own[:own.index("# 3. serve it")]], cwd=work,
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", own[:own.index(STEP_3)]], cwd=work,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"steps 1-2: exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
     return work
@@ -99,8 +107,7 @@ def run_after_archive(archived, tmp_path, heading: str, prefix: list[str] = (), 
         script = re.sub(r"(?<!\d)(" + "|".join(map(re.escape, swap)) + r")(?!\d)", lambda m: swap[m.group(1)], script)
     for name in (".venv", "selfheal_bench"):
         (tmp_path / name).symlink_to(REPO / name)
-    shutil.copytree(archived / "build", tmp_path / "build", symlinks=True)
-    shutil.copytree(archived / "model_store", tmp_path / "model_store")
+    copy_archived(archived, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("SELFHEAL_SNAPSHOT_DIR", "SELFHEAL_LOG_URL")}
     env.update(env_extra)
     # output to files, not pipes: the servers the script left in the background hold a pipe open, so
