@@ -8,6 +8,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PLUGIN := build/plugins/selfheal-feedback.jar
 
+# Python writes the bytecode of what it imports into the venv (and __pycache__, ignored by git)
+# even where PYTHONDONTWRITEBYTECODE is set, as on the machines this was measured on: without
+# it every process compiles the torch modules it imports again (`import torch` 6.7 CPU-s
+# against 2.9), and `make test` starts a few hundred processes. Compiling the whole venv at
+# install time instead cost 130 CPU-s, most of it for packages never imported.
+export PYTHONDONTWRITEBYTECODE :=
+
 .PHONY: setup demo test test-unit test-quick clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup_venv.sh

@@ -3,10 +3,9 @@
 #   scripts/setup_venv.sh PYTHON VENV
 # uv installs the same pinned set as pip (same versions, checked with pip freeze) in about 80 s
 # where pip takes about 5 minutes on 2 cores: it links wheels from its cache and installs in
-# parallel. pip stays the fallback where uv cannot be installed or fails. Both leave bytecode
-# compiled (uv only when asked): where PYTHONDONTWRITEBYTECODE is set, as on this machine, a venv
-# without it compiles every torch module it imports again in every process (6.7 CPU-s for
-# `import torch` against 2.9), and the suite starts a hundred such processes.
+# parallel. pip stays the fallback where uv cannot be installed or fails. uv compiles no
+# bytecode here: compiling every installed module took 130 CPU-s (60 s of an 80 s setup), and
+# the Makefile lets Python write the bytecode of what is imported, on first import (see there).
 set -euo pipefail
 python=${1:-python3}
 venv=${2:-.venv}
@@ -28,7 +27,7 @@ if "${pip[@]}" install -c constraints.txt uv >/dev/null 2>&1; then
     case $index in file://*) [ -d "${index#file://}" ] || continue ;; esac
     args+=(--extra-index-url "$index")
   done
-  if "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --index-strategy unsafe-best-match --compile-bytecode \
+  if "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --index-strategy unsafe-best-match \
        "${args[@]}" "${spec[@]}"; then
     exit 0
   fi

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import pytest
 import torch
+
+from selfheal_core.monitor.monitor import CALIBRATION_CACHE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -25,6 +29,16 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # the suite starts dozens. Servers live for seconds here, never long enough for C2 to pay.
 # Benchmarks and deployments keep the JVM as TorchServe ships it.
 os.environ.setdefault("SELFHEAL_TS_VMARGS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
+
+# One calibration cache for the whole run (selfheal_core.monitor.monitor, CALIBRATION_CACHE_ENV):
+# the first process that simulates a reference's thresholds leaves them for every other process
+# the run starts (the other xdist process, archives, servers, learners, benchmarks). The suite's
+# processes simulated a few references over and over, 1-8 CPU-s each time. Made by the process
+# that loads this first (xdist's controller; its workers inherit it) and removed by that one.
+_OWN_CALIBRATION_CACHE = None
+if not os.environ.get(CALIBRATION_CACHE_ENV):
+    _OWN_CALIBRATION_CACHE = tempfile.mkdtemp(prefix="selfheal-calibration-")
+    os.environ[CALIBRATION_CACHE_ENV] = _OWN_CALIBRATION_CACHE
 
 # Ray starts its workers (every Serve replica) at nice 15 so that its own daemons stay responsive;
 # beside two busy processes at nice 0 on 2 cores a replica then took 110-190 s to start, and Ray
@@ -158,3 +172,5 @@ def pytest_sessionfinish(session, exitstatus):
                 os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+    if _OWN_CALIBRATION_CACHE:
+        shutil.rmtree(_OWN_CALIBRATION_CACHE, ignore_errors=True)

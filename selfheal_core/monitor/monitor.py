@@ -1,10 +1,14 @@
 """Drift monitor: the task's calibrated online detectors combined into one DriftState."""
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
 from collections import OrderedDict
-
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,6 +22,8 @@ from selfheal_core.monitor.feature_shift import FeatureShiftDetector
 from selfheal_core.monitor.residual import ResidualDetector
 from selfheal_core.state import StateMixin
 from selfheal_core.task import Task
+
+log = logging.getLogger(__name__)
 
 
 class DetectorName(str, Enum):
@@ -76,6 +82,41 @@ def merge_drift(*states: dict) -> dict:
 # Thresholds simulated in this process, by key: a second monitor on the same reference and settings
 # (a reset, a test, a benchmark's next method) reuses them instead of simulating again. Bounded.
 _CALIBRATED: "OrderedDict[str, dict[str, float]]" = OrderedDict()
+# A folder shared by the processes of one run (the test suite sets it for itself and every server,
+# learner and benchmark it starts): thresholds simulated by one are read by the others, one small
+# JSON file per key. Unset (the default), nothing is read or written. A simulation costs 1-8 CPU-s
+# and the suite simulated the same few references a hundred times, in a hundred processes.
+CALIBRATION_CACHE_ENV = "SELFHEAL_CALIBRATION_CACHE"
+
+
+def _recall(key: str) -> dict[str, float] | None:
+    """Thresholds simulated before for `key`: in this process, or in the shared folder if set."""
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    folder = os.environ.get(CALIBRATION_CACHE_ENV)
+    if not folder:
+        return None
+    try:
+        stored = json.loads((Path(folder) / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return None  # absent, or not readable: simulate
+    ok = isinstance(stored, dict) and all(isinstance(v, float) and math.isfinite(v) for v in stored.values())
+    return stored if ok else None
+
+
+def _remember(key: str, thresholds: dict[str, float]) -> None:
+    _CALIBRATED[key] = thresholds
+    while len(_CALIBRATED) > 16:
+        _CALIBRATED.popitem(last=False)
+    folder = os.environ.get(CALIBRATION_CACHE_ENV)
+    if folder:
+        try:  # written whole, then renamed: a reader sees the file complete or not at all
+            path = Path(folder) / f"{key}.json"
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(thresholds))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("calibration cache %s not written: %s", folder, exc)
 
 
 class Monitor(StateMixin):
@@ -136,14 +177,16 @@ class Monitor(StateMixin):
         key = self.key(ref)
         given = thresholds["thresholds"] if thresholds and thresholds.get("key") == key else {}
         source = "given thresholds" if given else "simulation"
-        if not given and key in _CALIBRATED:
-            given, source = _CALIBRATED[key], "simulation (earlier in this process)"
+        recalled = None if given else _recall(key)
+        if recalled is not None:
+            given, source = recalled, "simulation (earlier in this process)" if key in _CALIBRATED \
+                else "simulation (earlier, in the calibration cache)"
         self._fit(ref, lambda name: given.get(name.value))
         self.calibrated_from = source
         self._key = key
-        _CALIBRATED[key] = {n.value: float(det.threshold) for n, det in self.detectors.items()}
-        while len(_CALIBRATED) > 16:
-            _CALIBRATED.popitem(last=False)
+        thresholds = {n.value: float(det.threshold) for n, det in self.detectors.items()}
+        if thresholds != recalled:
+            _remember(key, thresholds)
         return self
 
     def fit_reference(self, ref: ReferenceView) -> "Monitor":

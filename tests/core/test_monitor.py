@@ -147,3 +147,32 @@ def test_rebase_hands_reference_statistics_through_public_state_and_refuses_a_mi
         raise AssertionError("a reference of the wrong shape was installed")
     for name, det in mon.detectors.items():
         assert all(torch.equal(v, det.reference_state()[k]) for k, v in before[name].items())
+
+
+def test_thresholds_simulated_once_are_shared_through_the_calibration_cache(tmp_path, monkeypatch):
+    """Another process (an empty in-process memo) reads what the first simulated; a damaged or
+    foreign entry is simulated again; without the folder set nothing is written."""
+    from selfheal_core.monitor import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "_CALIBRATED", type(monitor_module._CALIBRATED)())
+    monkeypatch.setenv(monitor_module.CALIBRATION_CACHE_ENV, str(tmp_path))
+    first, _ = make_monitor(seed=11)
+    assert first.calibrated_from == "simulation"
+    [entry] = list(tmp_path.glob("*.json"))
+    assert entry.name == f"{first.calibration()['key']}.json"
+
+    monitor_module._CALIBRATED.clear()  # as in a process started later
+    again, _ = make_monitor(seed=11)
+    assert again.calibrated_from == "simulation (earlier, in the calibration cache)"
+    assert again.calibration() == first.calibration()
+
+    for damage in ('{"confidence": "high"}', "[1", '{"confidence": NaN}'):
+        entry.write_text(damage)
+        monitor_module._CALIBRATED.clear()
+        redone, _ = make_monitor(seed=11)
+        assert redone.calibrated_from == "simulation" and redone.calibration() == first.calibration(), damage
+
+    monkeypatch.delenv(monitor_module.CALIBRATION_CACHE_ENV)
+    entry.unlink()
+    monitor_module._CALIBRATED.clear()
+    assert make_monitor(seed=11)[0].calibrated_from == "simulation" and not list(tmp_path.iterdir())
