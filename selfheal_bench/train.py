@@ -7,6 +7,7 @@ drawn from the training distribution but never fitted on.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -67,16 +68,10 @@ def train(seed: int = 0, epochs: int = 20, reference_size: int = 300) -> tuple[D
     key = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("train.py", "models.py", "data.py"))
                          + json.dumps([seed, epochs, reference_size, torch.__version__]).encode()).hexdigest()[:20]
     path = CACHE / f"digits_cnn-{key}.pt"
-    try:
-        cached = torch.load(path, weights_only=True)
-        model = DigitsCNN()
-        model.load_state_dict(cached["weights"])
-        torch.set_rng_state(cached["rng"])
-        return model.eval(), cached["info"]
-    except FileNotFoundError:
-        pass
-    except Exception as exc:  # a damaged cache entry: train again and replace it
-        log.warning("ignoring the cached model %s: %s", path, exc)
+    model = DigitsCNN()
+    info = _load_cached(path, model)
+    if info is not None:
+        return model.eval(), info
     torch.manual_seed(seed)
     x_tr, y_tr, _, _ = split_reference(seed, reference_size)
     _, _, x_te, y_te = load_digits_split(seed=seed)
@@ -89,6 +84,48 @@ def train(seed: int = 0, epochs: int = 20, reference_size: int = 300) -> tuple[D
     with torch.no_grad():
         acc = (model(x_te).argmax(1) == y_te).float().mean().item()
     info = {"test_accuracy": acc, "train_size": len(y_tr), "test_size": len(y_te)}
+    _store_cached(path, model, info)
+    return model, info
+
+
+def cached_fit(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, epochs: int,
+               lr: float = 3e-3, loss: Loss = F.cross_entropy, seed: int = 0) -> nn.Module:
+    """`fit(make(), x, y, ...)` after `torch.manual_seed(seed)`, cached under `CACHE` like the demo
+    CNN, keyed by all the weights depend on: the initial weights, the data, the settings, the code
+    of the model's module and of this one, torch's version and its threads."""
+    torch.manual_seed(seed)
+    model = make()
+    h = hashlib.sha256(json.dumps([name, epochs, lr, seed, getattr(loss, "__name__", repr(loss)), torch.__version__,
+                                   torch.get_num_threads()]).encode())
+    for t in (*model.state_dict().values(), x, y):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for code in (Path(__file__), Path(inspect.getfile(type(model)))):
+        h.update(code.read_bytes())
+    path = CACHE / f"{name}-{h.hexdigest()[:20]}.pt"
+    if _load_cached(path, model) is not None:
+        return model.eval()
+    torch.manual_seed(seed)  # a damaged entry may have loaded part of the weights: start afresh
+    model = fit(make(), x, y, epochs, lr=lr, loss=loss, seed=seed)
+    _store_cached(path, model, {})
+    return model
+
+
+def _load_cached(path: Path, model: nn.Module) -> dict | None:
+    """Weights into `model` and the global RNG state as training left it, from a cache entry; its
+    info, or None when there is none or it is damaged (then the caller trains and replaces it)."""
+    try:
+        cached = torch.load(path, weights_only=True)
+        model.load_state_dict(cached["weights"])
+        torch.set_rng_state(cached["rng"])
+        return cached["info"]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        log.warning("ignoring the cached model %s: %s", path, exc)
+        return None
+
+
+def _store_cached(path: Path, model: nn.Module, info: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -96,7 +133,6 @@ def train(seed: int = 0, epochs: int = 20, reference_size: int = 300) -> tuple[D
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old entry or the whole new one
     except OSError as exc:
         log.info("not caching the trained model (%s)", exc)
-    return model, info
 
 
 def save_demo(out, seed: int = 0, reference_size: int = 300) -> tuple[DigitsCNN, dict]:

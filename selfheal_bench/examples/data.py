@@ -27,12 +27,12 @@ class Split:
     y: torch.Tensor  # labels (long) or targets (float, (N, 1))
 
 
-def fit(make, x: torch.Tensor, y: torch.Tensor, loss, epochs: int, lr: float = 3e-3,
+def fit(name: str, make, x: torch.Tensor, y: torch.Tensor, loss, epochs: int, lr: float = 3e-3,
         seed: int = 0) -> nn.Module:
     """A model from `make()` (after seeding: the same weights in any process), trained by the shared
-    loop (`selfheal_bench.train.fit`); returned in eval mode."""
-    torch.manual_seed(seed)
-    return train.fit(make(), x, y, epochs, lr=lr, loss=loss, seed=seed)
+    loop and cached (`selfheal_bench.train.cached_fit`: the images and TorchScript examples train
+    the same network, and the README's steps train the tabular one the tests train too)."""
+    return train.cached_fit(f"example-{name}", make, x, y, epochs, lr=lr, loss=loss, seed=seed)
 
 
 # ---------------------------------------------------------------------------- images
@@ -71,7 +71,7 @@ def train_images() -> tuple[nn.Module, Split]:
     x = torch.stack([decode_image(b) for b in blobs])
     held = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
     ref, fit_idx = held[:300], held[300:]
-    model = fit(DigitsCNN, x[fit_idx], y[fit_idx], F.cross_entropy, epochs=20)
+    model = fit("images", DigitsCNN, x[fit_idx], y[fit_idx], F.cross_entropy, epochs=20)
     return model, Split(x[ref], y[ref])
 
 
@@ -102,7 +102,7 @@ def train_tabular() -> tuple[nn.Module, Split]:
     from selfheal_bench.examples.tabular_model import TabularMLP
 
     data = tabular(8_000, seed=1, part="train")
-    model = fit(lambda: TabularMLP(**TABULAR), data.x, data.y, F.cross_entropy, epochs=30)
+    model = fit("tabular", lambda: TabularMLP(**TABULAR), data.x, data.y, F.cross_entropy, epochs=30)
     return model, tabular(400, seed=2, part="reference")
 
 
@@ -127,5 +127,5 @@ def train_rul() -> tuple[nn.Module, Split]:
     from selfheal_bench.examples.rul_model import RULRegressor
 
     data = rul(4_000, seed=1)
-    model = fit(lambda: RULRegressor(**RUL), data.x, data.y, F.mse_loss, epochs=60)
+    model = fit("rul", lambda: RULRegressor(**RUL), data.x, data.y, F.mse_loss, epochs=60)
     return model, rul(400, seed=2)

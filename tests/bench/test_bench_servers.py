@@ -8,7 +8,14 @@ import subprocess
 import sys
 
 from selfheal_bench.torchserve import REPO
-from tests.bench.test_benchmarks import run_tiny
+
+
+def run_tiny(script: str, out, timeout: int = 600, extra: tuple[str, ...] = ()) -> dict:
+    """`scripts/<script> --tiny --out <out>`, failing with its output's tail; the JSON it wrote."""
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--tiny", "--out", str(out), *extra],
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return json.loads(out.read_text())
 
 
 def test_bench_serve_tiny(tmp_path):
