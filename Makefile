@@ -41,9 +41,11 @@ test: setup
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/core selfheal_core
 
-# The core without servers, databases or benchmarks, in the same processes as `make test`.
+# The core without servers, databases, benchmarks or the four end-to-end scenarios marked slow
+# (20-45 s each, 40% of the core's time; `make test` runs them), in the processes `make test` uses.
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/core selfheal_core -k "not postgres and not pg_"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/core selfheal_core -m "not slow" \
+	  -k "not postgres and not pg_"
 
 clean:
 	rm -rf $(VENV) build demo_out model_store/*.mar model_store/snapshots/*/

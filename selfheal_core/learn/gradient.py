@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from selfheal_core.config import LearnConfig, ParamSet
+from selfheal_core.learn.adam import Adam
 from selfheal_core.learn.compact import widen
 from selfheal_core.learn.replay import ReplayBuffer
 from selfheal_core.model_parts import ActivationBudget
@@ -70,7 +71,7 @@ class GradientLearner:
             reference[0].dtype if reference is not None else None)
         self._moved: frozenset[int] = frozenset()  # reference classes whose meaning changed: not replayed
         self.buffer = ReplayBuffer(config.recent_size, config.reservoir_size, seed, config.replay_bytes)
-        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
+        self._opt = Adam(self.params.values(), lr=self.lr)
         self._gen = torch.Generator().manual_seed(seed)
         self._pending = 0  # labels added since the last update
         # inputs per forward/backward within `step_bytes` of activations (the learner's, shared)
@@ -155,13 +156,12 @@ class GradientLearner:
         # fewer steps for a large update, each longer in proportion: it moves about as far as `steps`
         # would. At the fixed step size a concept switch fed every label was learned too slowly
         # (bench_tabular, every label: SEA 0.968 -> 0.974, hyperplane 0.904 -> 0.910 after drift)
-        for group in self._opt.param_groups:
-            group["lr"] = self.lr * self.config.steps / steps
+        self._opt.lr = self.lr * self.config.steps / steps
         for _ in range(steps):
             # one forward for the whole minibatch unless the reference is read with other statistics
             parts = self._minibatch(device, as_served, separate=reference_norms is not None)
             total = sum(len(y) for _, y, _ in parts)
-            self._opt.zero_grad(set_to_none=True)
+            self._opt.zero_grad()
             loss = torch.zeros((), device=device)
             for x, y, is_reference in parts:
                 with reference_norms() if is_reference and reference_norms is not None else nullcontext():
@@ -201,7 +201,7 @@ class GradientLearner:
         """Source values for the chosen parameters and a fresh optimizer; of the buffer only the
         newest `keep_newest` labels stay (the current domain's: older ones taught what failed)."""
         self.restore_params(self._source)
-        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
+        self._opt = Adam(self.params.values(), lr=self.lr)
         self.buffer.keep_newest(keep_newest)
 
     def reset(self) -> None:
@@ -209,7 +209,7 @@ class GradientLearner:
         self.restore_params(self._source)
         self._moved = frozenset()
         self.buffer.clear()
-        self._opt = torch.optim.Adam(self.params.values(), lr=self.lr)
+        self._opt = Adam(self.params.values(), lr=self.lr)
         self._pending = 0
 
     def state_dict(self) -> dict:

@@ -184,6 +184,7 @@ def test_approval_learns_the_new_concept_and_the_reference_follows(demo_model, r
     assert recall3(h, digits) < 0.5, "approved: the model learns that these inputs are 8s"
 
 
+@pytest.mark.slow
 def test_an_approved_swap_relabels_the_reference_at_once_and_is_learned(demo_model, reference, digits, tmp_path):
     """Classes 1 and 7 trade meaning; an operator approves both relabellings once reported. The
     second approval used to map the reference's new 7s back to 1 (both classes merged), and the
@@ -215,6 +216,7 @@ def test_an_approved_swap_relabels_the_reference_at_once_and_is_learned(demo_mod
         assert float((pred[y_te == old] == new).float().mean()) >= 0.7, f"class {old} inputs now answered {new}"
 
 
+@pytest.mark.slow
 def test_discard_under_learn_returns_to_a_version_from_before(demo_model, reference, digits, tmp_path):
     h = healer(demo_model, reference, tmp_path, policy="learn")
     before = recall3(h, digits)

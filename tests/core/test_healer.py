@@ -89,6 +89,7 @@ def test_label_free_healing_improves_contrast(demo_model, reference, digits):
     assert healed_acc > static_acc + 0.3, (float(static_acc), float(healed_acc))
 
 
+@pytest.mark.slow
 def test_feedback_improves_rotated_digits(demo_model, reference, digits):
     x, y = stream(digits, "rotate", 2000, seed=3)
     with torch.no_grad():
@@ -149,6 +150,7 @@ def test_bad_state_leaves_healer_unchanged(demo_model, reference):
     assert torch.equal(healer.predict(reference[0][:4]), before)
 
 
+@pytest.mark.slow
 def test_reset_restores_source_predictions(demo_model, reference, digits):
     healer = make(demo_model, reference)
     probe = reference[0][:32]
