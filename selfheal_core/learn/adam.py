@@ -24,7 +24,10 @@ class Adam:
         if not (lr >= 0 and eps >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"Adam: lr {lr}, betas {betas}, eps {eps} out of range")
         self.lr, self.betas, self.eps = lr, betas, eps
-        self._state: dict[int, tuple[list[float], torch.Tensor, torch.Tensor]] = {}  # id -> (steps, m, v)
+        # per parameter, as torch keeps them: steps taken (a step without a gradient skips it) and
+        # the two moments, made at its first step
+        self._steps = [0] * len(self.params)
+        self._moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.params)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -33,17 +36,19 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         beta1, beta2 = self.betas
-        for p in self.params:
+        for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            steps, exp_avg, exp_avg_sq = self._state.setdefault(
-                id(p), ([0.0], torch.zeros_like(p, memory_format=torch.preserve_format),
-                        torch.zeros_like(p, memory_format=torch.preserve_format)))
+            if self._moments[i] is None:
+                self._moments[i] = (torch.zeros_like(p, memory_format=torch.preserve_format),
+                                    torch.zeros_like(p, memory_format=torch.preserve_format))
+            exp_avg, exp_avg_sq = self._moments[i]
             grad = p.grad
-            steps[0] += 1
+            self._steps[i] += 1
+            step = float(self._steps[i])  # torch's step count is a float
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias_correction1 = 1 - beta1 ** steps[0]
-            bias_correction2_sqrt = (1 - beta2 ** steps[0]) ** 0.5
+            bias_correction1 = 1 - beta1 ** step
+            bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
             p.addcdiv_(exp_avg, denom, value=-(self.lr / bias_correction1))

@@ -1,6 +1,7 @@
 """The demo CNN's training cache: a cached call gives the same weights and leaves the RNG as training does."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from selfheal_bench import train as training
@@ -29,7 +30,10 @@ def test_an_example_trained_twice_is_trained_once(tmp_path, monkeypatch):
     make = lambda: TabularMLP(n_features=10, hidden=8, n_classes=3)  # noqa: E731
     first = training.cached_fit("t", make, x, y, epochs=2)
     after_training = torch.rand(4)
+    trained = training.fit
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("a cached network was trained again"))
     second = training.cached_fit("t", make, x, y, epochs=2)
+    monkeypatch.setattr(training, "fit", trained)
     assert torch.equal(torch.rand(4), after_training) and len(list(tmp_path.glob("t-*.pt"))) == 1
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     training.cached_fit("t", make, x, 2 - y, epochs=2)  # other labels: another entry
