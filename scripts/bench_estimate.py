@@ -32,7 +32,7 @@ import yaml
 
 from selfheal_bench.cbpe import Cbpe, load_nannyml
 from selfheal_bench.data import CORRUPTIONS, DEMO_PHASES as PHASES, corrupt, load_digits_split, resample
-from selfheal_bench.harness import REPO, RESULTS, Bar, demo_model, write_report
+from selfheal_bench.harness import REPO, RESULTS, Bar, demo_model, smoke, write_report
 from selfheal_bench.resnet import ResNet20
 from selfheal_bench.tabular import make_mlp
 from selfheal_bench.train import fit
@@ -44,10 +44,11 @@ REQUEST = 10  # inputs per request in the estimate streams (divides the window)
 BATCH = 8  # the demo's requests
 
 
-def run_stream(model, x_ref, y_ref, x, y, adapt: bool, cbpe: Cbpe | None = None) -> list[dict]:
+def run_stream(model, x_ref, y_ref, x, y, adapt: bool, cbpe: Cbpe | None = None, tiny: bool = False) -> list[dict]:
     """Windows of WINDOW predictions: true accuracy, our estimate at the window's end, average
     confidence, and CBPE's estimate from the same served probabilities (when given)."""
-    healer = SelfHealer(copy.deepcopy(model), x_ref, HealConfig.from_dict({"adapt": adapt}), reference_labels=y_ref)
+    config = HealConfig.from_dict({"adapt": adapt})
+    healer = SelfHealer(copy.deepcopy(model), x_ref, smoke(config) if tiny else config, reference_labels=y_ref)
     rows, correct, probs = [], [], []
     try:
         for i in range(0, len(y), REQUEST):
@@ -90,7 +91,8 @@ def reference_cbpe(model, x_ref, y_ref) -> Cbpe:
     return Cbpe(probs, y_ref)
 
 
-def estimate_table(model, x_ref, y_ref, samples: int, severities: list[int], corruptions: list[str]) -> list[dict]:
+def estimate_table(model, x_ref, y_ref, samples: int, severities: list[int], corruptions: list[str],
+                   tiny: bool) -> list[dict]:
     _, _, x_te, y_te = load_digits_split(seed=0)
     streams = [("clean", 0)] + [(c, s) for c in corruptions for s in severities]
     cbpe = reference_cbpe(model, x_ref, y_ref)
@@ -100,7 +102,7 @@ def estimate_table(model, x_ref, y_ref, samples: int, severities: list[int], cor
         if name != "clean":
             x = corrupt(x, name, sev, seed=100 + k)
         for adapt in (False, True):
-            out.append(summarise(name, sev, adapt, run_stream(model, x_ref, y_ref, x, y, adapt, cbpe)))
+            out.append(summarise(name, sev, adapt, run_stream(model, x_ref, y_ref, x, y, adapt, cbpe, tiny)))
     return out
 
 
@@ -120,7 +122,7 @@ def real_table(samples: int, severities: list[int], corruptions: tuple[str, ...]
     for name, sev in [("clean", 0)] + [(c, s) for c in corruptions for s in severities]:
         x, y = real.corrupted(name, sev, samples)
         for adapt in (False, True):
-            windows = run_stream(model, x_ref, y_ref, real.as_tensor(x), torch.tensor(y), adapt, cbpe)
+            windows = run_stream(model, x_ref, y_ref, real.as_tensor(x), torch.tensor(y), adapt, cbpe, tiny)
             out.append(summarise(f"fmnist:{name}", sev, adapt, windows))
     return out
 
@@ -147,14 +149,15 @@ def housing_rows(tiny: bool) -> list[dict]:
         x, y = x[:WINDOW * 2], y[:WINDOW * 2]
     n = (len(y) // WINDOW) * WINDOW
     cbpe = reference_cbpe(model, x_ref, y_ref)
-    return [summarise("housing", 0, adapt, run_stream(model, x_ref, y_ref, x[:n], y[:n], adapt, cbpe))
+    return [summarise("housing", 0, adapt, run_stream(model, x_ref, y_ref, x[:n], y[:n], adapt, cbpe, tiny))
             for adapt in (False, True)]
 
 
-def demo_false_alarms(model, x_ref, y_ref, seeds: int, feedback_rate: float = 0.10) -> dict:
+def demo_false_alarms(model, x_ref, y_ref, seeds: int, tiny: bool, feedback_rate: float = 0.10) -> dict:
     """The demo's clean phase under the shipped model-config.yaml, `seeds` streams: alarms before its end."""
     settings = yaml.safe_load((REPO / "model-config.yaml").read_text())["handler"].get("heal", {})
     config = HealConfig.from_dict({**settings, "snapshot_interval_s": 0.0})
+    config = smoke(config) if tiny else config
     _, _, x_te, y_te = load_digits_split(seed=0)
     clean_n = PHASES[0][3]
     with_alarm, flagged = 0, 0
@@ -201,12 +204,12 @@ def main() -> None:
     corruptions = sorted(CORRUPTIONS)
     severities = [1, 2, 3, 4, 5]
     if args.tiny:
-        corruptions, severities, args.samples, args.seeds = corruptions[:1], [5], 500, 2
+        corruptions, severities, args.samples, args.seeds = corruptions[:1], [5], 500, 1
     if args.demo_only:
         kept = json.loads(args.out.read_text())
         rows, real_rows, housing = kept["rows"], kept["real"]["rows"], kept["housing"]["rows"]
     else:
-        rows = estimate_table(model, x_ref, y_ref, args.samples, severities, corruptions)
+        rows = estimate_table(model, x_ref, y_ref, args.samples, severities, corruptions, args.tiny)
         from selfheal_bench import real
 
         real_rows = real_table(WINDOW if args.tiny else args.real_samples, [5] if args.tiny else severities,
@@ -214,7 +217,7 @@ def main() -> None:
         housing = housing_rows(args.tiny)
     mae = sum(r["mae_points"] for r in rows) / len(rows)
     base = sum(r["mae_points_avg_confidence"] for r in rows) / len(rows)
-    demo = demo_false_alarms(model, x_ref, y_ref, args.seeds)
+    demo = demo_false_alarms(model, x_ref, y_ref, args.seeds, args.tiny)
     print(f"\n{'stream':>17} {'sev':>3} {'correction':>10} {'true':>6} {'ours':>6} {'avg-conf':>8} {'cbpe':>6}"
           "  (MAE, points)")
     for r in rows + real_rows + housing:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfheal_bench.data import corrupt, load_digits_split, resample
-from selfheal_bench.harness import bench_parser
+from selfheal_bench.harness import bench_parser, smoke
 from selfheal_bench.train import fit, split_reference, train
 from selfheal_core import GuardConfig, HealConfig, LearnConfig, SelfHealer
 
@@ -98,14 +98,14 @@ class Naive(Static):
 
 
 class Heal:
-    def __init__(self, model: nn.Module, x_ref: torch.Tensor, y_ref: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, x_ref: torch.Tensor, y_ref: torch.Tensor, tiny: bool) -> None:
         # concept policy `learn`: a concept change contradicts the trusted reference by definition, and the
         # peers learn every label; the shipped default `hold` waits for an operator (bench_attack measures it).
         # significance 1: the guard lets one paired standard error of holdout noise through; min_steps 5:
         # fewer steps per label when labels are plentiful
         guard = GuardConfig(concept_change="learn", significance=1.0)
         config = HealConfig(guard=guard, learn=LearnConfig(min_steps=5))
-        self.healer = SelfHealer(model, x_ref, config, reference_labels=y_ref)
+        self.healer = SelfHealer(model, x_ref, smoke(config) if tiny else config, reference_labels=y_ref)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(self.healer.predict(x), 1)
@@ -146,7 +146,7 @@ def main() -> None:
     args = bench_parser(__doc__, "feedback.json").parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    n, skip = (320, 100) if args.tiny else (6_000, 2_000)
+    n, skip = (240, 80) if args.tiny else (6_000, 2_000)
     kinds = ["rotate", "concept"] if args.tiny else ["rotate", "translate", "invert", "concept", "clean"]
     rates = [0.2] if args.tiny else [0.01, 0.05, 0.20]
     delays = [0] if args.tiny else [0, 500]
@@ -155,12 +155,12 @@ def main() -> None:
 
     def make(meth: str):
         m = copy.deepcopy(model)
-        return Static(m) if meth == "static" else Naive(m) if meth == "naive" else Heal(m, x_ref, y_ref)
+        return Static(m) if meth == "static" else Naive(m) if meth == "naive" else Heal(m, x_ref, y_ref, args.tiny)
 
     rows = []
     for k, kind in enumerate(kinds):
         x, y = make_stream(kind, n, seed=100 + k)
-        base = {"static": Static(copy.deepcopy(model)), "oracle": Static(oracle(model, kind, 2 if args.tiny else 15))}
+        base = {"static": Static(copy.deepcopy(model)), "oracle": Static(oracle(model, kind, 1 if args.tiny else 15))}
         ref_err = {}
         for meth, method in base.items():
             correct, _ = run(method, x, y, 0.0, 0, seed=k)

@@ -32,8 +32,9 @@ from torch import nn
 from selfheal_bench.data import CORRUPTIONS, corrupt, load_digits_split
 from selfheal_bench.streams import Healer, correlated, run, windows
 from selfheal_bench.tta import PEERS
+from selfheal_core import HealConfig
 from selfheal_bench.train import fit, split_reference, train
-from selfheal_bench.harness import bench_parser
+from selfheal_bench.harness import bench_parser, smoke
 
 log = logging.getLogger("bench_heal")
 
@@ -62,7 +63,7 @@ def make_streams(tiny: bool, seed: int = 0) -> dict[str, tuple[torch.Tensor, tor
     n = len(y_te)
     rng = np.random.default_rng(seed)
     fams = sorted(CORRUPTIONS)
-    dom = 200 if tiny else 2_000  # samples per domain
+    dom = 64 if tiny else 2_000  # samples per domain
 
     def draw(count: int, name: str | None, sev: int, weights: np.ndarray | None = None):
         idx = torch.from_numpy(rng.choice(n, count, p=weights))
@@ -72,7 +73,7 @@ def make_streams(tiny: bool, seed: int = 0) -> dict[str, tuple[torch.Tensor, tor
     def cat(parts):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    streams = {"clean": cat([draw(2_000 if tiny else 20_000, None, 0)]),
+    streams = {"clean": cat([draw(640 if tiny else 20_000, None, 0)]),
                "continual": cat([draw(dom, f, 5) for f in fams])}
     # temporally correlated: within each domain, classes arrive in runs (Dirichlet(0.01) over time slots)
     streams["correlated"] = cat([correlated(*draw(dom, f, 5), rng) for f in fams])
@@ -83,9 +84,9 @@ def make_streams(tiny: bool, seed: int = 0) -> dict[str, tuple[torch.Tensor, tor
     for _ in range(4 if tiny else 20):
         priors = rng.dirichlet(np.full(10, 0.1))
         w = priors[y_te.numpy()]
-        blocks.append(draw(250 if tiny else 1_000, None, 0, w / w.sum()))
+        blocks.append(draw(160 if tiny else 1_000, None, 0, w / w.sum()))
     streams["label_shift"] = cat(blocks)
-    long_n = 2_000 if tiny else 100_000
+    long_n = 1_280 if tiny else 100_000
     streams["long_continual"] = cat([draw(dom, fams[i % len(fams)], 5) for i in range(long_n // dom)])
     return streams
 
@@ -114,7 +115,7 @@ def main() -> None:
     if args.streams:
         streams = {k: v for k, v in streams.items() if k in args.streams.split(",")}
     methods = {k: v for k, v in METHODS.items() if not args.methods or k in args.methods.split(",") or k == "source"}
-    rows, timing = [], {}
+    rows, timing, config = [], {}, smoke() if args.tiny else HealConfig()
     for mname, model in models.items():
         for batch in [int(b) for b in args.batches.split(",")]:
             for sname, (x, y) in streams.items():
@@ -123,7 +124,7 @@ def main() -> None:
                     if meth not in LONG_METHODS and (sname == "long_continual" or (batch == 1 and sname != "correlated")):
                         continue
                     m = copy.deepcopy(model)
-                    method = cls(m, x_ref, y_ref) if meth == "selfheal" else cls(m, reference=x_ref)
+                    method = cls(m, x_ref, y_ref, config) if meth == "selfheal" else cls(m, reference=x_ref)
                     start = time.perf_counter()
                     correct = run(method, x, y, batch)
                     elapsed = time.perf_counter() - start
@@ -141,13 +142,13 @@ def main() -> None:
                     rows.append(row)
                     log.info("%s b%d %-14s %-10s error %.4f (%.1fs)", mname, batch, sname, meth, err, elapsed)
         if "continual" in streams:
-            timing[mname] = time_per_request(model, x_ref, y_ref, streams["continual"][0])
+            timing[mname] = time_per_request(model, x_ref, y_ref, streams["continual"][0], config)
     report(rows, timing, args, time.time() - t0)
 
 
-def time_per_request(model: nn.Module, x_ref, y_ref, x: torch.Tensor, batch: int = 64) -> dict:
+def time_per_request(model: nn.Module, x_ref, y_ref, x: torch.Tensor, config: HealConfig, batch: int = 64) -> dict:
     """Amortised seconds per batch-64 request: plain forward vs SelfHealer.predict with healing on."""
-    plain, heal = copy.deepcopy(model).eval(), Healer(copy.deepcopy(model), x_ref, y_ref)
+    plain, heal = copy.deepcopy(model).eval(), Healer(copy.deepcopy(model), x_ref, y_ref, config)
     n = (len(x) // batch) * batch
     best = {}
     for name, fn in (("plain", lambda b: plain(b)), ("selfheal", heal)):

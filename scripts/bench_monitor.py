@@ -231,7 +231,7 @@ def main() -> None:
     tiny = args.tiny
     ert = 500 if tiny else args.ert
     seeds = 2 if tiny else 20
-    clean_len = 2_000 if tiny else 50_000
+    clean_len = 1_000 if tiny else 50_000
     pre, post = (300, 600) if tiny else (1_000, 2_000)
     horizon = post
     paths = 40 if tiny else 200

@@ -29,7 +29,7 @@ Writes bench/results/real.json: `rows` (model, batch, stream, method, error, per
 `labels`, `weather`, and `bars` keyed as issue 27 names them.
 
     python scripts/bench_real.py           # ~35 min on 2 cores (the first run also trains ~25 min)
-    python scripts/bench_real.py --tiny    # a smoke test (untrained networks of width 8, 8 images a domain)
+    python scripts/bench_real.py --tiny    # a smoke test (untrained networks of width 8, 4 images a domain)
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from selfheal_bench import real
-from selfheal_bench.harness import Bar, bench_parser, write_report
+from selfheal_bench.harness import Bar, bench_parser, smoke, write_report
 from selfheal_bench.resnet import ResNet20
 from selfheal_bench.streams import Healer, correlated, run, windows
 from selfheal_bench.tabular import Heal, LastLabel, River, Static, make_mlp, prequential, pretrain, river_models, score
@@ -109,10 +109,11 @@ def oracle(model: torch.nn.Module, per_domain: int, tiny: bool) -> torch.nn.Modu
     return fit(copy.deepcopy(model), x, y, 1 if tiny else 2, lr=1e-3, batch=64, seed=0)
 
 
-def run_labelled(model, x_ref, y_ref, x, y, share: float, batch: int = 64, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """selfheal with its defaults on a stream, labels for `share` of each request's samples given
-    one request later (as a labeller answers by prediction id); per-sample correctness, counters."""
-    healer = SelfHealer(model, x_ref, HealConfig(), reference_labels=y_ref)
+def run_labelled(model, x_ref, y_ref, x, y, share: float, config: HealConfig, batch: int = 64,
+                 seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """selfheal with `config` (its defaults) on a stream, labels for `share` of each request's samples
+    given one request later (as a labeller answers by prediction id); per-sample correctness, counters."""
+    healer = SelfHealer(model, x_ref, config, reference_labels=y_ref)
     g = torch.Generator().manual_seed(seed)
     out, pending = [], None
     for i in range(0, len(y), batch):
@@ -144,6 +145,7 @@ def weather(tiny: bool) -> dict:
     base = pretrain(make_mlp(x.shape[1], 2, False, xt[fit_rows]), xt[fit_rows], yt[fit_rows].float(), "classification",
                     5 if tiny else 40, 0)
     config = HealConfig(guard=GuardConfig(concept_change="learn"))
+    config = smoke(config) if tiny else config
     out: dict = {"served": len(ys), "drift_at_served": cut, "config": "HealConfig() with concept_change: learn"}
 
     def record(label: str, method, rate: float) -> None:
@@ -187,7 +189,7 @@ def main() -> None:
     # OMP_NUM_THREADS=1 was overridden here)
     torch.set_num_threads(1 if args.tiny else os.cpu_count() or 1)
     started = time.time()
-    per_domain = 8 if args.tiny else args.per_domain
+    per_domain = 4 if args.tiny else args.per_domain
     models = {}
     for key, norm in (("bn", "batch"), ("gn", "group")):
         if args.tiny:  # untrained: the smoke test checks the plumbing, not the figures
@@ -200,6 +202,7 @@ def main() -> None:
             models[key] = (model, x_ref, y_ref, info)
             log.info("resnet20 %s: clean test accuracy %.4f", norm, info["test_accuracy"])
     streams = make_streams(per_domain)
+    config = smoke() if args.tiny else HealConfig()
     rows = []
     for (key, batch, sname), methods in PLAN.items():
         model, x_ref, y_ref, _ = models[key]
@@ -207,7 +210,7 @@ def main() -> None:
         source_windows = None
         for meth in methods:
             m = copy.deepcopy(model)
-            method = METHODS[meth](m, x_ref, y_ref) if meth == "selfheal" else METHODS[meth](m, reference=x_ref)
+            method = Healer(m, x_ref, y_ref, config) if meth == "selfheal" else METHODS[meth](m, reference=x_ref)
             start = time.perf_counter()
             correct = run(method, x, y, batch)
             row = {"model": key, "batch": batch, "stream": sname, "method": meth,
@@ -223,19 +226,19 @@ def main() -> None:
                 row["label_free"] = method.healer.status()["label_free"]
             rows.append(row)
             log.info("%s b%-2d %-10s %-10s error %.4f (%.0fs)", key, batch, sname, meth, row["error"], row["seconds"])
-    labelled = labelled_runs(models["bn"], 4 if args.tiny else args.label_per_domain, args.tiny)
+    labelled = labelled_runs(models["bn"], 2 if args.tiny else args.label_per_domain, config, args.tiny)
     report(rows, models, args, started, labelled, weather(args.tiny))
 
 
-def labelled_runs(bn, per_domain: int, tiny: bool) -> dict:
+def labelled_runs(bn, per_domain: int, config: HealConfig, tiny: bool) -> dict:
     """Continual, BatchNorm ResNet, batch 64: source, the oracle, selfheal label-free and with 5%
     and 1% labels, on one shorter stream; the gap to the oracle each closes."""
     model, x_ref, y_ref, _ = bn
     x, y, domains = labelled_stream(per_domain)
     out: dict = {"samples": len(y)}
     for name, make in (("source", lambda m: METHODS["source"](m, reference=x_ref)),
-                       ("oracle", lambda m: METHODS["source"](oracle(m, 16 if tiny else 300, tiny), reference=x_ref)),
-                       ("selfheal_label_free", lambda m: Healer(m, x_ref, y_ref))):
+                       ("oracle", lambda m: METHODS["source"](oracle(m, 4 if tiny else 300, tiny), reference=x_ref)),
+                       ("selfheal_label_free", lambda m: Healer(m, x_ref, y_ref, config))):
         start = time.perf_counter()
         correct = run(make(copy.deepcopy(model)), x, y, 64)
         out[name] = {"error": round(1 - correct.mean().item(), 4), "per_domain": per_domain_error(correct, domains),
@@ -243,7 +246,7 @@ def labelled_runs(bn, per_domain: int, tiny: bool) -> dict:
         log.info("labels: %-20s error %.4f (%.0fs)", name, out[name]["error"], out[name]["seconds"])
     for share in (0.05, 0.01):
         start = time.perf_counter()
-        correct, counters = run_labelled(copy.deepcopy(model), x_ref, y_ref, x, y, share)
+        correct, counters = run_labelled(copy.deepcopy(model), x_ref, y_ref, x, y, share, config)
         err = 1 - correct.mean().item()
         gap = out["source"]["error"] - out["oracle"]["error"]
         tried = counters["updates"] + counters["rolled_back"]
@@ -301,7 +304,7 @@ def report(rows: list[dict], models: dict, args, started: float, labelled: dict,
         cells = [err(key, batch, stream, m) for m in METHODS]
         print(f"{key:5s} {batch:5d} {stream:11s} " + " ".join(f"{'-':>10s}" if c is None else f"{100 * c:10.1f}"
                                                               for c in cells))
-    write_report(args.out, bars, started, keyed=True, tiny=args.tiny, per_domain=8 if args.tiny else args.per_domain,
+    write_report(args.out, bars, started, keyed=True, tiny=args.tiny, per_domain=4 if args.tiny else args.per_domain,
                  models={k: v[3] for k, v in models.items()}, rows=rows, labels=labelled, weather=rain)
 
 

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from selfheal_bench.data import corrupt, load_digits_split
-from selfheal_bench.harness import Bar, bench_parser, demo_model, write_report
+from selfheal_bench.harness import Bar, bench_parser, demo_model, smoke, write_report
 from selfheal_core import HealConfig, Learner
 from selfheal_core.intake import Intake
 from selfheal_core.serving import ServingModel
@@ -229,14 +229,14 @@ def main() -> None:
     started = time.time()
     model, x_ref, y_ref = demo_model()
     _, _, x_te, y_te = load_digits_split(seed=0)
-    sizes = {"total": 200_000, "old": 10_000, "labels": 2_000}
-    if args.tiny:
-        sizes = {"total": 2_000, "old": 500, "labels": 100}
+    sizes, shifts, shipped = {"total": 200_000, "old": 10_000, "labels": 2_000}, SHIFTS, HealConfig()
+    if args.tiny:  # two shifts and the control
+        sizes, shifts, shipped = {"total": 1_000, "old": 300, "labels": 64}, SHIFTS[:2] + SHIFTS[-1:], smoke()
     rows = []
-    for label, config in (("selfheal", HealConfig()),
-                          ("past judgement off (past_alpha 0)", replace(HealConfig(), learn=replace(
-                              HealConfig().learn, past_alpha=0.0)))):
-        for k, shift in enumerate(SHIFTS):
+    for label, config in (("selfheal", shipped),
+                          ("past judgement off (past_alpha 0)", replace(shipped, learn=replace(
+                              shipped.learn, past_alpha=0.0)))):
+        for k, shift in enumerate(shifts):
             with tempfile.TemporaryDirectory(prefix="bench_scale-") as work:
                 row = {"method": label, **delayed(model, x_ref, y_ref, x_te, y_te, shift, config, sizes, Path(work),
                                                   seed=10 + k)}

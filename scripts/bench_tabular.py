@@ -40,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-from selfheal_bench.harness import bench_parser
+from selfheal_bench.harness import bench_parser, smoke
 from selfheal_bench.tabular import REQUEST, Heal, River, Static, make_mlp, prequential, pretrain, river_models, score
 from selfheal_core import GuardConfig, HealConfig, LearnConfig
 
@@ -77,7 +77,7 @@ def make_stream(name: str, pre: int, n: int, seed: int = 1) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-def run_stream(name: str, pre: int, n: int, epochs: int) -> dict:
+def run_stream(name: str, pre: int, n: int, epochs: int, config: HealConfig) -> dict:
     s = make_stream(name, pre, n)
     task, x, y, cut = s["task"], s["x"], s["y"], s["drift_at"]
     fit, ref = slice(0, pre - 500), slice(pre - 500, pre)
@@ -100,7 +100,7 @@ def run_stream(name: str, pre: int, n: int, epochs: int) -> dict:
         preds, secs = prequential(Static(copy.deepcopy(base), task), xs, ys, 0.0, 0)
         record(f"{kind}_static", preds, secs)
         for rate in (0.0,) + RATES:
-            method = Heal(copy.deepcopy(base), task, xt[ref], yt[ref], TUNED)
+            method = Heal(copy.deepcopy(base), task, xt[ref], yt[ref], config)
             preds, secs = prequential(method, xs, ys, rate, 0)
             st = method.healer.status()
             counters = method.healer.learner.counters
@@ -142,9 +142,10 @@ def main() -> None:
     ap.add_argument("--streams", default="sea,hyperplane,friedman")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    pre, n, epochs = (800, 500, 3) if args.tiny else (5_000, 20_000, 30)
+    pre, n, epochs = (600, 300, 3) if args.tiny else (5_000, 20_000, 30)
     t0 = time.time()
-    streams = {name: run_stream(name, pre, n, epochs) for name in args.streams.split(",")}
+    config = smoke(TUNED) if args.tiny else TUNED
+    streams = {name: run_stream(name, pre, n, epochs, config) for name in args.streams.split(",")}
     bars, targets = {}, {}
     for name, r in streams.items():
         if r["task"] == "classification":

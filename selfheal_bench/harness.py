@@ -10,11 +10,13 @@ import json
 import logging
 import operator
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from selfheal_core import HealConfig
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -51,6 +53,15 @@ def demo_model(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tens
     model, _ = train(seed=seed)
     _, _, x_ref, y_ref = split_reference(seed, 300)
     return model.eval(), x_ref, y_ref
+
+
+def smoke(config: HealConfig | None = None) -> HealConfig:
+    """`config` (default: the shipped `HealConfig()`) as a --tiny run uses it: the same code paths,
+    its drift thresholds simulated from 20 paths of an expected run time of 1,000 samples, 1/100
+    of the shipped simulation (0.3-1 CPU-s a reference, most of a smoke run otherwise). A smoke
+    run checks that a benchmark runs end to end; its figures mean nothing."""
+    config = config if config is not None else HealConfig()
+    return replace(config, monitor=replace(config.monitor, calibration_paths=20, expected_run_time=1_000))
 
 
 def bench_parser(doc: str | None, out_name: str) -> "argparse.ArgumentParser":

@@ -35,8 +35,9 @@ def correlated(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
 class Healer:
     name = "selfheal"
 
-    def __init__(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor) -> None:
-        self.healer = SelfHealer(model, reference, HealConfig(), reference_labels=labels)
+    def __init__(self, model: nn.Module, reference: torch.Tensor, labels: torch.Tensor,
+                 config: HealConfig | None = None) -> None:
+        self.healer = SelfHealer(model, reference, config or HealConfig(), reference_labels=labels)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.healer.predict(x).argmax(1)
