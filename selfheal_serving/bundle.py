@@ -10,7 +10,11 @@ Servers other than TorchServe read numeric instances themselves
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import stat
 import sys
 import tempfile
 import zipfile
@@ -28,7 +32,7 @@ from selfheal_serving.settings import HandlerSettings
 @dataclass
 class ModelBundle:
     name: str
-    folder: Path  # the unpacked archive (a temporary folder for a .mar, kept while the process runs)
+    folder: Path  # the unpacked archive (for a .mar: `unpacked(path)`)
     model: torch.nn.Module
     inputs: torch.Tensor
     targets: torch.Tensor | None
@@ -36,7 +40,60 @@ class ModelBundle:
     calibration: dict | None
 
 
-_UNPACKED: list[tempfile.TemporaryDirectory] = []  # a .mar's folder lives as long as the process
+def unpacked(path: Path) -> Path:
+    """The .mar at `path` unpacked once per user and content: `<tmp>/selfheal-mar-<uid>/<digest>`.
+
+    Replicas and model servers are stopped by signals (Ray kills its actors; a KServe server is
+    sent SIGTERM), so a folder of their own would outlive every one of them: one per start. Named
+    by the archive's digest, a restarted replica reads the folder its predecessor unpacked, and
+    replicas of one archive share it. It is unpacked beside its place and renamed into it, so a
+    reader never sees half an archive; one found incomplete (a temp cleaner aged files out of it)
+    is unpacked again. The per-user folder must be this user's and no one else's to write (the
+    model file in it is imported); where it is not, the archive goes to a private folder."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename.rstrip("/"): i.file_size for i in z.infolist() if not i.is_dir()}
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a .mar (a zip archive)") from None
+    root = Path(tempfile.gettempdir()) / f"selfheal-mar-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        st = root.lstat()
+        private = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+    except OSError:
+        private = False
+    if not private:
+        root = Path(tempfile.mkdtemp(prefix="selfheal-mar-"))
+    folder = root / digest.hexdigest()[:32]
+
+    def complete() -> bool:
+        try:
+            return all((folder / name).stat().st_size == size for name, size in members.items())
+        except OSError:
+            return False
+
+    if complete():
+        return folder
+    part = Path(tempfile.mkdtemp(prefix=".part-", dir=root))
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.extractall(part)
+        if folder.exists():  # incomplete: set aside, replaced at once by the whole archive
+            shutil.rmtree(folder.rename(Path(tempfile.mkdtemp(prefix=".old-", dir=root)) / "old"),
+                          ignore_errors=True)
+        part.rename(folder)
+    except OSError:
+        if not complete():  # not another process's rename first
+            raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+        for old in root.glob(".old-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def open_bundle(path: str | Path, name: str | None = None) -> ModelBundle:
@@ -45,17 +102,7 @@ def open_bundle(path: str | Path, name: str | None = None) -> ModelBundle:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder (a .mar from `selfheal archive`, or its unpacked folder)")
-    if path.is_file():
-        tmp = tempfile.TemporaryDirectory(prefix="selfheal-mar-")
-        _UNPACKED.append(tmp)
-        try:
-            with zipfile.ZipFile(path) as z:
-                z.extractall(tmp.name)
-        except zipfile.BadZipFile:
-            raise ValueError(f"{path} is not a .mar (a zip archive)") from None
-        folder = Path(tmp.name)
-    else:
-        folder = path
+    folder = unpacked(path) if path.is_file() else path
     manifest_file = folder / "MAR-INF" / "MANIFEST.json"
     if not manifest_file.exists():
         raise ValueError(f"{path} has no MAR-INF/MANIFEST.json: build it with `selfheal archive`")
