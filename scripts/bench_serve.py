@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,7 @@ import yaml
 
 from selfheal_bench import images224
 from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample
-from selfheal_bench.harness import bench_parser
+from selfheal_bench.harness import SMOKE_MONITOR, bench_parser
 from selfheal_bench.load import LabelsById, cpu_seconds, paced
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive
 from selfheal_bench.train import save_demo
@@ -197,13 +198,17 @@ class FeedbackSender(threading.Thread):
 
 
 def build(name: str, model_dir: Path, work: Path, kind: str, workers: int, batch: int, learner_nice: int,
-          **archive) -> Path:
+          smoke: bool = False, **archive) -> Path:
     config = yaml.safe_load((REPO / "model-config.yaml").read_text())
     config.update(minWorkers=workers, maxWorkers=workers, batchSize=batch, maxBatchDelay=5)
     config["handler"]["learner_nice"] = learner_nice
     config["handler"].update(json.loads(os.environ.get("SELFHEAL_BENCH_HANDLER", "{}")))
     if kind == "monitor":
         config["handler"]["heal"] = False
+    if smoke:  # a --tiny run's thresholds: the shipped code paths, 1/100 of the simulation (harness.smoke)
+        heal = config["handler"].get("heal")
+        heal = {"adapt": False} if heal is False else dict(heal or {})
+        config["handler"]["heal"] = {**heal, "monitor": {**heal.get("monitor", {}), **SMOKE_MONITOR}}
     store = work / f"store-{name}-{kind}-{workers}-{batch}"
     cfg = store.with_suffix(".yaml")
     store.mkdir(parents=True, exist_ok=True)
@@ -212,6 +217,14 @@ def build(name: str, model_dir: Path, work: Path, kind: str, workers: int, batch
     build_archive(model_dir, store, name=name, config_file=cfg, handler=str(plain if kind == "plain" else handler),
                   **archive)
     return store
+
+
+def build_all(grid, kinds, make) -> dict[tuple[str, int, int], Path]:
+    """`make(kind, workers, batch)` for every configuration, two at a time: each is a `selfheal
+    archive` process (an interpreter, torch, a calibration, the archiver) waiting on its own."""
+    configs = [(kind, w, b) for w, b in grid for kind in kinds]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(configs, pool.map(lambda c: make(*c), configs)))
 
 
 def fixed_load(ts: TorchServe, load: Workload, kind: str, rate: float, seconds: float) -> dict:
@@ -290,7 +303,7 @@ def median_row(model: str, kind: str, workers: int, batch: int, runs: list[dict]
     return row
 
 
-def digits_workload(work: Path, grid, kinds, learner_nice: int) -> Workload:
+def digits_workload(work: Path, grid, kinds, learner_nice: int, smoke: bool = False) -> Workload:
     import torch
 
     model_dir = work / "digits-model"
@@ -303,10 +316,9 @@ def digits_workload(work: Path, grid, kinds, learner_nice: int) -> Workload:
     def body(x) -> list[bytes]:
         return [json.dumps({"instances": as_numpy_list(x[i:i + 1])}).encode() for i in range(len(x))]
 
-    stores = {(kind, w, b): build("digits", model_dir, work, kind, w, b, learner_nice,
-                                  handler="selfheal_torchserve.handler",
-                                  plain_handler=REPO / "selfheal_bench" / "plain_handler.py")
-              for w, b in grid for kind in kinds}
+    stores = build_all(grid, kinds, lambda kind, w, b: build(
+        "digits", model_dir, work, kind, w, b, learner_nice, smoke, handler="selfheal_torchserve.handler",
+        plain_handler=REPO / "selfheal_bench" / "plain_handler.py"))
     return Workload("digits", stores, body(xc), body(torch.cat([xc, xd])), torch.cat([yc, yd]).tolist(),
                     "application/json", xd, yd, list(grid))
 
@@ -319,10 +331,10 @@ def resnet_workload(work: Path, grid, kinds, learner_nice: int) -> Workload:
     model = images224.prepare(model_dir)
     clean, shifted = images224.jpegs(128, seed=2, shifted=False), images224.jpegs(128, seed=2, shifted=True)
     truth = images224.answers(model, clean)
-    stores = {(kind, w, b): build("resnet", model_dir, work, kind, w, b, learner_nice, handler=images224.HANDLER,
-                                  plain_handler=REPO / "selfheal_bench" / "plain_image_handler.py",
-                                  model_file=images224.MODEL_FILE, weights=images224.WEIGHTS)
-              for w, b in grid for kind in kinds}
+    stores = build_all(grid, kinds, lambda kind, w, b: build(
+        "resnet", model_dir, work, kind, w, b, learner_nice, handler=images224.HANDLER,
+        plain_handler=REPO / "selfheal_bench" / "plain_image_handler.py", model_file=images224.MODEL_FILE,
+        weights=images224.WEIGHTS))
     feedback_x = torch.stack([images224.decode(b) for b in shifted[:16]])
     return Workload("resnet", stores, clean, clean + shifted, truth + truth, "application/octet-stream",
                     feedback_x, torch.tensor(truth[:16]), list(grid), feedback_chunk=1)
@@ -353,7 +365,7 @@ def main() -> None:
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="bench_serve-"))
     try:
-        loads = [digits_workload(work, grid, kinds, args.learner_nice)]
+        loads = [digits_workload(work, grid, kinds, args.learner_nice, args.tiny)]
         if resnet_grid:
             loads.append(resnet_workload(work, resnet_grid, kinds, args.learner_nice))
         for load in loads:

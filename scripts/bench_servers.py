@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from selfheal_bench.data import corrupt, load_digits_split, resample
+from selfheal_bench.harness import SMOKE_MONITOR
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive, free_ports
 from selfheal_bench.train import save_demo
 from selfheal_serving.header import parse_header
@@ -177,10 +178,14 @@ def version_lags(client: Client, stream: dict, rounds: int, replicas: int) -> di
 
 
 # ---------------------------------------------------------------------------- servers
-def config_file(work: Path, workers: int) -> Path:
-    """The shipped model-config, with `workers` TorchServe workers."""
+def config_file(work: Path, workers: int, smoke: bool) -> Path:
+    """The shipped model-config, with `workers` TorchServe workers; `smoke` (--tiny): the thresholds
+    a smoke run simulates (harness.SMOKE_MONITOR: the same code paths, 1/100 of the simulation)."""
     config = yaml.safe_load((REPO / "model-config.yaml").read_text())
     config.update(minWorkers=workers, maxWorkers=workers)
+    if smoke:
+        heal = config["handler"].setdefault("heal", {})
+        heal["monitor"] = {**heal.get("monitor", {}), **SMOKE_MONITOR}
     path = work / "model-config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -191,7 +196,7 @@ def run_torchserve(work: Path, model_dir: Path, stream: dict, args) -> dict:
     for kind in ("plain", "selfheal"):
         store = work / f"ts-{kind}"
         handler = REPO / "selfheal_bench" / "plain_handler.py" if kind == "plain" else "selfheal_torchserve.handler"
-        build_archive(model_dir, store, config_file=config_file(work, 2), handler=str(handler))
+        build_archive(model_dir, store, config_file=config_file(work, 2, args.tiny), handler=str(handler))
         with TorchServe(work / f"ts-{kind}-server", store,
                         env={"SELFHEAL_SNAPSHOT_DIR": str(work / "ts-snapshots")}) as ts:
             ts.wait_ready(180, workers=2)
@@ -370,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HOME"] = str(work)  # Ray keeps a cluster token under ~/.ray
         model_dir = work / "model"
         save_demo(model_dir)
-        mar = build_archive(model_dir, work / "store", config_file=config_file(work, 1))
+        mar = build_archive(model_dir, work / "store", config_file=config_file(work, 1, args.tiny))
         for name in args.servers.split(","):
             log.info("server %s", name)
             raw[name] = {"torchserve": run_torchserve, "ray": run_ray, "kserve": run_kserve}[name](

@@ -55,13 +55,16 @@ def demo_model(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tens
     return model.eval(), x_ref, y_ref
 
 
+SMOKE_MONITOR = {"calibration_paths": 20, "expected_run_time": 1_000}  # a smoke run's calibration (`smoke`)
+
+
 def smoke(config: HealConfig | None = None) -> HealConfig:
     """`config` (default: the shipped `HealConfig()`) as a --tiny run uses it: the same code paths,
     its drift thresholds simulated from 20 paths of an expected run time of 1,000 samples, 1/100
     of the shipped simulation (0.3-1 CPU-s a reference, most of a smoke run otherwise). A smoke
     run checks that a benchmark runs end to end; its figures mean nothing."""
     config = config if config is not None else HealConfig()
-    return replace(config, monitor=replace(config.monitor, calibration_paths=20, expected_run_time=1_000))
+    return replace(config, monitor=replace(config.monitor, **SMOKE_MONITOR))
 
 
 def bench_parser(doc: str | None, out_name: str) -> "argparse.ArgumentParser":
