@@ -48,8 +48,9 @@ def unpacked(path: Path) -> Path:
     by the archive's digest, a restarted replica reads the folder its predecessor unpacked, and
     replicas of one archive share it. It is unpacked beside its place and renamed into it, so a
     reader never sees half an archive; one found incomplete (a temp cleaner aged files out of it)
-    is unpacked again. The per-user folder must be this user's and no one else's to write (the
-    model file in it is imported); where it is not, the archive goes to a private folder."""
+    is unpacked again. The per-user folder must be this user's and writable by no one else (the
+    model file in it is imported); where it is not, the archive goes to a private folder of its
+    own."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -63,7 +64,7 @@ def unpacked(path: Path) -> Path:
     try:
         root.mkdir(mode=0o700, exist_ok=True)
         st = root.lstat()
-        private = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+        private = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
     except OSError:
         private = False
     if not private:
