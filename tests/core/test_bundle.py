@@ -40,7 +40,7 @@ def test_one_folder_per_archive_content_whoever_unpacks_it(tmp_path, tmp_root):
     code = ("import os, signal, sys, tempfile; from pathlib import Path; tempfile.tempdir = sys.argv[2];"
             "from selfheal_serving.bundle import unpacked; unpacked(Path(sys.argv[1]));"
             "print('unpacked', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
-    for _ in range(3):
+    for _ in range(2):  # the first unpacks, the second finds it
         run = subprocess.run([sys.executable, "-c", code, str(a), str(tmp_path / "tmp")], capture_output=True,
                              text=True, timeout=60)
         assert run.returncode == -signal.SIGKILL and "unpacked" in run.stdout, run.stderr[-2000:]
