@@ -189,7 +189,9 @@ def main() -> None:
     # OMP_NUM_THREADS=1 was overridden here)
     torch.set_num_threads(1 if args.tiny else os.cpu_count() or 1)
     started = time.time()
-    per_domain = 4 if args.tiny else args.per_domain
+    if args.tiny:
+        args.per_domain = 4
+    per_domain = args.per_domain
     models = {}
     for key, norm in (("bn", "batch"), ("gn", "group")):
         if args.tiny:  # untrained: the smoke test checks the plumbing, not the figures
@@ -304,7 +306,7 @@ def report(rows: list[dict], models: dict, args, started: float, labelled: dict,
         cells = [err(key, batch, stream, m) for m in METHODS]
         print(f"{key:5s} {batch:5d} {stream:11s} " + " ".join(f"{'-':>10s}" if c is None else f"{100 * c:10.1f}"
                                                               for c in cells))
-    write_report(args.out, bars, started, keyed=True, tiny=args.tiny, per_domain=4 if args.tiny else args.per_domain,
+    write_report(args.out, bars, started, keyed=True, tiny=args.tiny, per_domain=args.per_domain,
                  models={k: v[3] for k, v in models.items()}, rows=rows, labels=labelled, weather=rain)
 
 

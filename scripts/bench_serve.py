@@ -53,7 +53,7 @@ import yaml
 
 from selfheal_bench import images224
 from selfheal_bench.data import as_numpy_list, corrupt, load_digits_split, resample
-from selfheal_bench.harness import SMOKE_MONITOR, bench_parser
+from selfheal_bench.harness import bench_parser, smoke_section
 from selfheal_bench.load import LabelsById, cpu_seconds, paced
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive
 from selfheal_bench.train import save_demo
@@ -206,9 +206,7 @@ def build(name: str, model_dir: Path, work: Path, kind: str, workers: int, batch
     if kind == "monitor":
         config["handler"]["heal"] = False
     if smoke:  # a --tiny run's thresholds: the shipped code paths, 1/100 of the simulation (harness.smoke)
-        heal = config["handler"].get("heal")
-        heal = {"adapt": False} if heal is False else dict(heal or {})
-        config["handler"]["heal"] = {**heal, "monitor": {**heal.get("monitor", {}), **SMOKE_MONITOR}}
+        config["handler"]["heal"] = smoke_section(config["handler"].get("heal"))
     store = work / f"store-{name}-{kind}-{workers}-{batch}"
     cfg = store.with_suffix(".yaml")
     store.mkdir(parents=True, exist_ok=True)

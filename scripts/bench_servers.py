@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from selfheal_bench.data import corrupt, load_digits_split, resample
-from selfheal_bench.harness import SMOKE_MONITOR
+from selfheal_bench.harness import smoke_section
 from selfheal_bench.torchserve import REPO, TorchServe, build_archive, free_ports
 from selfheal_bench.train import save_demo
 from selfheal_serving.header import parse_header
@@ -184,8 +184,7 @@ def config_file(work: Path, workers: int, smoke: bool) -> Path:
     config = yaml.safe_load((REPO / "model-config.yaml").read_text())
     config.update(minWorkers=workers, maxWorkers=workers)
     if smoke:
-        heal = config["handler"].setdefault("heal", {})
-        heal["monitor"] = {**heal.get("monitor", {}), **SMOKE_MONITOR}
+        config["handler"]["heal"] = smoke_section(config["handler"].get("heal"))
     path = work / "model-config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -67,6 +67,13 @@ def smoke(config: HealConfig | None = None) -> HealConfig:
     return replace(config, monitor=replace(config.monitor, **SMOKE_MONITOR))
 
 
+def smoke_section(heal: dict | bool | None) -> dict:
+    """A model-config's `handler.heal` section (a mapping, `false` or absent) with a smoke run's
+    calibration (`SMOKE_MONITOR`), for the archives a --tiny run builds."""
+    heal = {"adapt": False} if heal is False else dict(heal or {})
+    return {**heal, "monitor": {**heal.get("monitor", {}), **SMOKE_MONITOR}}
+
+
 def bench_parser(doc: str | None, out_name: str) -> "argparse.ArgumentParser":
     """A benchmark's command line: --tiny (a smoke run) and --out (default bench/results/<out_name>);
     logging set up as every benchmark logs (selfheal_core's own lines only from warnings up)."""
