@@ -381,9 +381,10 @@ def main() -> None:
                         then = None
                         if args.tiny and kind == "heal" and rss_requests and plain_rps:
                             # a smoke run takes the long run on this server instead of starting another
-                            def then(ts, res, rate=plain_rps):
+                            def long_run(ts, res, rate=plain_rps):
                                 nonlocal rss
                                 rss = long_run_on(ts, wrk, load, rss_requests, rate, res["rps"])
+                            then = long_run
                         res = measure(wrk, work, load, kind, workers, batch, seconds * scale, warmup, plain_rps,
                                       args.load, tag=f"{rnd}", then=then)
                         runs[kind].append(res)

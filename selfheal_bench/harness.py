@@ -6,6 +6,7 @@ prints every bar (PASS / SHORT) and writes the JSON.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import operator
@@ -74,11 +75,9 @@ def smoke_section(heal: dict | bool | None) -> dict:
     return {**heal, "monitor": {**heal.get("monitor", {}), **SMOKE_MONITOR}}
 
 
-def bench_parser(doc: str | None, out_name: str) -> "argparse.ArgumentParser":
+def bench_parser(doc: str | None, out_name: str) -> argparse.ArgumentParser:
     """A benchmark's command line: --tiny (a smoke run) and --out (default bench/results/<out_name>);
     logging set up as every benchmark logs (selfheal_core's own lines only from warnings up)."""
-    import argparse
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("selfheal_core").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
