@@ -46,8 +46,8 @@ MIN_REFERENCE = 30  # the feature chart needs 30 vectors; fewer cannot calibrate
 UNTRUSTED_SHARE = 0.01  # recent inputs outside the reference's range beyond this share: no estimate
 TRUST_MARGIN = 0.02  # an estimate this far above the reference accuracy while the inputs shifted is not trusted
 # An estimate this far above what the predicted classes allow (estimator.class_bound) while the inputs
-# shifted and many are unlike the reference is not trusted (it is then capped at the bound, an upper
-# bound). The bound is shrunk for its own sampling noise; a changed class mix of typical inputs lowers
+# shifted and many are unlike the reference is not trusted (it is then discounted by the bound, an
+# upper bound). The bound is shrunk for its own sampling noise; a changed class mix of typical inputs lowers
 # it too, and is the traffic's, not the model's errors.
 CLASS_SLACK = 0.15
 
@@ -425,7 +425,7 @@ class ServingModel:
             unlike = "" if share is None else f", {share:.0%} of them unlike the reference,"
             return (f"inputs shifted{unlike} and the predicted classes moved more than an accuracy of {value:.2f} "
                     f"allows (at most {bound:.2f} if the classes sent did not change): the model errs where it is "
-                    f"sure, and the estimate is that upper bound")
+                    f"sure, and the estimate is discounted by that upper bound")
         return None
 
     def check_published(self, published: Published) -> None:

@@ -159,7 +159,7 @@ def test_a_shift_that_makes_the_model_surer_is_not_trusted():
     assert status["drift"]["detected"] and not accuracy["trusted"] and "surer" in accuracy["untrusted_reason"]
     # every answer is one class, on inputs unlike the reference: the estimate is no higher than
     # the classes allow (about a half), where confidence alone said 1.000
-    assert accuracy["atypical_share"] >= ATYPICAL_GATE and accuracy["estimate"] == accuracy["class_bound"] < 0.6
+    assert accuracy["atypical_share"] >= ATYPICAL_GATE and accuracy["estimate"] <= accuracy["class_bound"] < 0.6
 
 
 def test_a_version_of_another_architecture_is_refused_and_serving_goes_on():
