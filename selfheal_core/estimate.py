@@ -47,9 +47,8 @@ developing (windows of 500, static and with label-free correction): the
 BatchNorm ResNet-20 on Fashion-MNIST-C at severities 3 and 5 (the benchmark's
 images) 8.1 -> 4.8 and 10.1 -> 5.2 points; the digits corruptions at severities
 1, 3 and 5 (other draws than the benchmark's) 10.3 -> 8.8 and 9.5 -> 7.2; held
-out of that choice, the
-GroupNorm ResNet-20 at severities 2 and 4 11.4 -> 4.9 and 11.8 -> 6.8 (no stream
-worse by more than 2.3). It reads low where atypical inputs are still mostly
+out of that choice, the GroupNorm ResNet-20 at severities 2 and 4 11.4 -> 4.9 and
+11.8 -> 6.8 (no stream worse by more than 2.3). It reads low where atypical inputs are still mostly
 right and the classes moved a little for other reasons (digits contrast-5, 34%
 right: 0.36 -> 0.14; contrast-3, 94%: 0.89 -> 0.84). On clean inputs in
 Dirichlet class order (label shift) the inputs are typical and nothing changes.
@@ -197,7 +196,9 @@ class AccuracyEstimator(StateMixin):
     def relative_bound(self) -> float | None:
         """The class bound relative to what it reads on traffic in the reference's class mix (at
         most 1): the share of predictions the class mix leaves possibly right, sampling noise aside."""
-        bound = self.class_bound()
+        return self._relative(self.class_bound())
+
+    def _relative(self, bound: float | None) -> float | None:
         return None if bound is None else min(bound / self._null_bound, 1.0)
 
     def predicts_correct(self, confidence: torch.Tensor) -> torch.Tensor:
@@ -264,7 +265,7 @@ class AccuracyEstimator(StateMixin):
 
     def status(self) -> dict:
         atc, cal, share, bound = self.atc, self.calibrated, self.atypical_share(), self.class_bound()
-        est = None if atc is None else _cap(_lower(atc, cal), share, self.relative_bound())
+        est = None if atc is None else _cap(_lower(atc, cal), share, self._relative(bound))  # one pass for both
         method = ("average confidence (no reference labels)" if self.threshold is None else
                   "atc" if self._calibration is None else "lower of atc and calibrated confidence")
         return {"method": method, "estimate": None if est is None else round(est, 4),
